@@ -1,0 +1,1164 @@
+//! The configuration file: TOML, versioned, strict.
+//!
+//! Loading has two stages. [`RawConfig`] is exactly what the file (plus the
+//! `REKEY__SECTION__KEY` environment overlay) says, deserialized with unknown keys
+//! refused. [`Config::load`] then validates it into [`Config`], in which every value has
+//! been checked, every duration parsed, every token file read and every reference
+//! resolved. Every problem found is reported at once, each naming the file, the key and
+//! what is wrong, so an operator fixes a config in one round.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::Deserialize;
+
+use crate::rotation::{OnTimeout, Timing};
+use crate::schedule::Schedule;
+use crate::secret::{ExposeSecret, SecretString, secret};
+
+/// The config file format version this rekey reads.
+pub const CONFIG_VERSION: u32 = 1;
+
+// ---------------------------------------------------------------------------------
+// Raw, as written.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub version: Option<u32>,
+    pub state_dir: Option<PathBuf>,
+    pub vault: Option<RawVault>,
+    pub file_store: Option<RawFileStore>,
+    #[serde(default)]
+    pub providers: Vec<RawProvider>,
+    #[serde(default)]
+    pub policies: Vec<RawPolicy>,
+    #[serde(default)]
+    pub subscriptions: Vec<RawSubscription>,
+    pub log: Option<RawLog>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVault {
+    pub address: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub approle: Option<RawAppRole>,
+    pub mount: Option<String>,
+    pub kv_version: Option<u8>,
+    pub ca_cert: Option<PathBuf>,
+    pub timeout: Option<String>,
+    pub namespace: Option<String>,
+    pub destroy_old_versions: Option<bool>,
+    pub min_token_ttl: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAppRole {
+    pub role_id: String,
+    pub secret_id_file: PathBuf,
+    pub mount: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFileStore {
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProvider {
+    pub name: Option<String>,
+    pub kind: Option<String>,
+    pub base_url: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub rate_limit: Option<String>,
+    pub timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    pub name: Option<String>,
+    pub schedule: Option<String>,
+    pub every: Option<String>,
+    pub timezone: Option<String>,
+    pub confirm_timeout: Option<String>,
+    pub confirm_poll: Option<String>,
+    pub on_timeout: Option<String>,
+    pub rotate_on_adopt: Option<bool>,
+    pub retry_base: Option<String>,
+    pub retry_max: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSubscription {
+    pub provider: Option<String>,
+    pub id: Option<String>,
+    pub policy: Option<String>,
+    pub vault_path: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub format: Option<String>,
+    pub level: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------
+// Validated.
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this was loaded from.
+    pub source: PathBuf,
+    pub state_dir: PathBuf,
+    pub store: StoreSettings,
+    pub providers: Vec<ProviderSettings>,
+    pub policies: Vec<Policy>,
+    pub subscriptions: Vec<Subscription>,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone)]
+pub enum StoreSettings {
+    Vault(VaultSettings),
+    File { dir: PathBuf },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvVersion {
+    V1,
+    V2,
+}
+
+#[derive(Debug, Clone)]
+pub struct VaultSettings {
+    pub address: String,
+    pub auth: VaultAuth,
+    pub mount: String,
+    pub kv_version: KvVersion,
+    pub ca_cert: Option<PathBuf>,
+    pub timeout: Duration,
+    pub namespace: Option<String>,
+    pub destroy_old_versions: bool,
+    pub min_token_ttl: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum VaultAuth {
+    Token(SecretString),
+    AppRole {
+        mount: String,
+        role_id: String,
+        secret_id: SecretString,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    Fintoro,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Fintoro => "fintoro",
+        }
+    }
+}
+
+impl fmt::Display for ProviderKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `count` requests per `per`, with bursts of up to `count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub count: u32,
+    pub per: Duration,
+}
+
+impl RateLimit {
+    pub fn parse(s: &str) -> Result<RateLimit, String> {
+        let (n, unit) = s
+            .split_once('/')
+            .ok_or_else(|| format!("`{s}` is not a rate; write e.g. \"120/min\" or \"30/s\""))?;
+        let count: u32 = n
+            .trim()
+            .parse()
+            .ok()
+            .filter(|c| *c > 0)
+            .ok_or_else(|| format!("`{n}` in `{s}` is not a positive whole number"))?;
+        let per = match unit.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            other => {
+                return Err(format!(
+                    "unit `{other}` in `{s}` is not one of s, min, hour"
+                ));
+            }
+        };
+        Ok(RateLimit { count, per })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ProviderSettings {
+    pub name: String,
+    pub kind: ProviderKind,
+    pub base_url: String,
+    pub token: SecretString,
+    pub rate_limit: RateLimit,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub name: String,
+    pub schedule: Schedule,
+    pub timing: Timing,
+    pub rotate_on_adopt: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    /// `<provider>/<id>`: the name used everywhere (CLI, logs, status, state).
+    pub name: String,
+    pub provider: String,
+    pub id: String,
+    pub policy: String,
+    pub vault_path: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Config {
+    pub fn provider(&self, name: &str) -> Option<&ProviderSettings> {
+        self.providers.iter().find(|p| p.name == name)
+    }
+
+    pub fn policy(&self, name: &str) -> Option<&Policy> {
+        self.policies.iter().find(|p| p.name == name)
+    }
+
+    pub fn subscription(&self, name: &str) -> Option<&Subscription> {
+        self.subscriptions.iter().find(|s| s.name == name)
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Errors.
+
+/// One problem: which key, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+/// Everything wrong with a config file.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let file = self.file.display();
+        match self.problems.as_slice() {
+            [one] if one.key.is_empty() => write!(f, "{file}: {}", one.message),
+            [one] => write!(f, "{file}: {}: {}", one.key, one.message),
+            many => {
+                write!(f, "{file}: {} problems:", many.len())?;
+                for p in many {
+                    if p.key.is_empty() {
+                        write!(f, "\n  {}", p.message)?;
+                    } else {
+                        write!(f, "\n  {}: {}", p.key, p.message)?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The process environment the config may fall back on (`VAULT_ADDR`, …), passed in
+/// so validation is testable without touching the real environment.
+pub trait Environment {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+pub struct ProcessEnv;
+
+impl Environment for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+}
+
+impl Environment for BTreeMap<String, String> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).cloned()
+    }
+}
+
+const ENV_PREFIX: &str = "REKEY__";
+
+impl Config {
+    /// Loads, overlays `REKEY__…` environment variables, and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_with(path, &ProcessEnv, true)
+    }
+
+    /// As [`Config::load`], with an explicit environment; `overlay` turns the
+    /// `REKEY__…` overlay on (tests turn it off to stay hermetic).
+    pub fn load_with(
+        path: &Path,
+        env: &dyn Environment,
+        overlay: bool,
+    ) -> Result<Config, ConfigError> {
+        let fail = |key: &str, message: String| ConfigError {
+            file: path.to_path_buf(),
+            problems: vec![Problem {
+                key: key.to_string(),
+                message,
+            }],
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| fail("", format!("cannot read config file: {e}")))?;
+        let mut fig = Figment::from(Toml::string(&text));
+        if overlay {
+            fig = fig.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        }
+        let raw: RawConfig = fig.extract().map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            problems: e.into_iter().map(figment_problem).collect(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        validate(raw, path, base, env)
+    }
+}
+
+fn figment_problem(e: figment::Error) -> Problem {
+    use figment::error::Kind;
+    let mut path: Vec<String> = e.path.clone();
+    let message = match &e.kind {
+        Kind::UnknownField(field, expected) => {
+            path.push(field.clone());
+            if expected.is_empty() {
+                "unknown key".to_string()
+            } else {
+                format!("unknown key; expected one of: {}", expected.join(", "))
+            }
+        }
+        Kind::MissingField(field) => {
+            path.push(field.to_string());
+            "is required".to_string()
+        }
+        Kind::Message(m) => m.clone(),
+        other => other.to_string(),
+    };
+    let origin = e
+        .metadata
+        .as_ref()
+        .filter(|m| m.name.contains("environment"))
+        .map(|_| " (from the environment)")
+        .unwrap_or("");
+    Problem {
+        key: key_path(&path),
+        message: format!("{message}{origin}"),
+    }
+}
+
+/// `["providers", "0", "kind"]` → `providers[0].kind`.
+fn key_path(path: &[String]) -> String {
+    let mut out = String::new();
+    for seg in path {
+        if seg.chars().all(|c| c.is_ascii_digit()) && !out.is_empty() {
+            out.push_str(&format!("[{seg}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(seg);
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------
+// Validation.
+
+struct Checker {
+    problems: Vec<Problem>,
+    base: PathBuf,
+}
+
+impl Checker {
+    fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, key: &str, v: Option<&str>, default: Duration) -> Duration {
+        match v {
+            None => default,
+            Some(s) => match humantime::parse_duration(s) {
+                Ok(d) if d > Duration::ZERO => d,
+                Ok(_) => {
+                    self.problem(key, "must be longer than zero");
+                    default
+                }
+                Err(e) => {
+                    self.problem(
+                        key,
+                        format!("`{s}` is not a duration ({e}); write e.g. \"90s\", \"5m\", \"24h\", \"30d\""),
+                    );
+                    default
+                }
+            },
+        }
+    }
+
+    fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    /// Reads a secret from a file: must exist, be readable, non-empty. A trailing
+    /// newline is dropped (files written with `echo` have one).
+    fn secret_file(&mut self, key: &str, p: &Path) -> Option<SecretString> {
+        let path = self.resolve(p);
+        match std::fs::read_to_string(&path) {
+            Ok(s) => {
+                let s = secret(s.trim_end_matches(['\n', '\r']).to_string());
+                if s.expose_secret().trim().is_empty() {
+                    self.problem(key, format!("{} is empty", path.display()));
+                    None
+                } else {
+                    Some(s)
+                }
+            }
+            Err(e) => {
+                self.problem(key, format!("cannot read {}: {e}", path.display()));
+                None
+            }
+        }
+    }
+
+    fn url(&mut self, key: &str, url: &str) -> Option<String> {
+        match check_url(url) {
+            Ok(u) => Some(u),
+            Err(m) => {
+                self.problem(key, m);
+                None
+            }
+        }
+    }
+
+    fn name(&mut self, key: &str, v: Option<&String>) -> Option<String> {
+        match v.map(|s| s.trim()) {
+            None => {
+                self.problem(key, "is required");
+                None
+            }
+            Some("") => {
+                self.problem(key, "must not be empty");
+                None
+            }
+            Some(s) if s.contains(char::is_whitespace) || s.contains('/') => {
+                self.problem(key, format!("`{s}` must not contain spaces or `/`"));
+                None
+            }
+            Some(s) => Some(s.to_string()),
+        }
+    }
+}
+
+/// HTTPS is required, except to loopback hosts (the sandbox, local test servers, a
+/// Vault agent on the same host).
+pub fn check_url(url: &str) -> Result<String, String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+    let host = parsed
+        .host_str()
+        .ok_or_else(|| format!("`{url}` has no host"))?;
+    match parsed.scheme() {
+        "https" => {}
+        "http" if is_loopback(host) => {}
+        "http" => {
+            return Err(format!(
+                "`{url}` uses http to a non-loopback host; secrets must travel over https"
+            ));
+        }
+        other => return Err(format!("`{url}`: scheme `{other}` is not http(s)")),
+    }
+    Ok(url.trim_end_matches('/').to_string())
+}
+
+fn is_loopback(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h == "localhost"
+        || h.parse::<IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false)
+}
+
+fn validate(
+    raw: RawConfig,
+    file: &Path,
+    base: &Path,
+    env: &dyn Environment,
+) -> Result<Config, ConfigError> {
+    let mut c = Checker {
+        problems: vec![],
+        base: base.to_path_buf(),
+    };
+
+    match raw.version {
+        Some(CONFIG_VERSION) => {}
+        Some(v) => c.problem(
+            "version",
+            format!("version {v} is not supported; this rekey reads version {CONFIG_VERSION}"),
+        ),
+        None => c.problem(
+            "version",
+            format!("is required (write `version = {CONFIG_VERSION}`)"),
+        ),
+    }
+
+    let state_dir = match raw.state_dir {
+        Some(p) if !p.as_os_str().is_empty() => c.resolve(&p),
+        _ => {
+            c.problem("state_dir", "is required (e.g. \"/var/lib/rekey\")");
+            PathBuf::new()
+        }
+    };
+
+    let store = match (raw.vault, raw.file_store) {
+        (Some(_), Some(_)) => {
+            c.problem(
+                "file_store",
+                "give either [vault] or [file_store], not both",
+            );
+            None
+        }
+        (None, None) => {
+            c.problem("vault", "a [vault] section (or [file_store]) is required");
+            None
+        }
+        (None, Some(f)) => Some(StoreSettings::File {
+            dir: c.resolve(&f.dir),
+        }),
+        (Some(v), None) => validate_vault(&mut c, v, env).map(StoreSettings::Vault),
+    };
+
+    let mut providers = Vec::new();
+    let mut provider_names = HashSet::new();
+    for (i, p) in raw.providers.into_iter().enumerate() {
+        let k = format!("providers[{i}]");
+        let Some(name) = c.name(&format!("{k}.name"), p.name.as_ref()) else {
+            continue;
+        };
+        if !provider_names.insert(name.clone()) {
+            c.problem(
+                format!("{k}.name"),
+                format!("provider `{name}` is defined twice"),
+            );
+            continue;
+        }
+        let kind = match p.kind.as_deref() {
+            Some("fintoro") => Some(ProviderKind::Fintoro),
+            Some(other @ ("monite" | "storno")) => {
+                c.problem(
+                    format!("{k}.kind"),
+                    format!(
+                        "kind `{other}` is not supported by this version of rekey (fintoro is)"
+                    ),
+                );
+                None
+            }
+            Some(other) => {
+                c.problem(
+                    format!("{k}.kind"),
+                    format!("`{other}` is not a provider kind; expected fintoro"),
+                );
+                None
+            }
+            None => {
+                c.problem(format!("{k}.kind"), "is required");
+                None
+            }
+        };
+        let base_url = c.url(
+            &format!("{k}.base_url"),
+            p.base_url
+                .as_deref()
+                .unwrap_or("https://app.fintoro.sk/api/public/v1"),
+        );
+        let token = match &p.token_file {
+            Some(f) => c.secret_file(&format!("{k}.token_file"), f),
+            None => {
+                c.problem(format!("{k}.token_file"), "is required");
+                None
+            }
+        };
+        let rate_limit = match p.rate_limit.as_deref() {
+            None => Some(RateLimit {
+                count: 120,
+                per: Duration::from_secs(60),
+            }),
+            Some(s) => match RateLimit::parse(s) {
+                Ok(r) => Some(r),
+                Err(m) => {
+                    c.problem(format!("{k}.rate_limit"), m);
+                    None
+                }
+            },
+        };
+        let timeout = c.duration(
+            &format!("{k}.timeout"),
+            p.timeout.as_deref(),
+            Duration::from_secs(30),
+        );
+        if let (Some(kind), Some(base_url), Some(token), Some(rate_limit)) =
+            (kind, base_url, token, rate_limit)
+        {
+            providers.push(ProviderSettings {
+                name,
+                kind,
+                base_url,
+                token,
+                rate_limit,
+                timeout,
+            });
+        }
+    }
+
+    let mut policies = Vec::new();
+    let mut policy_names = HashSet::new();
+    for (i, p) in raw.policies.into_iter().enumerate() {
+        let k = format!("policies[{i}]");
+        let Some(name) = c.name(&format!("{k}.name"), p.name.as_ref()) else {
+            continue;
+        };
+        if !policy_names.insert(name.clone()) {
+            c.problem(
+                format!("{k}.name"),
+                format!("policy `{name}` is defined twice"),
+            );
+            continue;
+        }
+        let tz = match p.timezone.as_deref() {
+            None => Some(chrono_tz::UTC),
+            Some(z) => match Schedule::parse_zone(z) {
+                Ok(tz) => Some(tz),
+                Err(m) => {
+                    c.problem(format!("{k}.timezone"), m);
+                    None
+                }
+            },
+        };
+        let schedule = match (p.schedule.as_deref(), p.every.as_deref()) {
+            (Some(_), Some(_)) => {
+                c.problem(
+                    format!("{k}.every"),
+                    "give either `schedule` or `every`, not both",
+                );
+                None
+            }
+            (None, None) => {
+                c.problem(
+                    format!("{k}.schedule"),
+                    "a policy needs `schedule` (cron) or `every` (interval)",
+                );
+                None
+            }
+            (Some(expr), None) => tz.and_then(|tz| match Schedule::cron(expr, tz) {
+                Ok(s) => Some(s),
+                Err(m) => {
+                    c.problem(format!("{k}.schedule"), m);
+                    None
+                }
+            }),
+            (None, Some(every)) => {
+                if p.timezone.is_some() {
+                    c.problem(
+                        format!("{k}.timezone"),
+                        "only applies to `schedule`; an `every` interval has no time zone",
+                    );
+                }
+                let before = c.problems.len();
+                let d = c.duration(&format!("{k}.every"), Some(every), Duration::ZERO);
+                (c.problems.len() == before).then_some(Schedule::Every(d))
+            }
+        };
+        let confirm_timeout = c.duration(
+            &format!("{k}.confirm_timeout"),
+            p.confirm_timeout.as_deref(),
+            Duration::from_secs(24 * 3600),
+        );
+        let confirm_poll = c.duration(
+            &format!("{k}.confirm_poll"),
+            p.confirm_poll.as_deref(),
+            Duration::from_secs(300),
+        );
+        if confirm_poll > confirm_timeout {
+            c.problem(
+                format!("{k}.confirm_poll"),
+                "is longer than confirm_timeout: the deadline would pass between two checks",
+            );
+        }
+        let on_timeout = match p.on_timeout.as_deref() {
+            None | Some("hold") => OnTimeout::Hold,
+            Some("retire") => OnTimeout::Retire,
+            Some(other) => {
+                c.problem(
+                    format!("{k}.on_timeout"),
+                    format!("`{other}` is not one of \"hold\", \"retire\""),
+                );
+                OnTimeout::Hold
+            }
+        };
+        let retry_base = c.duration(
+            &format!("{k}.retry_base"),
+            p.retry_base.as_deref(),
+            Duration::from_secs(30),
+        );
+        let retry_max = c.duration(
+            &format!("{k}.retry_max"),
+            p.retry_max.as_deref(),
+            Duration::from_secs(3600),
+        );
+        if let Some(schedule) = schedule {
+            policies.push(Policy {
+                name,
+                schedule,
+                timing: Timing {
+                    confirm_timeout,
+                    confirm_poll,
+                    on_timeout,
+                    retry_base,
+                    retry_max: retry_max.max(retry_base),
+                },
+                rotate_on_adopt: p.rotate_on_adopt.unwrap_or(false),
+            });
+        }
+    }
+
+    let mut subscriptions: Vec<Subscription> = Vec::new();
+    let mut seen_paths: BTreeMap<String, String> = BTreeMap::new();
+    for (i, s) in raw.subscriptions.into_iter().enumerate() {
+        let k = format!("subscriptions[{i}]");
+        let provider = match s.provider.as_deref() {
+            None => {
+                c.problem(format!("{k}.provider"), "is required");
+                None
+            }
+            Some(p) if providers.iter().any(|x| x.name == p) => Some(p.to_string()),
+            // Defined but invalid: its own problems are already reported.
+            Some(p) if provider_names.contains(p) => None,
+            Some(p) => {
+                c.problem(
+                    format!("{k}.provider"),
+                    format!("no [[providers]] entry is named `{p}`"),
+                );
+                None
+            }
+        };
+        let id = match s.id.as_deref().map(str::trim) {
+            None => {
+                c.problem(format!("{k}.id"), "is required");
+                None
+            }
+            Some("") => {
+                c.problem(format!("{k}.id"), "must not be empty");
+                None
+            }
+            Some(id) if id.contains('/') || id.contains(char::is_whitespace) => {
+                c.problem(
+                    format!("{k}.id"),
+                    format!("`{id}` must not contain `/` or spaces"),
+                );
+                None
+            }
+            Some(id) => Some(id.to_string()),
+        };
+        let policy = match s.policy.as_deref() {
+            None => {
+                c.problem(format!("{k}.policy"), "is required");
+                None
+            }
+            Some(p) if policies.iter().any(|x| x.name == p) => Some(p.to_string()),
+            Some(p) if policy_names.contains(p) => None,
+            Some(p) => {
+                c.problem(
+                    format!("{k}.policy"),
+                    format!("no [[policies]] entry is named `{p}`"),
+                );
+                None
+            }
+        };
+        let vault_path = match s.vault_path.as_deref().map(|p| p.trim_matches('/')) {
+            None => {
+                c.problem(format!("{k}.vault_path"), "is required");
+                None
+            }
+            Some("") => {
+                c.problem(format!("{k}.vault_path"), "must not be empty");
+                None
+            }
+            Some(p)
+                if p.split('/')
+                    .any(|seg| seg.is_empty() || seg == "." || seg == "..") =>
+            {
+                c.problem(
+                    format!("{k}.vault_path"),
+                    format!("`{p}` has an empty, `.` or `..` segment"),
+                );
+                None
+            }
+            Some(p) => Some(p.to_string()),
+        };
+        if let (Some(provider), Some(id), Some(policy), Some(vault_path)) =
+            (provider, id, policy, vault_path)
+        {
+            let name = format!("{provider}/{id}");
+            if subscriptions.iter().any(|x| x.name == name) {
+                c.problem(
+                    format!("{k}.id"),
+                    format!("subscription `{name}` is listed twice"),
+                );
+                continue;
+            }
+            if let Some(other) = seen_paths.insert(vault_path.clone(), name.clone()) {
+                c.problem(
+                    format!("{k}.vault_path"),
+                    format!("`{vault_path}` is also the path of `{other}`; each subscription needs its own"),
+                );
+                continue;
+            }
+            subscriptions.push(Subscription {
+                name,
+                provider,
+                id,
+                policy,
+                vault_path,
+            });
+        }
+    }
+
+    let log = match raw.log {
+        None => LogSettings {
+            format: LogFormat::Text,
+            level: "info".into(),
+        },
+        Some(l) => {
+            let format = match l.format.as_deref() {
+                None | Some("text") => LogFormat::Text,
+                Some("json") => LogFormat::Json,
+                Some(other) => {
+                    c.problem(
+                        "log.format",
+                        format!("`{other}` is not one of \"text\", \"json\""),
+                    );
+                    LogFormat::Text
+                }
+            };
+            let level = l.level.unwrap_or_else(|| "info".into());
+            if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+                c.problem(
+                    "log.level",
+                    format!("`{level}` is not a log level or filter"),
+                );
+            }
+            LogSettings { format, level }
+        }
+    };
+
+    if !c.problems.is_empty() {
+        return Err(ConfigError {
+            file: file.to_path_buf(),
+            problems: c.problems,
+        });
+    }
+    let Some(store) = store else {
+        return Err(ConfigError {
+            file: file.to_path_buf(),
+            problems: vec![Problem {
+                key: "vault".into(),
+                message: "no usable secret store".into(),
+            }],
+        });
+    };
+    Ok(Config {
+        source: file.to_path_buf(),
+        state_dir,
+        store,
+        providers,
+        policies,
+        subscriptions,
+        log,
+    })
+}
+
+fn validate_vault(c: &mut Checker, v: RawVault, env: &dyn Environment) -> Option<VaultSettings> {
+    let address = match v.address.or_else(|| env.var("VAULT_ADDR")) {
+        Some(a) => c.url("vault.address", &a),
+        None => {
+            c.problem("vault.address", "is not set and $VAULT_ADDR is empty");
+            None
+        }
+    };
+    let auth = match (v.token_file, v.approle) {
+        (Some(_), Some(_)) => {
+            c.problem(
+                "vault.approle",
+                "give either token_file or [vault.approle], not both",
+            );
+            None
+        }
+        (Some(f), None) => c.secret_file("vault.token_file", &f).map(VaultAuth::Token),
+        (None, Some(a)) => {
+            if a.role_id.trim().is_empty() {
+                c.problem("vault.approle.role_id", "must not be empty");
+            }
+            c.secret_file("vault.approle.secret_id_file", &a.secret_id_file)
+                .map(|secret_id| VaultAuth::AppRole {
+                    mount: a.mount.unwrap_or_else(|| "approle".into()),
+                    role_id: a.role_id,
+                    secret_id,
+                })
+        }
+        (None, None) => match env.var("VAULT_TOKEN") {
+            Some(t) => Some(VaultAuth::Token(secret(t))),
+            None => {
+                c.problem(
+                    "vault.token_file",
+                    "no Vault credentials: set token_file, [vault.approle], or $VAULT_TOKEN",
+                );
+                None
+            }
+        },
+    };
+    let kv_version = match v.kv_version {
+        None | Some(2) => KvVersion::V2,
+        Some(1) => KvVersion::V1,
+        Some(n) => {
+            c.problem("vault.kv_version", format!("`{n}` is not 1 or 2"));
+            KvVersion::V2
+        }
+    };
+    let mount = v.mount.unwrap_or_else(|| "secret".into());
+    let mount = mount.trim_matches('/').to_string();
+    if mount.is_empty() {
+        c.problem("vault.mount", "must not be empty");
+    }
+    let ca_cert = v
+        .ca_cert
+        .map(|p| c.resolve(&p))
+        .or_else(|| env.var("VAULT_CACERT").map(PathBuf::from));
+    if let Some(ca) = &ca_cert
+        && let Err(e) = std::fs::metadata(ca)
+    {
+        c.problem(
+            "vault.ca_cert",
+            format!("cannot read {}: {e}", ca.display()),
+        );
+    }
+    let timeout = c.duration(
+        "vault.timeout",
+        v.timeout.as_deref(),
+        Duration::from_secs(10),
+    );
+    let min_token_ttl = c.duration(
+        "vault.min_token_ttl",
+        v.min_token_ttl.as_deref(),
+        Duration::from_secs(600),
+    );
+    let namespace = v.namespace.or_else(|| env.var("VAULT_NAMESPACE"));
+    let destroy_old_versions = v.destroy_old_versions.unwrap_or(false);
+    if destroy_old_versions && kv_version == KvVersion::V1 {
+        c.problem(
+            "vault.destroy_old_versions",
+            "needs kv_version = 2 (KV v1 keeps no versions)",
+        );
+    }
+    Some(VaultSettings {
+        address: address?,
+        auth: auth?,
+        mount,
+        kv_version,
+        ca_cert,
+        timeout,
+        namespace,
+        destroy_old_versions,
+        min_token_ttl,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(toml: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("fintoro.token"), "tok\n").unwrap();
+        std::fs::write(dir.path().join("vault.token"), "hvs.x").unwrap();
+        let p = dir.path().join("rekey.toml");
+        std::fs::write(&p, toml).unwrap();
+        Config::load_with(&p, &BTreeMap::new(), false)
+    }
+
+    const GOOD: &str = r#"
+version = 1
+state_dir = "state"
+
+[vault]
+address = "https://vault.example:8200"
+token_file = "vault.token"
+mount = "secret"
+kv_version = 2
+
+[[providers]]
+name = "acme-fintoro"
+kind = "fintoro"
+base_url = "https://app.fintoro.sk/api/public/v1"
+token_file = "fintoro.token"
+
+[[policies]]
+name = "monthly"
+schedule = "0 3 1 * *"
+timezone = "Europe/Bratislava"
+confirm_timeout = "24h"
+confirm_poll = "5m"
+on_timeout = "hold"
+
+[[subscriptions]]
+provider = "acme-fintoro"
+id = "801"
+policy = "monthly"
+vault_path = "webhooks/fintoro/801"
+"#;
+
+    #[test]
+    fn the_documented_example_loads() {
+        let c = load(GOOD).unwrap();
+        assert_eq!(c.subscriptions[0].name, "acme-fintoro/801");
+        assert_eq!(c.providers[0].token.expose_secret(), "tok");
+        assert_eq!(c.providers[0].rate_limit.count, 120);
+        let StoreSettings::Vault(v) = &c.store else {
+            panic!("vault expected")
+        };
+        assert_eq!(v.kv_version, KvVersion::V2);
+        assert!(c.state_dir.ends_with("state") && c.state_dir.is_absolute());
+        assert_eq!(c.policies[0].timing.confirm_poll, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn all_problems_are_reported_at_once_with_keys() {
+        let bad = GOOD
+            .replace("kv_version = 2", "kv_version = 3")
+            .replace("confirm_poll = \"5m\"", "confirm_poll = \"soon\"")
+            .replace("policy = \"monthly\"", "policy = \"weekly\"");
+        let err = load(&bad).unwrap_err();
+        let keys: Vec<_> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            vec![
+                "vault.kv_version",
+                "policies[0].confirm_poll",
+                "subscriptions[0].policy"
+            ],
+            "{err}"
+        );
+        assert!(err.to_string().contains("rekey.toml"), "{err}");
+    }
+
+    #[test]
+    fn environment_fallbacks_for_vault() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("fintoro.token"), "tok").unwrap();
+        let p = dir.path().join("rekey.toml");
+        let toml = GOOD
+            .replace("address = \"https://vault.example:8200\"\n", "")
+            .replace("token_file = \"vault.token\"\n", "");
+        std::fs::write(&p, toml).unwrap();
+        let mut env = BTreeMap::new();
+        env.insert(
+            "VAULT_ADDR".to_string(),
+            "http://127.0.0.1:8200".to_string(),
+        );
+        env.insert("VAULT_TOKEN".to_string(), "root".to_string());
+        let c = Config::load_with(&p, &env, false).unwrap();
+        let StoreSettings::Vault(v) = &c.store else {
+            panic!()
+        };
+        assert_eq!(v.address, "http://127.0.0.1:8200");
+        assert!(matches!(&v.auth, VaultAuth::Token(t) if t.expose_secret() == "root"));
+    }
+
+    #[test]
+    fn urls_need_https_except_to_loopback() {
+        assert!(check_url("https://x.example/v1").is_ok());
+        assert!(check_url("http://127.0.0.1:9/v1").is_ok());
+        assert!(check_url("http://[::1]:9/v1").is_ok());
+        assert!(check_url("http://localhost:9").is_ok());
+        assert!(
+            check_url("http://vault.internal:8200")
+                .unwrap_err()
+                .contains("https")
+        );
+        assert!(check_url("ftp://x").unwrap_err().contains("scheme"));
+        assert!(check_url("not a url").is_err());
+    }
+
+    #[test]
+    fn rate_limits_parse() {
+        assert_eq!(
+            RateLimit::parse("120/min").unwrap(),
+            RateLimit {
+                count: 120,
+                per: Duration::from_secs(60)
+            }
+        );
+        assert!(RateLimit::parse("0/s").is_err());
+        assert!(RateLimit::parse("12").is_err());
+        assert!(RateLimit::parse("5/fortnight").is_err());
+    }
+
+    #[test]
+    fn key_paths_read_like_toml() {
+        let p: Vec<String> = ["providers", "0", "kind"].map(String::from).to_vec();
+        assert_eq!(key_path(&p), "providers[0].kind");
+    }
+}

@@ -1,0 +1,417 @@
+//! The driver: runs the pure state machine ([`crate::rotation`]) against the real
+//! world. For each step it persists the state the machine returned, *then* performs the
+//! action, then feeds the result back as the next event. Nothing else decides anything.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+
+use crate::config::{Config, Policy, StoreSettings, Subscription};
+use crate::failpoint;
+use crate::provider::{self, Provider, RotateError};
+use crate::rotation::{self, Action, Event, Phase, Trigger};
+use crate::secret::{ExposeSecret, Fingerprint};
+use crate::state::{Record, StateDb, StateError};
+use crate::store::{Entry, Expect, FileStore, SecretStore, StoreError, VaultStore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("{0}")]
+    Setup(String),
+    #[error("internal error for `{subscription}`: {source}")]
+    Invalid {
+        subscription: String,
+        source: rotation::InvalidEvent,
+    },
+}
+
+/// Where one subscription stands after the engine advanced it as far as it could.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Not due; nothing was done.
+    NotDue,
+    /// Finished a step sequence and rests in this phase (idle or failed).
+    Rested(Phase),
+    /// Must wait until this time before the next step (confirm poll, retry backoff).
+    Waiting(Phase, DateTime<Utc>),
+    /// Held: needs an operator.
+    Held,
+}
+
+impl Outcome {
+    /// Counts as a failure for the exit code: a failed or held rotation, or a step
+    /// that is backing off after an error.
+    pub fn is_problem(&self, rec: &Record) -> bool {
+        match self {
+            Outcome::Held | Outcome::Rested(Phase::Failed) => true,
+            Outcome::Waiting(_, _) => rec.state.last_error.is_some(),
+            _ => false,
+        }
+    }
+}
+
+pub fn now() -> DateTime<Utc> {
+    Utc::now()
+}
+
+pub struct Engine {
+    config: Arc<Config>,
+    db: Arc<StateDb>,
+    store: Arc<dyn SecretStore>,
+    providers: HashMap<String, Arc<dyn Provider>>,
+}
+
+impl Engine {
+    pub async fn new(config: Arc<Config>, db: Arc<StateDb>) -> Result<Engine, EngineError> {
+        let store: Arc<dyn SecretStore> = match &config.store {
+            StoreSettings::Vault(v) => Arc::new(
+                VaultStore::connect(v)
+                    .await
+                    .map_err(|e| EngineError::Setup(e.to_string()))?,
+            ),
+            StoreSettings::File { dir } => Arc::new(FileStore::new(dir)),
+        };
+        let mut providers = HashMap::new();
+        for p in &config.providers {
+            let client = provider::build(p).map_err(|e| EngineError::Setup(e.to_string()))?;
+            providers.insert(p.name.clone(), client);
+        }
+        Ok(Engine::with_parts(config, db, store, providers))
+    }
+
+    /// Assembles an engine from parts (tests and the sandbox inject their own).
+    pub fn with_parts(
+        config: Arc<Config>,
+        db: Arc<StateDb>,
+        store: Arc<dyn SecretStore>,
+        providers: HashMap<String, Arc<dyn Provider>>,
+    ) -> Engine {
+        Engine {
+            config,
+            db,
+            store,
+            providers,
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn db(&self) -> &StateDb {
+        &self.db
+    }
+
+    pub fn store(&self) -> &Arc<dyn SecretStore> {
+        &self.store
+    }
+
+    fn policy(&self, sub: &Subscription) -> &Policy {
+        // Config validation guarantees every subscription names an existing policy.
+        self.config
+            .policy(&sub.policy)
+            .expect("validated config: subscription policy exists")
+    }
+
+    fn provider(&self, sub: &Subscription) -> &Arc<dyn Provider> {
+        self.providers
+            .get(&sub.provider)
+            .expect("validated config: subscription provider exists")
+    }
+
+    /// Loads (creating on first sight) a subscription's record with its next due time.
+    pub fn record(&self, sub: &Subscription) -> Result<Record, EngineError> {
+        let now = now();
+        let mut rec = self.db.load_or_create(&sub.name, now)?;
+        if rec.next_due_at.is_none() && !rec.state.phase.in_flight() {
+            let p = self.policy(sub);
+            rec.next_due_at = p.schedule.next_due(
+                rec.state.last_rotated_at,
+                rec.first_seen_at,
+                p.rotate_on_adopt,
+            );
+            self.db.save(&rec, None, now)?;
+        }
+        Ok(rec)
+    }
+
+    /// The time the engine next has something to do for `sub`, if any.
+    pub fn wake_at(&self, rec: &Record) -> Option<DateTime<Utc>> {
+        match rec.state.phase {
+            Phase::Held => None,
+            Phase::Idle => rec.next_due_at,
+            Phase::Failed => match (rec.state.not_before, rec.next_due_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
+            _ => Some(rec.state.not_before.unwrap_or_else(now)),
+        }
+    }
+
+    /// Advances one subscription as far as it can go without waiting.
+    /// `trigger` starts a rotation now (forced or requested) if none is in flight.
+    pub async fn advance(
+        &self,
+        sub: &Subscription,
+        trigger: Option<Trigger>,
+    ) -> Result<(Outcome, Record), EngineError> {
+        let mut rec = self.record(sub)?;
+        let now0 = now();
+        let due = rec.next_due_at.is_some_and(|t| t <= now0);
+        let retry_due = rec.state.not_before.is_none_or(|t| t <= now0);
+        let mut event = match rec.state.phase {
+            Phase::Held => return Ok((Outcome::Held, rec)),
+            p if p.in_flight() => Event::Recover { now: now0 },
+            Phase::Idle | Phase::Failed => {
+                let trig = match trigger {
+                    Some(t) => Some(t),
+                    None if due && (rec.state.phase == Phase::Idle || retry_due) => {
+                        Some(Trigger::Schedule)
+                    }
+                    None if rec.state.phase == Phase::Failed && retry_due => {
+                        Some(Trigger::Schedule)
+                    }
+                    None => None,
+                };
+                match trig {
+                    Some(trigger) => Event::Start {
+                        rotation_id: uuid::Uuid::new_v4().to_string(),
+                        trigger,
+                        now: now0,
+                    },
+                    None => return Ok((Outcome::NotDue, rec)),
+                }
+            }
+            _ => unreachable!("in_flight covers every other phase"),
+        };
+        let timing = self.policy(sub).timing.clone();
+        loop {
+            let event_name = event.name();
+            let step = rotation::apply(&rec.state, event, &timing).map_err(|source| {
+                EngineError::Invalid {
+                    subscription: sub.name.clone(),
+                    source,
+                }
+            })?;
+            let t = now();
+            if step.state.phase != rec.state.phase {
+                rec.phase_since = t;
+            }
+            rec.state = step.state;
+            if matches!(rec.state.phase, Phase::Idle | Phase::Failed) {
+                let p = self.policy(sub);
+                rec.next_due_at = p.schedule.next_due(
+                    rec.state.last_rotated_at,
+                    rec.first_seen_at,
+                    p.rotate_on_adopt,
+                );
+            }
+            self.db.save(&rec, Some(&step.transition), t)?;
+            log_transition(sub, &rec, &step.transition);
+            failpoint::hit(&format!("after:{event_name}"));
+
+            event = match step.action {
+                Action::Preflight => match self.preflight(sub).await {
+                    Ok(()) => Event::PreflightPassed { now: now() },
+                    Err(error) => Event::PreflightFailed { error, now: now() },
+                },
+                Action::Rotate if !rec.state.rotate_in_flight => Event::RotateSent { now: now() },
+                Action::Rotate => {
+                    failpoint::hit("before:rotate-call");
+                    let result = self.provider(sub).rotate(&sub.id).await;
+                    failpoint::hit("after:rotate-call");
+                    match result {
+                        Ok(secret) => Event::RotateSucceeded { secret, now: now() },
+                        Err(RotateError::NotRotated(e)) => Event::RotateRejected {
+                            error: e.to_string(),
+                            now: now(),
+                        },
+                        Err(RotateError::Unknown(e)) => Event::RotateOutcomeUnknown {
+                            error: e.to_string(),
+                            now: now(),
+                        },
+                    }
+                }
+                Action::Publish => match self.publish(sub, &rec).await {
+                    Ok(previous) => {
+                        failpoint::hit("after:publish-write");
+                        Event::Published {
+                            previous,
+                            now: now(),
+                        }
+                    }
+                    Err(e) => Event::PublishFailed {
+                        error: e.to_string(),
+                        now: now(),
+                    },
+                },
+                Action::Check { since } => {
+                    match self.provider(sub).evidence(&sub.id, since).await {
+                        Ok(evidence) => Event::Checked {
+                            evidence,
+                            now: now(),
+                        },
+                        Err(e) => Event::CheckFailed {
+                            error: e.to_string(),
+                            now: now(),
+                        },
+                    }
+                }
+                Action::Retire => match self.retire(sub, &rec).await {
+                    Ok(()) => {
+                        failpoint::hit("after:retire-write");
+                        Event::Retired { now: now() }
+                    }
+                    Err(e) => Event::RetireFailed {
+                        error: e.to_string(),
+                        now: now(),
+                    },
+                },
+                Action::WaitUntil(t) => return Ok((Outcome::Waiting(rec.state.phase, t), rec)),
+                Action::AwaitOperator => return Ok((Outcome::Held, rec)),
+                Action::Rest => return Ok((Outcome::Rested(rec.state.phase), rec)),
+            };
+        }
+    }
+
+    /// Applies an operator decision (`OperatorResume` / `OperatorRetire`) to a held
+    /// subscription, then advances it.
+    pub async fn operator(
+        &self,
+        sub: &Subscription,
+        retire: bool,
+    ) -> Result<(Outcome, Record), EngineError> {
+        let mut rec = self.record(sub)?;
+        let timing = self.policy(sub).timing.clone();
+        let t = now();
+        let event = if retire {
+            Event::OperatorRetire { now: t }
+        } else {
+            Event::OperatorResume { now: t }
+        };
+        let step =
+            rotation::apply(&rec.state, event, &timing).map_err(|source| EngineError::Invalid {
+                subscription: sub.name.clone(),
+                source,
+            })?;
+        rec.phase_since = t;
+        rec.state = step.state;
+        self.db.save(&rec, Some(&step.transition), t)?;
+        log_transition(sub, &rec, &step.transition);
+        self.advance(sub, None).await
+    }
+
+    async fn preflight(&self, sub: &Subscription) -> Result<(), String> {
+        self.store
+            .preflight(&sub.vault_path)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.provider(sub)
+            .preflight(&sub.id)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Writes `current` = the minted secret, `previous` = what the store held as
+    /// `current`. Idempotent: finding this rotation already published is success.
+    async fn publish(
+        &self,
+        sub: &Subscription,
+        rec: &Record,
+    ) -> Result<Option<Fingerprint>, StoreError> {
+        let s = &rec.state;
+        let other = |detail: &str| StoreError::Other {
+            store: self.store.describe(),
+            detail: detail.to_string(),
+        };
+        let (Some(new), Some(rotation_id)) = (&s.pending_secret, &s.rotation_id) else {
+            return Err(other("no minted secret in local state to publish"));
+        };
+        let new_fp = Fingerprint::of(new);
+        let read = self.store.read(&sub.vault_path).await?;
+        if let Some(v) = &read
+            && v.entry.rotation_id == *rotation_id
+            && Fingerprint::of(&v.entry.current) == new_fp
+        {
+            return Ok(v.entry.previous.as_ref().map(Fingerprint::of));
+        }
+        let previous = read.as_ref().map(|v| v.entry.current.clone());
+        let entry = Entry {
+            current: new.clone(),
+            previous: previous.clone(),
+            rotated_at: s.rotated_at.unwrap_or_else(now),
+            rotation_id: rotation_id.clone(),
+            provider: self.provider(sub).kind().as_str().to_string(),
+            subscription: sub.id.clone(),
+        };
+        if let Some(p) = &previous
+            && p.expose_secret() == new.expose_secret()
+        {
+            return Err(other(
+                "the store already holds the new secret as current under another rotation id",
+            ));
+        }
+        self.store
+            .write(&sub.vault_path, &entry, Expect::from_read(&read))
+            .await?;
+        Ok(previous.as_ref().map(Fingerprint::of))
+    }
+
+    /// Writes `current` only. Refuses if the store's `current` is not the secret this
+    /// rotation published: someone else changed it, and overwriting would be worse.
+    async fn retire(&self, sub: &Subscription, rec: &Record) -> Result<(), StoreError> {
+        let s = &rec.state;
+        let Some(read) = self.store.read(&sub.vault_path).await? else {
+            return Err(StoreError::Other {
+                store: self.store.describe(),
+                detail: format!("`{}` is empty; nothing to retire", sub.vault_path),
+            });
+        };
+        let current_fp = Fingerprint::of(&read.entry.current);
+        if Some(&current_fp) != s.new_fingerprint.as_ref() {
+            return Err(StoreError::Other {
+                store: self.store.describe(),
+                detail: format!(
+                    "`{}` holds current={current_fp}, not this rotation's {}; refusing to retire (changed outside rekey?)",
+                    sub.vault_path,
+                    s.new_fingerprint
+                        .as_ref()
+                        .map(|f| f.to_string())
+                        .unwrap_or_else(|| "?".into())
+                ),
+            });
+        }
+        if read.entry.previous.is_none() {
+            return Ok(());
+        }
+        let entry = Entry {
+            previous: None,
+            ..read.entry.clone()
+        };
+        self.store
+            .write(&sub.vault_path, &entry, Expect::Version(read.version))
+            .await?;
+        if let Some(v) = read.version {
+            // The dual version (v) and the one before it held the old secret.
+            for old in [v.saturating_sub(1), v].into_iter().filter(|x| *x > 0) {
+                self.store.destroy_version(&sub.vault_path, old).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn log_transition(sub: &Subscription, rec: &Record, t: &rotation::Transition) {
+    let rotation = rec.state.rotation_id.as_deref().unwrap_or("-");
+    if rec.state.last_error.is_some() && matches!(t.to, Phase::Failed | Phase::Held)
+        || t.event.ends_with("failed")
+        || t.event == "rotate-outcome-unknown"
+    {
+        tracing::warn!(subscription = %sub.name, rotation, from = %t.from, to = %t.to, event = t.event, "{}", t.detail);
+    } else {
+        tracing::info!(subscription = %sub.name, rotation, from = %t.from, to = %t.to, event = t.event, "{}", t.detail);
+    }
+}

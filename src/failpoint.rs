@@ -1,0 +1,27 @@
+//! Named crash points for the crash-matrix tests.
+//!
+//! Compiled in only with the `failpoints` feature, which only the test build turns on.
+//! When `REKEY_FAILPOINT` names the point being passed, the process announces it on
+//! stderr and freezes there, so the test can SIGKILL it at exactly that boundary — a real
+//! kill of a real process, not a simulated error return.
+
+/// The line a frozen process prints; tests wait for it.
+pub const REACHED: &str = "rekey failpoint reached:";
+
+#[cfg(feature = "failpoints")]
+pub fn hit(name: &str) {
+    if std::env::var("REKEY_FAILPOINT").is_ok_and(|v| v == name) {
+        use std::io::Write;
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(err, "{REACHED} {name}");
+        let _ = err.flush();
+        drop(err);
+        loop {
+            std::thread::park();
+        }
+    }
+}
+
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn hit(_name: &str) {}

@@ -1,0 +1,24 @@
+//! rekey rotates the signing secrets of webhook subscriptions at SaaS providers and
+//! publishes them to HashiCorp Vault so receivers always hold a secret that verifies.
+//!
+//! The pieces, each in one file: the pure rotation state machine ([`rotation`]), its
+//! driver ([`engine`]), durable state ([`state`]), secret stores ([`store`]), providers
+//! ([`provider`]), schedules ([`schedule`]), configuration ([`config`]), the command
+//! line ([`cli`]) and the in-process provider simulators ([`sandbox`]).
+
+#![forbid(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod failpoint;
+pub mod lock;
+pub mod provider;
+pub mod rotation;
+pub mod sandbox;
+pub mod schedule;
+pub mod secret;
+pub mod state;
+pub mod status;
+pub mod store;

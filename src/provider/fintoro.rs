@@ -1,0 +1,213 @@
+//! Fintoro (`kind = "fintoro"`): one bearer token per company.
+//!
+//! Rotate is `POST /webhook-subscriptions/{id}/rotate-secret`, answering the
+//! subscription with `plainTextSecret` — the only copy of the new secret. Fintoro has no
+//! delivery log and no test endpoint; the only confirmation signal is `lastSuccessAt` on
+//! the subscription, which must pass the publication time.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+
+use super::http::{HttpClient, HttpError, Idempotency, Response};
+use super::{Provider, ProviderError, RemoteSubscription, RotateError};
+use crate::config::ProviderKind;
+use crate::secret::{ExposeSecret, SecretString, secret};
+
+/// The fields rekey reads from a `WebhookSubscription`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WebhookSubscription {
+    id: serde_json::Value,
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    is_active: Option<bool>,
+    #[serde(default)]
+    last_success_at: Option<String>,
+    #[serde(default)]
+    last_failure_at: Option<String>,
+    #[serde(default)]
+    disabled_at: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Rotated {
+    #[serde(default)]
+    plain_text_secret: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct List {
+    data: Vec<WebhookSubscription>,
+}
+
+pub struct FintoroClient {
+    http: HttpClient,
+    token: SecretString,
+}
+
+impl FintoroClient {
+    pub fn new(http: HttpClient, token: SecretString) -> Self {
+        FintoroClient { http, token }
+    }
+
+    async fn get(&self, path: &str) -> Result<Response, HttpError> {
+        let url = self.http.url(path);
+        self.http
+            .send(&format!("GET {path}"), Idempotency::Idempotent, |c| {
+                c.get(&url).bearer_auth(self.token.expose_secret())
+            })
+            .await
+    }
+
+    fn malformed(&self, what: &str, detail: impl Into<String>) -> ProviderError {
+        ProviderError::Malformed {
+            provider: self.http.name().to_string(),
+            what: what.to_string(),
+            detail: detail.into(),
+        }
+    }
+
+    async fn subscription(&self, id: &str) -> Result<WebhookSubscription, ProviderError> {
+        let path = format!("/webhook-subscriptions/{}", path_id(id)?);
+        let resp = self.get(&path).await.map_err(classify)?;
+        serde_json::from_slice(&resp.body)
+            .map_err(|e| self.malformed(&format!("GET {path}"), e.to_string()))
+    }
+}
+
+/// Fintoro ids are integers; anything else would never match and might smuggle a path.
+fn path_id(id: &str) -> Result<&str, ProviderError> {
+    if !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) {
+        Ok(id)
+    } else {
+        Err(ProviderError::Malformed {
+            provider: "fintoro".into(),
+            what: "subscription id".into(),
+            detail: format!("`{id}` is not a Fintoro subscription id (an integer)"),
+        })
+    }
+}
+
+fn classify(e: HttpError) -> ProviderError {
+    if e.is_transient() {
+        ProviderError::Unavailable(e)
+    } else {
+        ProviderError::Rejected(e)
+    }
+}
+
+fn parse_time(field: &str, v: &Option<String>) -> Result<Option<DateTime<Utc>>, String> {
+    v.as_deref()
+        .map(|s| {
+            DateTime::parse_from_rfc3339(s)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|e| format!("`{field}` = `{s}` is not an ISO 8601 time: {e}"))
+        })
+        .transpose()
+}
+
+#[async_trait]
+impl Provider for FintoroClient {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Fintoro
+    }
+
+    async fn preflight(&self, id: &str) -> Result<(), ProviderError> {
+        self.get("/whoami").await.map_err(classify)?;
+        let sub = self.subscription(id).await?;
+        if sub.disabled_at.is_some() || sub.is_active == Some(false) {
+            // Rotating is harmless, but confirmation can never come: say so up front.
+            return Err(self.malformed(
+                &format!("GET /webhook-subscriptions/{id}"),
+                "the subscription is disabled at Fintoro; no delivery could confirm a rotation",
+            ));
+        }
+        Ok(())
+    }
+
+    async fn rotate(&self, id: &str) -> Result<SecretString, RotateError> {
+        let path = format!(
+            "/webhook-subscriptions/{}/rotate-secret",
+            path_id(id).map_err(RotateError::NotRotated)?
+        );
+        let url = self.http.url(&path);
+        let what = format!("POST {path}");
+        let resp = self
+            .http
+            .send(&what, Idempotency::Once, |c| {
+                c.post(&url).bearer_auth(self.token.expose_secret())
+            })
+            .await
+            .map_err(|e| {
+                if e.certainly_not_applied() {
+                    RotateError::NotRotated(classify(e))
+                } else {
+                    RotateError::Unknown(classify(e))
+                }
+            })?;
+        // From here on the provider has rotated: a body we cannot read means the secret
+        // is lost, never "not rotated".
+        let rotated: Rotated = serde_json::from_slice(&resp.body).map_err(|e| {
+            RotateError::Unknown(
+                self.malformed(&what, format!("body is not the expected JSON: {e}")),
+            )
+        })?;
+        match rotated.plain_text_secret {
+            Some(s) if !s.trim().is_empty() => Ok(secret(s)),
+            _ => Err(RotateError::Unknown(
+                self.malformed(&what, "200 without `plainTextSecret`"),
+            )),
+        }
+    }
+
+    async fn evidence(
+        &self,
+        id: &str,
+        since: DateTime<Utc>,
+    ) -> Result<Option<String>, ProviderError> {
+        let sub = self.subscription(id).await?;
+        let what = format!("GET /webhook-subscriptions/{id}");
+        let success = parse_time("lastSuccessAt", &sub.last_success_at)
+            .map_err(|e| self.malformed(&what, e))?;
+        let failure = parse_time("lastFailureAt", &sub.last_failure_at)
+            .map_err(|e| self.malformed(&what, e))?;
+        Ok(match success {
+            Some(t) if t > since => Some(format!(
+                "Fintoro lastSuccessAt {} is after the publication at {}",
+                t.to_rfc3339(),
+                since.to_rfc3339()
+            )),
+            _ => {
+                if let Some(f) = failure.filter(|f| *f > since) {
+                    tracing::warn!(
+                        subscription = id,
+                        last_failure_at = %f.to_rfc3339(),
+                        "a delivery failed after publication; receivers may not have the new secret"
+                    );
+                }
+                None
+            }
+        })
+    }
+
+    async fn list(&self) -> Result<Vec<RemoteSubscription>, ProviderError> {
+        let resp = self.get("/webhook-subscriptions").await.map_err(classify)?;
+        let list: List = serde_json::from_slice(&resp.body)
+            .map_err(|e| self.malformed("GET /webhook-subscriptions", e.to_string()))?;
+        Ok(list
+            .data
+            .into_iter()
+            .map(|s| RemoteSubscription {
+                id: match &s.id {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                },
+                url: s.url,
+                active: s.is_active.unwrap_or(true) && s.disabled_at.is_none(),
+            })
+            .collect())
+    }
+}

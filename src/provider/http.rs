@@ -1,0 +1,514 @@
+//! The one HTTP client every provider uses: timeouts, bounded retries with
+//! exponential backoff, `Retry-After`, a per-account rate limiter, and request-id
+//! logging. Response bodies are never logged: a rotate response carries a secret.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use reqwest::StatusCode;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use crate::config::RateLimit;
+
+/// Whether a request may be sent again after a failure whose outcome is unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Idempotency {
+    /// Reads: retried on 429, 5xx, timeouts and connection errors.
+    Idempotent,
+    /// Rotate: retried only when the provider certainly did not act (429, or the
+    /// connection never opened). Anything else goes back to the caller, because sending
+    /// it again means another rotation, which the state machine must record.
+    Once,
+}
+
+/// A failed request, with what the caller needs to classify it. Never holds a body
+/// beyond the provider's short error message.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum HttpError {
+    #[error("{provider}: {what} answered {status}{}: {message}", rid(.request_id))]
+    Status {
+        provider: String,
+        what: String,
+        status: u16,
+        message: String,
+        request_id: Option<String>,
+        retry_after: Option<Duration>,
+    },
+    /// The connection could not be opened: the request never reached the provider.
+    #[error("{provider}: {what}: cannot connect: {detail}")]
+    Connect {
+        provider: String,
+        what: String,
+        detail: String,
+    },
+    #[error("{provider}: {what}: no answer within {}", humantime::format_duration(*.timeout))]
+    Timeout {
+        provider: String,
+        what: String,
+        timeout: Duration,
+    },
+    /// Sent, but the exchange broke (connection reset, truncated body).
+    #[error("{provider}: {what}: {detail}")]
+    Transport {
+        provider: String,
+        what: String,
+        detail: String,
+    },
+    #[error("{provider}: invalid client setup: {detail}")]
+    Setup { provider: String, detail: String },
+}
+
+fn rid(r: &Option<String>) -> String {
+    r.as_ref()
+        .map(|r| format!(" (request id {r})"))
+        .unwrap_or_default()
+}
+
+impl HttpError {
+    /// Transient: worth retrying later.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            HttpError::Status { status, .. } => *status == 429 || *status >= 500,
+            HttpError::Connect { .. } | HttpError::Timeout { .. } | HttpError::Transport { .. } => {
+                true
+            }
+            HttpError::Setup { .. } => false,
+        }
+    }
+
+    /// The provider certainly did not act on the request.
+    pub fn certainly_not_applied(&self) -> bool {
+        match self {
+            HttpError::Status { status, .. } => (400..500).contains(status),
+            HttpError::Connect { .. } | HttpError::Setup { .. } => true,
+            HttpError::Timeout { .. } | HttpError::Transport { .. } => false,
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            HttpError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            HttpError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// A successful (2xx) response, body read in full.
+#[derive(Debug)]
+pub struct Response {
+    pub status: StatusCode,
+    pub body: bytes::Bytes,
+    pub request_id: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Total attempts, including the first.
+    pub attempts: usize,
+    pub base: Duration,
+    pub max: Duration,
+    /// A `Retry-After` longer than this is not waited out inside one call; the error
+    /// goes back to the caller, which reschedules.
+    pub max_retry_after: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 4,
+            base: Duration::from_millis(500),
+            max: Duration::from_secs(20),
+            max_retry_after: Duration::from_secs(120),
+        }
+    }
+}
+
+/// A token bucket shared by every call to one provider account, including
+/// confirmation polls. A 429 pauses the whole bucket until `Retry-After` passes, so
+/// the other calls to that account do not walk into the same wall.
+#[derive(Debug)]
+pub struct RateLimiter {
+    limit: RateLimit,
+    state: Mutex<Bucket>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+    paused_until: Option<Instant>,
+}
+
+impl RateLimiter {
+    pub fn new(limit: RateLimit) -> Self {
+        RateLimiter {
+            limit,
+            state: Mutex::new(Bucket {
+                tokens: f64::from(limit.count),
+                at: Instant::now(),
+                paused_until: None,
+            }),
+        }
+    }
+
+    fn per_token(&self) -> Duration {
+        self.limit.per / self.limit.count
+    }
+
+    /// Waits until a request may be sent.
+    pub async fn acquire(&self) {
+        loop {
+            let wait = {
+                let mut b = self.state.lock().await;
+                let now = Instant::now();
+                if let Some(p) = b.paused_until {
+                    if now < p {
+                        Some(p - now)
+                    } else {
+                        b.paused_until = None;
+                        None
+                    }
+                } else {
+                    None
+                }
+                .or_else(|| {
+                    let refill =
+                        now.duration_since(b.at).as_secs_f64() / self.per_token().as_secs_f64();
+                    b.tokens = (b.tokens + refill).min(f64::from(self.limit.count));
+                    b.at = now;
+                    if b.tokens >= 1.0 {
+                        b.tokens -= 1.0;
+                        None
+                    } else {
+                        Some(self.per_token().mul_f64(1.0 - b.tokens))
+                    }
+                })
+            };
+            match wait {
+                None => return,
+                Some(d) => tokio::time::sleep(d).await,
+            }
+        }
+    }
+
+    pub async fn pause_for(&self, d: Duration) {
+        let mut b = self.state.lock().await;
+        let until = Instant::now() + d;
+        b.paused_until = Some(b.paused_until.map_or(until, |p| p.max(until)));
+    }
+}
+
+/// The HTTP client of one provider account.
+#[derive(Clone)]
+pub struct HttpClient {
+    name: String,
+    base_url: String,
+    client: reqwest::Client,
+    timeout: Duration,
+    limiter: Arc<RateLimiter>,
+    retry: RetryPolicy,
+}
+
+impl HttpClient {
+    pub fn new(
+        name: &str,
+        base_url: &str,
+        timeout: Duration,
+        limit: RateLimit,
+    ) -> Result<Self, HttpError> {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .user_agent(concat!("rekey/", env!("CARGO_PKG_VERSION")))
+            .https_only(!base_url.starts_with("http://"))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| HttpError::Setup {
+                provider: name.to_string(),
+                detail: e.to_string(),
+            })?;
+        Ok(HttpClient {
+            name: name.to_string(),
+            base_url: base_url.trim_end_matches('/').to_string(),
+            client,
+            timeout,
+            limiter: Arc::new(RateLimiter::new(limit)),
+            retry: RetryPolicy::default(),
+        })
+    }
+
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base_url, path)
+    }
+
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    /// Sends the request `build` makes (again on each attempt), retrying as
+    /// `idempotency` allows. `what` names the call in logs and errors
+    /// (e.g. `POST /webhook-subscriptions/801/rotate-secret`).
+    pub async fn send<F>(
+        &self,
+        what: &str,
+        idempotency: Idempotency,
+        build: F,
+    ) -> Result<Response, HttpError>
+    where
+        F: Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+    {
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(self.retry.base)
+            .with_max_delay(self.retry.max)
+            .with_max_times(self.retry.attempts.saturating_sub(1))
+            .with_jitter();
+        let max_retry_after = self.retry.max_retry_after;
+        (|| self.attempt(what, &build))
+            .retry(backoff)
+            .when(|e: &HttpError| {
+                let retryable = match idempotency {
+                    Idempotency::Idempotent => e.is_transient(),
+                    Idempotency::Once => {
+                        e.status() == Some(429) || matches!(e, HttpError::Connect { .. })
+                    }
+                };
+                retryable && e.retry_after().is_none_or(|d| d <= max_retry_after)
+            })
+            .adjust(|e: &HttpError, planned| {
+                // Retry-After wins over our own backoff, but never shortens it.
+                match (e.retry_after(), planned) {
+                    (Some(ra), Some(p)) => Some(ra.max(p)),
+                    (Some(ra), None) => Some(ra),
+                    (None, p) => p,
+                }
+            })
+            .notify(|e: &HttpError, wait: Duration| {
+                tracing::warn!(
+                    provider = %self.name,
+                    call = what,
+                    error = %e,
+                    retry_in = %humantime::format_duration(wait),
+                    "provider call failed; retrying"
+                );
+            })
+            .await
+    }
+
+    async fn attempt<F>(&self, what: &str, build: &F) -> Result<Response, HttpError>
+    where
+        F: Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+    {
+        self.limiter.acquire().await;
+        let err_transport = |detail: String| HttpError::Transport {
+            provider: self.name.clone(),
+            what: what.to_string(),
+            detail,
+        };
+        let resp = build(&self.client).send().await.map_err(|e| {
+            if e.is_timeout() {
+                HttpError::Timeout {
+                    provider: self.name.clone(),
+                    what: what.to_string(),
+                    timeout: self.timeout,
+                }
+            } else if e.is_connect() {
+                HttpError::Connect {
+                    provider: self.name.clone(),
+                    what: what.to_string(),
+                    detail: error_chain(&e),
+                }
+            } else {
+                err_transport(error_chain(&e))
+            }
+        })?;
+        let status = resp.status();
+        let request_id = header(&resp, "x-request-id");
+        let retry_after = header(&resp, "retry-after").and_then(|v| parse_retry_after(&v));
+        tracing::debug!(
+            provider = %self.name,
+            call = what,
+            status = status.as_u16(),
+            request_id = request_id.as_deref().unwrap_or("-"),
+            "provider answered"
+        );
+        let body = resp.bytes().await.map_err(|e| {
+            if e.is_timeout() {
+                HttpError::Timeout {
+                    provider: self.name.clone(),
+                    what: what.to_string(),
+                    timeout: self.timeout,
+                }
+            } else {
+                err_transport(format!("reading the response body: {}", error_chain(&e)))
+            }
+        })?;
+        if status.is_success() {
+            return Ok(Response {
+                status,
+                body,
+                request_id,
+            });
+        }
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            let pause = retry_after.unwrap_or(self.retry.base);
+            self.limiter.pause_for(pause).await;
+        }
+        tracing::info!(
+            provider = %self.name,
+            call = what,
+            status = status.as_u16(),
+            request_id = request_id.as_deref().unwrap_or("-"),
+            "provider refused the call"
+        );
+        Err(HttpError::Status {
+            provider: self.name.clone(),
+            what: what.to_string(),
+            status: status.as_u16(),
+            message: error_message(&body),
+            request_id,
+            retry_after,
+        })
+    }
+}
+
+fn header(resp: &reqwest::Response, name: &str) -> Option<String> {
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.chars().take(128).collect())
+}
+
+/// `Retry-After` in seconds (the HTTP-date form is rare for APIs; treated as absent).
+pub fn parse_retry_after(v: &str) -> Option<Duration> {
+    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// A provider's error message from the body, whatever its convention
+/// (`{"message"}`, `{"error"}`, `{"error":{"message"}}`, `{"detail":[{"msg"}]}`),
+/// shortened; or a note that the body was not JSON. The body itself is untrusted and
+/// never echoed whole.
+pub fn error_message(body: &[u8]) -> String {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return format!("(non-JSON body, {} bytes)", body.len());
+    };
+    let pick = |v: &serde_json::Value| -> Option<String> {
+        if let Some(s) = v.get("message").and_then(|m| m.as_str()) {
+            return Some(s.to_string());
+        }
+        match v.get("error") {
+            Some(serde_json::Value::String(s)) => return Some(s.clone()),
+            Some(e) => {
+                if let Some(s) = e.get("message").and_then(|m| m.as_str()) {
+                    return Some(s.to_string());
+                }
+            }
+            None => {}
+        }
+        v.get("detail")
+            .and_then(|d| d.as_array())
+            .and_then(|a| a.first())
+            .and_then(|d| d.get("msg"))
+            .and_then(|m| m.as_str())
+            .map(str::to_string)
+    };
+    let msg = pick(&v).unwrap_or_else(|| "(no message)".into());
+    msg.chars().take(200).collect()
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        let t = inner.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = inner.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_messages_follow_each_provider_convention() {
+        assert_eq!(
+            error_message(br#"{"message":"Unauthenticated."}"#),
+            "Unauthenticated."
+        );
+        assert_eq!(
+            error_message(br#"{"error":"Too many requests."}"#),
+            "Too many requests."
+        );
+        assert_eq!(error_message(br#"{"error":{"message":"nope"}}"#), "nope");
+        assert_eq!(
+            error_message(br#"{"detail":[{"loc":["x"],"msg":"bad","type":"t"}]}"#),
+            "bad"
+        );
+        assert_eq!(error_message(b"<html>"), "(non-JSON body, 6 bytes)");
+    }
+
+    #[test]
+    fn classification_drives_rotation_safety() {
+        let st = |status| HttpError::Status {
+            provider: "p".into(),
+            what: "w".into(),
+            status,
+            message: String::new(),
+            request_id: None,
+            retry_after: None,
+        };
+        assert!(st(403).certainly_not_applied() && !st(403).is_transient());
+        assert!(st(429).certainly_not_applied() && st(429).is_transient());
+        assert!(!st(500).certainly_not_applied() && st(500).is_transient());
+        let t = HttpError::Timeout {
+            provider: "p".into(),
+            what: "w".into(),
+            timeout: Duration::from_secs(1),
+        };
+        assert!(!t.certainly_not_applied());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limiter_allows_a_burst_then_spaces_requests() {
+        let l = RateLimiter::new(RateLimit {
+            count: 2,
+            per: Duration::from_secs(1),
+        });
+        let t0 = Instant::now();
+        l.acquire().await;
+        l.acquire().await;
+        assert_eq!(Instant::now() - t0, Duration::ZERO);
+        l.acquire().await;
+        let waited = Instant::now() - t0;
+        assert!(
+            waited >= Duration::from_millis(499) && waited <= Duration::from_millis(510),
+            "{waited:?}"
+        );
+        l.pause_for(Duration::from_secs(5)).await;
+        let t1 = Instant::now();
+        l.acquire().await;
+        assert!(Instant::now() - t1 >= Duration::from_secs(5));
+    }
+}

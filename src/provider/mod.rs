@@ -1,0 +1,98 @@
+//! Webhook providers, behind one trait.
+//!
+//! A provider module holds only what is specific to that provider: its endpoints,
+//! wire types, and what counts as evidence. Everything shared — timeouts, retries with
+//! backoff, `Retry-After`, rate limiting, request-id logging, error mapping — lives once
+//! in [`http`].
+
+pub mod fintoro;
+pub mod http;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::config::{ProviderKind, ProviderSettings};
+use crate::secret::SecretString;
+
+pub use http::{HttpClient, HttpError};
+
+/// Why a provider call failed, classified by what it means for the rotation.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// The provider answered and refused (401/403/404/422…): retrying will not help
+    /// until an operator fixes something. For rotate: nothing was rotated.
+    #[error("{0}")]
+    Rejected(HttpError),
+    /// The call may succeed later (5xx, 429, timeouts, connection problems) and retries
+    /// were exhausted.
+    #[error("{0}")]
+    Unavailable(HttpError),
+    /// The provider answered 2xx with something rekey cannot understand.
+    #[error("{provider}: unexpected response to {what}: {detail}")]
+    Malformed {
+        provider: String,
+        what: String,
+        detail: String,
+    },
+}
+
+/// The outcome of a rotate call. The distinction matters because the response is the
+/// only copy of the new secret.
+#[derive(Debug, thiserror::Error)]
+pub enum RotateError {
+    /// The provider certainly did not rotate: the published secret still verifies.
+    #[error("{0}")]
+    NotRotated(ProviderError),
+    /// The provider may have rotated and the response with the secret was lost.
+    #[error("{0}")]
+    Unknown(ProviderError),
+}
+
+/// What a provider knows about one of its subscriptions, for discovery and status.
+#[derive(Debug, Clone)]
+pub struct RemoteSubscription {
+    pub id: String,
+    pub url: Option<String>,
+    pub active: bool,
+}
+
+/// One webhook provider account.
+#[async_trait]
+pub trait Provider: Send + Sync {
+    fn kind(&self) -> ProviderKind;
+
+    /// Cheap checks before a rotation: credentials valid, subscription exists. A failure
+    /// here stops the rotation before anything changes.
+    async fn preflight(&self, id: &str) -> Result<(), ProviderError>;
+
+    /// Rotates the subscription's secret and returns the new one.
+    async fn rotate(&self, id: &str) -> Result<SecretString, RotateError>;
+
+    /// Looks for evidence that a delivery signed with the new secret succeeded after
+    /// `since`; `Ok(None)` when there is none yet. The text describes the evidence.
+    async fn evidence(
+        &self,
+        id: &str,
+        since: DateTime<Utc>,
+    ) -> Result<Option<String>, ProviderError>;
+
+    /// Every subscription the account has (discovery).
+    async fn list(&self) -> Result<Vec<RemoteSubscription>, ProviderError>;
+}
+
+/// Builds the client for a configured provider account.
+pub fn build(settings: &ProviderSettings) -> Result<Arc<dyn Provider>, HttpError> {
+    let http = HttpClient::new(
+        &settings.name,
+        &settings.base_url,
+        settings.timeout,
+        settings.rate_limit,
+    )?;
+    Ok(match settings.kind {
+        ProviderKind::Fintoro => {
+            Arc::new(fintoro::FintoroClient::new(http, settings.token.clone()))
+        }
+    })
+}

@@ -1,0 +1,1257 @@
+//! The rotation state machine: a pure function from (state, event) to
+//! (new state, next action), with no network, clock or disk inside.
+//!
+//! ```text
+//!  idle ──start──▶ [preflight] ──ok──▶ rotating ──secret──▶ minted ──vault ack──▶ published
+//!   ▲                  │ fails              │ response lost        │ vault fails      │
+//!   │                  ▼                    ▼ (rotate again)       ▼ (keep, retry)    ▼
+//!   │               failed              rotating               minted          confirming
+//!   │                                                                       evidence │ deadline
+//!   └──────────── retired ◀── retiring ◀─────────────────────────────────────────┘      ▼
+//!                                                                                     held
+//! ```
+//!
+//! The driver ([`crate::engine`]) persists the state this module returns *before* it
+//! performs the returned [`Action`]. That ordering is what makes every crash point
+//! recoverable: on restart the persisted phase says which action was (maybe) under way,
+//! and every action is idempotent, so [`Event::Recover`] simply performs it again. The
+//! one action that cannot be repeated blindly is the provider's rotate call, because its
+//! response is the only copy of the new secret; a crash while it was in flight means the
+//! secret may be lost, so the subscription is rotated again and the loss is counted.
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::secret::{Fingerprint, SecretString};
+
+/// Where a subscription is in its rotation cycle. The names are part of the CLI's
+/// JSON output (`rekey status --json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Nothing in flight; the next rotation is due at `next_due_at`.
+    Idle,
+    /// Intent recorded; the provider's rotate call is (or may have been) under way.
+    Rotating,
+    /// The provider returned a new secret and it is stored locally (fsync'd), not yet
+    /// in the secret store.
+    Minted,
+    /// The secret store holds `current` = new and `previous` = old.
+    Published,
+    /// Waiting for evidence that a delivery signed with the new secret succeeded.
+    Confirming,
+    /// Evidence seen (or policy said so): the old secret is being removed.
+    Retiring,
+    /// No evidence by the deadline; both secrets stay published until an operator acts.
+    Held,
+    /// The last attempt failed before anything changed at the provider; retried later.
+    Failed,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 8] = [
+        Phase::Idle,
+        Phase::Rotating,
+        Phase::Minted,
+        Phase::Published,
+        Phase::Confirming,
+        Phase::Retiring,
+        Phase::Held,
+        Phase::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Idle => "idle",
+            Phase::Rotating => "rotating",
+            Phase::Minted => "minted",
+            Phase::Published => "published",
+            Phase::Confirming => "confirming",
+            Phase::Retiring => "retiring",
+            Phase::Held => "held",
+            Phase::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Phase> {
+        Phase::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+
+    /// A rotation is under way: the provider may already hold a new secret.
+    pub fn in_flight(self) -> bool {
+        matches!(
+            self,
+            Phase::Rotating
+                | Phase::Minted
+                | Phase::Published
+                | Phase::Confirming
+                | Phase::Retiring
+        )
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the policy says about confirmation and retries; the machine's only parameters.
+#[derive(Debug, Clone)]
+pub struct Timing {
+    pub confirm_timeout: Duration,
+    pub confirm_poll: Duration,
+    pub on_timeout: OnTimeout,
+    /// First wait after a failed step; doubles per consecutive failure up to `retry_max`.
+    pub retry_base: Duration,
+    pub retry_max: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            confirm_timeout: Duration::from_secs(24 * 3600),
+            confirm_poll: Duration::from_secs(300),
+            on_timeout: OnTimeout::Hold,
+            retry_base: Duration::from_secs(30),
+            retry_max: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// What happens when the confirmation deadline passes without evidence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnTimeout {
+    /// Keep both secrets published and alert (the default: never retire on a timer).
+    Hold,
+    /// Retire the old secret anyway (an explicit policy decision, recorded as such).
+    Retire,
+}
+
+/// The persisted state of one subscription.
+#[derive(Clone)]
+pub struct RotationState {
+    pub phase: Phase,
+    /// Identifies the rotation in flight (also written to the secret store entry).
+    pub rotation_id: Option<String>,
+    /// When the intent was recorded (just before the rotate call).
+    pub intent_at: Option<DateTime<Utc>>,
+    /// When the provider's rotate response arrived.
+    pub rotated_at: Option<DateTime<Utc>>,
+    /// When the secret store acknowledged the dual publication.
+    pub published_at: Option<DateTime<Utc>>,
+    /// Confirmation deadline (published_at + confirm_timeout).
+    pub confirm_deadline: Option<DateTime<Utc>>,
+    /// The new secret, held only between mint and publication.
+    pub pending_secret: Option<SecretString>,
+    pub new_fingerprint: Option<Fingerprint>,
+    pub previous_fingerprint: Option<Fingerprint>,
+    /// The rotate call was issued and its outcome is not known yet. Persisted before the
+    /// call, so a crash leaves it set.
+    pub rotate_in_flight: bool,
+    /// Rotate responses lost during the current rotation (each meant one more rotation).
+    pub lost_responses: u32,
+    /// Consecutive failures of the current step; drives the retry backoff.
+    pub failures: u32,
+    /// Do nothing before this time (backoff after a failure, or the next confirm poll).
+    pub not_before: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    /// When the last rotation completed (retired), for schedules and status.
+    pub last_rotated_at: Option<DateTime<Utc>>,
+    /// Evidence that let the old secret go, or why it went without.
+    pub last_outcome: Option<String>,
+}
+
+impl fmt::Debug for RotationState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RotationState")
+            .field("phase", &self.phase)
+            .field("rotation_id", &self.rotation_id)
+            .field(
+                "pending_secret",
+                &self.pending_secret.as_ref().map(Fingerprint::of),
+            )
+            .field("new_fingerprint", &self.new_fingerprint)
+            .field("previous_fingerprint", &self.previous_fingerprint)
+            .field("rotate_in_flight", &self.rotate_in_flight)
+            .field("lost_responses", &self.lost_responses)
+            .field("failures", &self.failures)
+            .field("not_before", &self.not_before)
+            .field("last_error", &self.last_error)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RotationState {
+    pub fn new() -> Self {
+        RotationState {
+            phase: Phase::Idle,
+            rotation_id: None,
+            intent_at: None,
+            rotated_at: None,
+            published_at: None,
+            confirm_deadline: None,
+            pending_secret: None,
+            new_fingerprint: None,
+            previous_fingerprint: None,
+            rotate_in_flight: false,
+            lost_responses: 0,
+            failures: 0,
+            not_before: None,
+            last_error: None,
+            last_rotated_at: None,
+            last_outcome: None,
+        }
+    }
+}
+
+impl Default for RotationState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Why a rotation starts; recorded in the history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Schedule,
+    Forced,
+    Requested,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Schedule => "schedule",
+            Trigger::Forced => "forced",
+            Trigger::Requested => "requested",
+        }
+    }
+}
+
+/// Everything that can happen to a subscription. Results of actions carry `now`, the
+/// time the driver observed them; the machine never reads a clock.
+#[derive(Debug)]
+pub enum Event {
+    /// A rotation is due or was asked for.
+    Start {
+        rotation_id: String,
+        trigger: Trigger,
+        now: DateTime<Utc>,
+    },
+    PreflightPassed {
+        now: DateTime<Utc>,
+    },
+    PreflightFailed {
+        error: String,
+        now: DateTime<Utc>,
+    },
+    /// The rotate call is about to be sent (the intent, persisted first).
+    RotateSent {
+        now: DateTime<Utc>,
+    },
+    RotateSucceeded {
+        secret: SecretString,
+        now: DateTime<Utc>,
+    },
+    /// The provider answered and certainly did not rotate (4xx, including 429).
+    RotateRejected {
+        error: String,
+        now: DateTime<Utc>,
+    },
+    /// The outcome is unknown (timeout, connection cut, 5xx, unreadable body): the
+    /// provider may have rotated and the secret may be lost.
+    RotateOutcomeUnknown {
+        error: String,
+        now: DateTime<Utc>,
+    },
+    Published {
+        previous: Option<Fingerprint>,
+        now: DateTime<Utc>,
+    },
+    PublishFailed {
+        error: String,
+        now: DateTime<Utc>,
+    },
+    /// A confirmation check ran; `evidence` describes what was found, if anything.
+    Checked {
+        evidence: Option<String>,
+        now: DateTime<Utc>,
+    },
+    CheckFailed {
+        error: String,
+        now: DateTime<Utc>,
+    },
+    Retired {
+        now: DateTime<Utc>,
+    },
+    RetireFailed {
+        error: String,
+        now: DateTime<Utc>,
+    },
+    /// The process (re)started, or a wait ended: perform whatever the phase needs.
+    Recover {
+        now: DateTime<Utc>,
+    },
+    /// Operator on a held subscription: keep waiting for evidence for another timeout.
+    OperatorResume {
+        now: DateTime<Utc>,
+    },
+    /// Operator on a held subscription: retire the old secret without evidence.
+    OperatorRetire {
+        now: DateTime<Utc>,
+    },
+}
+
+impl Event {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::Start { .. } => "start",
+            Event::PreflightPassed { .. } => "preflight-passed",
+            Event::PreflightFailed { .. } => "preflight-failed",
+            Event::RotateSent { .. } => "rotate-sent",
+            Event::RotateSucceeded { .. } => "rotate-succeeded",
+            Event::RotateRejected { .. } => "rotate-rejected",
+            Event::RotateOutcomeUnknown { .. } => "rotate-outcome-unknown",
+            Event::Published { .. } => "published",
+            Event::PublishFailed { .. } => "publish-failed",
+            Event::Checked { .. } => "checked",
+            Event::CheckFailed { .. } => "check-failed",
+            Event::Retired { .. } => "retired",
+            Event::RetireFailed { .. } => "retire-failed",
+            Event::Recover { .. } => "recover",
+            Event::OperatorResume { .. } => "operator-resume",
+            Event::OperatorRetire { .. } => "operator-retire",
+        }
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        match self {
+            Event::Start { now, .. }
+            | Event::PreflightPassed { now }
+            | Event::PreflightFailed { now, .. }
+            | Event::RotateSent { now }
+            | Event::RotateSucceeded { now, .. }
+            | Event::RotateRejected { now, .. }
+            | Event::RotateOutcomeUnknown { now, .. }
+            | Event::Published { now, .. }
+            | Event::PublishFailed { now, .. }
+            | Event::Checked { now, .. }
+            | Event::CheckFailed { now, .. }
+            | Event::Retired { now }
+            | Event::RetireFailed { now, .. }
+            | Event::Recover { now }
+            | Event::OperatorResume { now }
+            | Event::OperatorRetire { now } => *now,
+        }
+    }
+}
+
+/// What the driver must do next, after persisting the returned state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Check the secret store and the provider before touching anything.
+    Preflight,
+    /// Record the intent ([`Event::RotateSent`]) and then call the provider's rotate.
+    Rotate,
+    /// Write `current` = pending secret, `previous` = the store's current one.
+    Publish,
+    /// Look for evidence of a delivery signed with the new secret since `since`.
+    Check { since: DateTime<Utc> },
+    /// Write `current` only.
+    Retire,
+    /// Nothing to do before this time; then feed [`Event::Recover`].
+    WaitUntil(DateTime<Utc>),
+    /// Nothing to do until an operator acts (held).
+    AwaitOperator,
+    /// The rotation cycle is over (idle or failed): the scheduler decides what is next.
+    Rest,
+}
+
+/// One line of the append-only history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub from: Phase,
+    pub to: Phase,
+    pub event: &'static str,
+    /// Human detail; never contains a secret (fingerprints only).
+    pub detail: String,
+}
+
+#[derive(Debug)]
+pub struct Step {
+    pub state: RotationState,
+    pub action: Action,
+    pub transition: Transition,
+}
+
+/// An event that makes no sense in the current phase (e.g. a publish result while
+/// idle). The driver treats it as a bug report, not as a state change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("event `{event}` is not valid in phase `{phase}`")]
+pub struct InvalidEvent {
+    pub phase: Phase,
+    pub event: &'static str,
+}
+
+/// The backoff after `failures` consecutive failures: base·2^(n-1), capped.
+pub fn backoff(timing: &Timing, failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(20);
+    timing
+        .retry_base
+        .saturating_mul(1u32 << exp)
+        .min(timing.retry_max)
+}
+
+fn add(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    t + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+/// The action a phase needs when nothing else is known: what [`Event::Recover`]
+/// performs, honouring `not_before`.
+fn resume_action(s: &RotationState, now: DateTime<Utc>) -> Action {
+    if let Some(t) = s.not_before
+        && now < t
+        && s.phase != Phase::Idle
+        && s.phase != Phase::Failed
+    {
+        return Action::WaitUntil(t);
+    }
+    match s.phase {
+        Phase::Idle | Phase::Failed => Action::Rest,
+        Phase::Rotating => Action::Rotate,
+        Phase::Minted => Action::Publish,
+        Phase::Published | Phase::Confirming => Action::Check {
+            since: s.published_at.unwrap_or(now),
+        },
+        Phase::Retiring => Action::Retire,
+        Phase::Held => Action::AwaitOperator,
+    }
+}
+
+/// Applies `event` to `state`. Pure: same inputs, same outputs.
+pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Step, InvalidEvent> {
+    let from = state.phase;
+    let now = event.now();
+    let name = event.name();
+    let mut s = state.clone();
+    let invalid = || InvalidEvent {
+        phase: from,
+        event: name,
+    };
+    let fail_step = |s: &mut RotationState, error: String| -> (Action, String) {
+        s.failures += 1;
+        let wait = backoff(timing, s.failures);
+        let until = add(now, wait);
+        s.not_before = Some(until);
+        let detail = format!(
+            "{error}; attempt {} failed, retrying after {}",
+            s.failures,
+            humantime::format_duration(wait)
+        );
+        s.last_error = Some(error);
+        (Action::WaitUntil(until), detail)
+    };
+
+    let (action, detail) = match (from, event) {
+        (
+            Phase::Idle | Phase::Failed,
+            Event::Start {
+                rotation_id,
+                trigger,
+                ..
+            },
+        ) => {
+            // Preflight comes before the intent: nothing is persisted as in flight until
+            // the store and the provider are known to work.
+            let detail = format!("rotation {rotation_id} starts ({})", trigger.as_str());
+            s.rotation_id = Some(rotation_id);
+            (Action::Preflight, detail)
+        }
+        (Phase::Idle | Phase::Failed, Event::PreflightPassed { .. }) => {
+            if s.rotation_id.is_none() {
+                return Err(invalid());
+            }
+            s.phase = Phase::Rotating;
+            s.intent_at = Some(now);
+            s.rotated_at = None;
+            s.published_at = None;
+            s.confirm_deadline = None;
+            s.new_fingerprint = None;
+            s.previous_fingerprint = None;
+            s.lost_responses = 0;
+            s.failures = 0;
+            s.not_before = None;
+            s.last_error = None;
+            (Action::Rotate, "preflight passed; intent recorded".into())
+        }
+        (Phase::Idle | Phase::Failed, Event::PreflightFailed { error, .. }) => {
+            // Nothing was touched at the provider: the old secret is still the live one.
+            s.phase = Phase::Failed;
+            s.rotation_id = None;
+            let (_, detail) = fail_step(&mut s, format!("preflight failed: {error}"));
+            (Action::Rest, detail)
+        }
+        (Phase::Rotating, Event::RotateSent { .. }) => {
+            s.rotate_in_flight = true;
+            (Action::Rotate, "rotate call sent".into())
+        }
+        (Phase::Rotating, Event::RotateSucceeded { secret, .. }) => {
+            let fp = Fingerprint::of(&secret);
+            s.phase = Phase::Minted;
+            s.rotate_in_flight = false;
+            s.rotated_at = Some(now);
+            s.new_fingerprint = Some(fp.clone());
+            s.pending_secret = Some(secret);
+            s.failures = 0;
+            s.not_before = None;
+            s.last_error = None;
+            (
+                Action::Publish,
+                format!("provider returned new secret {fp}; stored locally"),
+            )
+        }
+        (Phase::Rotating, Event::RotateRejected { error, .. }) => {
+            // The provider said no: it did not rotate, so the published secret still
+            // verifies. Give the rotation up and retry at the backoff.
+            s.phase = Phase::Failed;
+            s.rotate_in_flight = false;
+            s.rotation_id = None;
+            s.intent_at = None;
+            let (_, detail) = fail_step(
+                &mut s,
+                format!("provider refused rotation (old secret unchanged): {error}"),
+            );
+            (Action::Rest, detail)
+        }
+        (Phase::Rotating, Event::RotateOutcomeUnknown { error, .. }) => {
+            // The provider may hold a secret nobody has: only another rotation recovers.
+            s.rotate_in_flight = false;
+            s.lost_responses += 1;
+            let (action, detail) = fail_step(
+                &mut s,
+                format!(
+                    "rotate response lost ({error}); the provider's secret is unknown and will be rotated again"
+                ),
+            );
+            (action, detail)
+        }
+        (Phase::Minted, Event::Published { previous, .. }) => {
+            s.phase = Phase::Published;
+            s.pending_secret = None;
+            s.published_at = Some(now);
+            s.confirm_deadline = Some(add(now, timing.confirm_timeout));
+            s.failures = 0;
+            s.not_before = None;
+            s.last_error = None;
+            let detail = match &previous {
+                Some(p) => format!("published current={} previous={p}", fp_str(&s)),
+                None => format!("published current={} (no previous secret)", fp_str(&s)),
+            };
+            s.previous_fingerprint = previous;
+            (Action::Check { since: now }, detail)
+        }
+        (Phase::Minted, Event::PublishFailed { error, .. }) => {
+            // The secret stays in local state; publication is retried.
+            fail_step(
+                &mut s,
+                format!("publish failed (secret kept locally): {error}"),
+            )
+        }
+        (Phase::Published | Phase::Confirming, Event::Checked { evidence, .. }) => {
+            let deadline = s.confirm_deadline.unwrap_or(now);
+            s.failures = 0;
+            s.last_error = None;
+            match evidence {
+                Some(ev) => {
+                    s.phase = Phase::Retiring;
+                    s.not_before = None;
+                    s.last_outcome = Some(format!("confirmed: {ev}"));
+                    (Action::Retire, format!("evidence: {ev}"))
+                }
+                None if now >= deadline => match timing.on_timeout {
+                    OnTimeout::Hold => {
+                        s.phase = Phase::Held;
+                        s.not_before = None;
+                        let msg = "no delivery signed with the new secret succeeded before the \
+                                   confirmation deadline; both secrets stay published"
+                            .to_string();
+                        s.last_error = Some(msg.clone());
+                        (Action::AwaitOperator, msg)
+                    }
+                    OnTimeout::Retire => {
+                        s.phase = Phase::Retiring;
+                        s.not_before = None;
+                        s.last_outcome =
+                            Some("retired without evidence (policy on_timeout = retire)".into());
+                        (
+                            Action::Retire,
+                            "no evidence by the deadline; policy on_timeout = retire".into(),
+                        )
+                    }
+                },
+                None => {
+                    s.phase = Phase::Confirming;
+                    let next = add(now, timing.confirm_poll).min(deadline);
+                    s.not_before = Some(next);
+                    (Action::WaitUntil(next), "no evidence yet".into())
+                }
+            }
+        }
+        (Phase::Published | Phase::Confirming, Event::CheckFailed { error, .. }) => {
+            s.phase = Phase::Confirming;
+            let deadline = s.confirm_deadline.unwrap_or(now);
+            let (action, detail) = fail_step(&mut s, format!("confirmation check failed: {error}"));
+            // An unreachable provider is not evidence either way; past the deadline it
+            // still ends in hold, never in retire-on-error.
+            if now >= deadline {
+                return apply(
+                    &s,
+                    Event::Checked {
+                        evidence: None,
+                        now,
+                    },
+                    timing,
+                )
+                .map(|mut step| {
+                    step.transition.from = from;
+                    step.transition.detail = format!("{detail}; {}", step.transition.detail);
+                    step
+                });
+            }
+            let action = match action {
+                Action::WaitUntil(t) => {
+                    let t = t.min(deadline);
+                    s.not_before = Some(t);
+                    Action::WaitUntil(t)
+                }
+                other => other,
+            };
+            (action, detail)
+        }
+        (Phase::Retiring, Event::Retired { .. }) => {
+            s.phase = Phase::Idle;
+            s.last_rotated_at = s.rotated_at.or(Some(now));
+            s.previous_fingerprint = None;
+            s.rotation_id = None;
+            s.rotate_in_flight = false;
+            s.failures = 0;
+            s.not_before = None;
+            s.last_error = None;
+            (
+                Action::Rest,
+                format!("retired the old secret; current={}", fp_str(&s)),
+            )
+        }
+        (Phase::Retiring, Event::RetireFailed { error, .. }) => fail_step(
+            &mut s,
+            format!("retire failed (both secrets stay published): {error}"),
+        ),
+        (Phase::Held, Event::OperatorResume { .. }) => {
+            s.phase = Phase::Confirming;
+            s.confirm_deadline = Some(add(now, timing.confirm_timeout));
+            s.not_before = None;
+            s.last_error = None;
+            (
+                Action::Check {
+                    since: s.published_at.unwrap_or(now),
+                },
+                "operator resumed confirmation".into(),
+            )
+        }
+        (Phase::Held, Event::OperatorRetire { .. }) => {
+            s.phase = Phase::Retiring;
+            s.not_before = None;
+            s.last_error = None;
+            s.last_outcome = Some("retired without evidence by an operator".into());
+            (Action::Retire, "operator retired the old secret".into())
+        }
+        (phase, Event::Recover { .. }) => {
+            let mut action = resume_action(&s, now);
+            let mut detail = format!("resuming in {phase}");
+            if phase == Phase::Rotating && s.rotate_in_flight {
+                // Crashed while the rotate call was out: its response, if any, is gone.
+                s.rotate_in_flight = false;
+                s.lost_responses += 1;
+                detail = "interrupted while the rotate call was in flight; its response \
+                          was lost, rotating again"
+                    .into();
+                action = Action::Rotate;
+            } else if phase == Phase::Minted {
+                detail = "resuming: publishing the locally stored secret".into();
+            }
+            (action, detail)
+        }
+        (_, _) => return Err(invalid()),
+    };
+
+    let transition = Transition {
+        from,
+        to: s.phase,
+        event: name,
+        detail,
+    };
+    Ok(Step {
+        state: s,
+        action,
+        transition,
+    })
+}
+
+fn fp_str(s: &RotationState) -> String {
+    s.new_fingerprint
+        .as_ref()
+        .map(|f| f.to_string())
+        .unwrap_or_else(|| "?".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::{ExposeSecret, secret};
+
+    fn t(secs: i64) -> DateTime<Utc> {
+        DateTime::<Utc>::UNIX_EPOCH + chrono::Duration::seconds(1_800_000_000 + secs)
+    }
+
+    fn timing() -> Timing {
+        Timing {
+            confirm_timeout: Duration::from_secs(100),
+            confirm_poll: Duration::from_secs(10),
+            on_timeout: OnTimeout::Hold,
+            retry_base: Duration::from_secs(5),
+            retry_max: Duration::from_secs(60),
+        }
+    }
+
+    fn step(s: &RotationState, e: Event) -> Step {
+        apply(s, e, &timing()).expect("valid transition")
+    }
+
+    fn start(s: &RotationState, now: i64) -> Step {
+        step(
+            s,
+            Event::Start {
+                rotation_id: "r1".into(),
+                trigger: Trigger::Forced,
+                now: t(now),
+            },
+        )
+    }
+
+    /// Drives a fresh subscription to the given phase along the happy path.
+    fn at(phase: Phase) -> RotationState {
+        let mut s = RotationState::new();
+        if phase == Phase::Idle {
+            return s;
+        }
+        s = start(&s, 0).state;
+        s = step(&s, Event::PreflightPassed { now: t(1) }).state;
+        s = step(&s, Event::RotateSent { now: t(1) }).state;
+        if phase == Phase::Rotating {
+            return s;
+        }
+        s = step(
+            &s,
+            Event::RotateSucceeded {
+                secret: secret("whsec_new"),
+                now: t(2),
+            },
+        )
+        .state;
+        if phase == Phase::Minted {
+            return s;
+        }
+        s = step(
+            &s,
+            Event::Published {
+                previous: Some(Fingerprint::of_str("whsec_old")),
+                now: t(3),
+            },
+        )
+        .state;
+        if phase == Phase::Published {
+            return s;
+        }
+        s = step(
+            &s,
+            Event::Checked {
+                evidence: None,
+                now: t(4),
+            },
+        )
+        .state;
+        if phase == Phase::Confirming {
+            return s;
+        }
+        if phase == Phase::Held {
+            return step(
+                &s,
+                Event::Checked {
+                    evidence: None,
+                    now: t(200),
+                },
+            )
+            .state;
+        }
+        s = step(
+            &s,
+            Event::Checked {
+                evidence: Some("lastSuccessAt".into()),
+                now: t(20),
+            },
+        )
+        .state;
+        assert_eq!(s.phase, Phase::Retiring);
+        s
+    }
+
+    #[test]
+    fn happy_path_runs_every_step_in_order() {
+        let s0 = RotationState::new();
+        let a = start(&s0, 0);
+        assert_eq!(
+            (a.state.phase, &a.action),
+            (Phase::Idle, &Action::Preflight)
+        );
+        let b = step(&a.state, Event::PreflightPassed { now: t(1) });
+        assert_eq!(
+            (b.state.phase, &b.action),
+            (Phase::Rotating, &Action::Rotate)
+        );
+        assert_eq!(b.state.intent_at, Some(t(1)));
+        let b2 = step(&b.state, Event::RotateSent { now: t(1) });
+        assert!(b2.state.rotate_in_flight);
+        let c = step(
+            &b2.state,
+            Event::RotateSucceeded {
+                secret: secret("whsec_new"),
+                now: t(2),
+            },
+        );
+        assert_eq!(
+            (c.state.phase, &c.action),
+            (Phase::Minted, &Action::Publish)
+        );
+        assert_eq!(
+            c.state.pending_secret.as_ref().unwrap().expose_secret(),
+            "whsec_new"
+        );
+        assert!(!c.state.rotate_in_flight);
+        let d = step(
+            &c.state,
+            Event::Published {
+                previous: Some(Fingerprint::of_str("whsec_old")),
+                now: t(3),
+            },
+        );
+        assert_eq!(d.state.phase, Phase::Published);
+        assert_eq!(d.action, Action::Check { since: t(3) });
+        assert!(
+            d.state.pending_secret.is_none(),
+            "plaintext wiped after publish"
+        );
+        assert_eq!(d.state.confirm_deadline, Some(t(103)));
+        let e = step(
+            &d.state,
+            Event::Checked {
+                evidence: None,
+                now: t(4),
+            },
+        );
+        assert_eq!(e.state.phase, Phase::Confirming);
+        assert_eq!(e.action, Action::WaitUntil(t(14)));
+        let f = step(
+            &e.state,
+            Event::Checked {
+                evidence: Some("lastSuccessAt 2026-11-23T00:00:10Z".into()),
+                now: t(14),
+            },
+        );
+        assert_eq!(
+            (f.state.phase, &f.action),
+            (Phase::Retiring, &Action::Retire)
+        );
+        let g = step(&f.state, Event::Retired { now: t(15) });
+        assert_eq!((g.state.phase, &g.action), (Phase::Idle, &Action::Rest));
+        assert_eq!(g.state.last_rotated_at, Some(t(2)));
+        assert!(g.state.rotation_id.is_none());
+        assert!(
+            g.state
+                .last_outcome
+                .as_deref()
+                .unwrap()
+                .starts_with("confirmed")
+        );
+    }
+
+    #[test]
+    fn failed_preflight_touches_nothing_and_backs_off() {
+        let s = start(&RotationState::new(), 0).state;
+        let f = step(
+            &s,
+            Event::PreflightFailed {
+                error: "vault is sealed".into(),
+                now: t(1),
+            },
+        );
+        assert_eq!(f.state.phase, Phase::Failed);
+        assert_eq!(f.action, Action::Rest);
+        assert!(f.state.intent_at.is_none() && f.state.rotation_id.is_none());
+        assert_eq!(f.state.not_before, Some(t(6)));
+        assert!(f.state.last_error.as_deref().unwrap().contains("sealed"));
+        // A failed subscription can start again.
+        let again = start(&f.state, 10);
+        assert_eq!(again.action, Action::Preflight);
+    }
+
+    #[test]
+    fn rejected_rotation_fails_without_loss() {
+        let s = at(Phase::Rotating);
+        let f = step(
+            &s,
+            Event::RotateRejected {
+                error: "403 This action is unauthorized.".into(),
+                now: t(2),
+            },
+        );
+        assert_eq!(f.state.phase, Phase::Failed);
+        assert_eq!(f.state.lost_responses, 0);
+        assert!(!f.state.rotate_in_flight);
+        assert_eq!(f.action, Action::Rest);
+    }
+
+    #[test]
+    fn unknown_rotate_outcome_counts_a_loss_and_rotates_again_after_backoff() {
+        let s = at(Phase::Rotating);
+        let f = step(
+            &s,
+            Event::RotateOutcomeUnknown {
+                error: "connection reset".into(),
+                now: t(2),
+            },
+        );
+        assert_eq!(f.state.phase, Phase::Rotating);
+        assert_eq!(f.state.lost_responses, 1);
+        assert_eq!(f.action, Action::WaitUntil(t(7)));
+        // Waking before the backoff waits again; after it, rotates (no second loss).
+        let early = step(&f.state, Event::Recover { now: t(3) });
+        assert_eq!(early.action, Action::WaitUntil(t(7)));
+        let later = step(&f.state, Event::Recover { now: t(8) });
+        assert_eq!(later.action, Action::Rotate);
+        assert_eq!(later.state.lost_responses, 1);
+    }
+
+    #[test]
+    fn second_unknown_outcome_doubles_the_backoff_up_to_the_cap() {
+        let mut s = at(Phase::Rotating);
+        let mut waits = vec![];
+        for i in 0..6 {
+            let f = step(
+                &s,
+                Event::RotateOutcomeUnknown {
+                    error: "timeout".into(),
+                    now: t(100 * i),
+                },
+            );
+            if let Action::WaitUntil(u) = f.action {
+                waits.push((u - t(100 * i)).num_seconds());
+            }
+            s = f.state;
+        }
+        assert_eq!(waits, vec![5, 10, 20, 40, 60, 60]);
+        assert_eq!(s.lost_responses, 6);
+    }
+
+    #[test]
+    fn failed_publish_keeps_the_secret_and_retries() {
+        let s = at(Phase::Minted);
+        let f = step(
+            &s,
+            Event::PublishFailed {
+                error: "vault sealed".into(),
+                now: t(3),
+            },
+        );
+        assert_eq!(f.state.phase, Phase::Minted);
+        assert!(
+            f.state.pending_secret.is_some(),
+            "secret must not be dropped"
+        );
+        assert_eq!(f.action, Action::WaitUntil(t(8)));
+        let r = step(&f.state, Event::Recover { now: t(9) });
+        assert_eq!(r.action, Action::Publish);
+        assert!(r.state.pending_secret.is_some());
+    }
+
+    #[test]
+    fn publication_without_previous_is_recorded() {
+        let s = at(Phase::Minted);
+        let p = step(
+            &s,
+            Event::Published {
+                previous: None,
+                now: t(3),
+            },
+        );
+        assert!(p.transition.detail.contains("no previous secret"));
+        assert!(p.state.previous_fingerprint.is_none());
+    }
+
+    #[test]
+    fn no_evidence_by_deadline_holds_by_default() {
+        let s = at(Phase::Confirming);
+        let h = step(
+            &s,
+            Event::Checked {
+                evidence: None,
+                now: t(103),
+            },
+        );
+        assert_eq!(
+            (h.state.phase, &h.action),
+            (Phase::Held, &Action::AwaitOperator)
+        );
+        assert!(h.state.last_error.is_some());
+        // A restart leaves it held: never retired on a timer.
+        let r = step(&h.state, Event::Recover { now: t(10_000) });
+        assert_eq!(
+            (r.state.phase, &r.action),
+            (Phase::Held, &Action::AwaitOperator)
+        );
+    }
+
+    #[test]
+    fn on_timeout_retire_retires_and_says_so() {
+        let s = at(Phase::Confirming);
+        let tm = Timing {
+            on_timeout: OnTimeout::Retire,
+            ..timing()
+        };
+        let r = apply(
+            &s,
+            Event::Checked {
+                evidence: None,
+                now: t(103),
+            },
+            &tm,
+        )
+        .unwrap();
+        assert_eq!(r.state.phase, Phase::Retiring);
+        assert!(r.state.last_outcome.unwrap().contains("without evidence"));
+    }
+
+    #[test]
+    fn confirm_polls_never_overshoot_the_deadline() {
+        let s = at(Phase::Confirming);
+        let c = step(
+            &s,
+            Event::Checked {
+                evidence: None,
+                now: t(98),
+            },
+        );
+        assert_eq!(c.action, Action::WaitUntil(t(103)));
+    }
+
+    #[test]
+    fn check_errors_back_off_and_end_in_hold_not_retire() {
+        let s = at(Phase::Confirming);
+        let c = step(
+            &s,
+            Event::CheckFailed {
+                error: "503".into(),
+                now: t(10),
+            },
+        );
+        assert_eq!(c.state.phase, Phase::Confirming);
+        assert_eq!(c.action, Action::WaitUntil(t(15)));
+        let tm = Timing {
+            on_timeout: OnTimeout::Hold,
+            ..timing()
+        };
+        let late = apply(
+            &c.state,
+            Event::CheckFailed {
+                error: "503".into(),
+                now: t(200),
+            },
+            &tm,
+        )
+        .unwrap();
+        assert_eq!(late.state.phase, Phase::Held);
+        assert_eq!(late.transition.from, Phase::Confirming);
+    }
+
+    #[test]
+    fn retire_failure_keeps_both_published_and_retries() {
+        let s = at(Phase::Retiring);
+        let f = step(
+            &s,
+            Event::RetireFailed {
+                error: "cas conflict".into(),
+                now: t(30),
+            },
+        );
+        assert_eq!(f.state.phase, Phase::Retiring);
+        assert_eq!(f.action, Action::WaitUntil(t(35)));
+        assert_eq!(
+            step(&f.state, Event::Recover { now: t(36) }).action,
+            Action::Retire
+        );
+    }
+
+    #[test]
+    fn operator_can_resume_or_retire_a_held_rotation() {
+        let h = at(Phase::Held);
+        let r = step(&h, Event::OperatorResume { now: t(500) });
+        assert_eq!(r.state.phase, Phase::Confirming);
+        assert_eq!(r.state.confirm_deadline, Some(t(600)));
+        assert_eq!(r.action, Action::Check { since: t(3) });
+        let x = step(&h, Event::OperatorRetire { now: t(500) });
+        assert_eq!(
+            (x.state.phase, &x.action),
+            (Phase::Retiring, &Action::Retire)
+        );
+        assert!(x.state.last_outcome.unwrap().contains("operator"));
+    }
+
+    /// Every crash point: the state persisted at each boundary, fed `Recover` on
+    /// restart, leads to the action that finishes the rotation without loss.
+    #[test]
+    fn recovery_from_every_persisted_phase() {
+        let cases = [
+            (Phase::Idle, Action::Rest),
+            (Phase::Minted, Action::Publish),
+            (Phase::Published, Action::Check { since: t(3) }),
+            (Phase::Confirming, Action::WaitUntil(t(14))),
+            (Phase::Retiring, Action::Retire),
+            (Phase::Held, Action::AwaitOperator),
+        ];
+        for (phase, want) in cases {
+            let s = at(phase);
+            let r = step(&s, Event::Recover { now: t(5) });
+            assert_eq!(r.state.phase, phase, "{phase}");
+            assert_eq!(r.action, want, "{phase}");
+            assert_eq!(r.state.lost_responses, 0, "{phase}");
+        }
+        // Confirming after the poll time checks at once.
+        let c = step(&at(Phase::Confirming), Event::Recover { now: t(50) });
+        assert_eq!(c.action, Action::Check { since: t(3) });
+        // Minted keeps the secret to publish.
+        let m = step(&at(Phase::Minted), Event::Recover { now: t(5) });
+        assert!(m.state.pending_secret.is_some());
+    }
+
+    #[test]
+    fn crash_with_rotate_in_flight_counts_exactly_one_lost_response() {
+        let s = at(Phase::Rotating);
+        assert!(s.rotate_in_flight);
+        let r = step(&s, Event::Recover { now: t(5) });
+        assert_eq!(
+            (r.state.phase, &r.action),
+            (Phase::Rotating, &Action::Rotate)
+        );
+        assert_eq!(r.state.lost_responses, 1);
+        assert!(r.transition.detail.contains("lost"));
+        // Crash after the intent but before the call was sent: nothing was lost.
+        let before_send = step(
+            &start(&RotationState::new(), 0).state,
+            Event::PreflightPassed { now: t(1) },
+        )
+        .state;
+        let r2 = step(&before_send, Event::Recover { now: t(5) });
+        assert_eq!(r2.action, Action::Rotate);
+        assert_eq!(r2.state.lost_responses, 0);
+    }
+
+    #[test]
+    fn start_while_idle_after_preflight_crash_just_restarts() {
+        // A crash during preflight leaves the state idle with a rotation id: harmless.
+        let s = start(&RotationState::new(), 0).state;
+        let r = step(&s, Event::Recover { now: t(1) });
+        assert_eq!(r.action, Action::Rest);
+    }
+
+    #[test]
+    fn events_out_of_phase_are_rejected() {
+        let idle = RotationState::new();
+        let bad = [
+            Event::RotateSucceeded {
+                secret: secret("x"),
+                now: t(0),
+            },
+            Event::Published {
+                previous: None,
+                now: t(0),
+            },
+            Event::Retired { now: t(0) },
+            Event::Checked {
+                evidence: Some("x".into()),
+                now: t(0),
+            },
+            Event::OperatorRetire { now: t(0) },
+            Event::PreflightPassed { now: t(0) },
+        ];
+        for e in bad {
+            let name = e.name();
+            assert_eq!(
+                apply(&idle, e, &timing()).unwrap_err(),
+                InvalidEvent {
+                    phase: Phase::Idle,
+                    event: name
+                }
+            );
+        }
+        // Starting a second rotation while one is in flight is refused.
+        for phase in [
+            Phase::Rotating,
+            Phase::Minted,
+            Phase::Confirming,
+            Phase::Held,
+        ] {
+            let s = at(phase);
+            assert!(
+                apply(
+                    &s,
+                    Event::Start {
+                        rotation_id: "r2".into(),
+                        trigger: Trigger::Forced,
+                        now: t(9)
+                    },
+                    &timing()
+                )
+                .is_err(),
+                "{phase}"
+            );
+        }
+    }
+
+    #[test]
+    fn no_transition_detail_or_debug_contains_the_secret() {
+        let s = at(Phase::Minted);
+        assert!(!format!("{s:?}").contains("whsec_new"));
+        let p = step(
+            &s,
+            Event::Published {
+                previous: Some(Fingerprint::of_str("whsec_old")),
+                now: t(3),
+            },
+        );
+        assert!(!p.transition.detail.contains("whsec_"));
+        assert!(
+            p.transition
+                .detail
+                .contains(&Fingerprint::of_str("whsec_new").to_string())
+        );
+    }
+
+    #[test]
+    fn phase_names_round_trip() {
+        for p in Phase::ALL {
+            assert_eq!(Phase::parse(p.as_str()), Some(p));
+        }
+        assert_eq!(Phase::parse("bogus"), None);
+    }
+}

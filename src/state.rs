@@ -1,0 +1,599 @@
+//! Durable state: one SQLite database in `state_dir`.
+//!
+//! `subscriptions` holds each subscription's current [`RotationState`]; `history` is the
+//! append-only log of every transition (the audit trail `rekey history` shows). Each
+//! state change and its history row are written in one transaction, with WAL and
+//! `synchronous = FULL`, so a commit that returned is on disk: that is the fsync the
+//! mint step relies on. The minted secret is the only secret ever stored here, and only
+//! until it is published; `secure_delete` zeroes the freed pages and a WAL checkpoint
+//! truncates the log, so no copy lingers in the file afterwards.
+
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::rotation::{Phase, RotationState, Transition};
+use crate::secret::{ExposeSecret, Fingerprint, secret};
+
+/// Bumped whenever the schema changes; a database from another version is refused
+/// with a clear message instead of being misread.
+pub const SCHEMA_VERSION: i64 = 1;
+
+pub const DB_FILE: &str = "rekey.db";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state database {path}: {detail}")]
+    Open { path: PathBuf, detail: String },
+    #[error(
+        "state database {path} has schema version {found}, this rekey understands {SCHEMA_VERSION}; \
+         use the rekey version that wrote it, or move the file aside to start afresh"
+    )]
+    SchemaVersion { path: PathBuf, found: i64 },
+    #[error("state database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("state database: stored row for `{subscription}` is corrupt: {detail}")]
+    Corrupt {
+        subscription: String,
+        detail: String,
+    },
+}
+
+/// A subscription's stored record.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// `<provider>/<id>`.
+    pub name: String,
+    pub state: RotationState,
+    pub first_seen_at: DateTime<Utc>,
+    pub next_due_at: Option<DateTime<Utc>>,
+    /// When the phase last changed ("time in state").
+    pub phase_since: DateTime<Utc>,
+}
+
+/// One history row.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HistoryRow {
+    pub seq: i64,
+    pub subscription: String,
+    pub at: DateTime<Utc>,
+    pub rotation_id: Option<String>,
+    pub from: String,
+    pub to: String,
+    pub event: String,
+    pub detail: String,
+}
+
+pub struct StateDb {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+fn ts(t: &Option<DateTime<Utc>>) -> Option<String> {
+    t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+}
+
+fn ts1(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+fn parse_ts(name: &str, col: &str, v: Option<String>) -> Result<Option<DateTime<Utc>>, StateError> {
+    v.map(|s| {
+        DateTime::parse_from_rfc3339(&s)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| StateError::Corrupt {
+                subscription: name.to_string(),
+                detail: format!("column {col}: {e}"),
+            })
+    })
+    .transpose()
+}
+
+impl StateDb {
+    /// Opens (creating if needed) the database in `state_dir`. The directory is created
+    /// with mode 0700 and the file with 0600.
+    pub fn open(state_dir: &Path) -> Result<StateDb, StateError> {
+        let path = state_dir.join(DB_FILE);
+        let open_err = |detail: String| StateError::Open {
+            path: path.clone(),
+            detail,
+        };
+        if !state_dir.exists() {
+            std::fs::create_dir_all(state_dir)
+                .map_err(|e| open_err(format!("cannot create state_dir: {e}")))?;
+            std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| open_err(format!("cannot set state_dir mode: {e}")))?;
+        }
+        if !path.exists() {
+            // Create it owner-only before SQLite opens it, so it is never world-readable.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| open_err(format!("cannot create: {e}")))?;
+        }
+        let conn = Connection::open(&path).map_err(|e| open_err(e.to_string()))?;
+        let db = StateDb {
+            conn: Mutex::new(conn),
+            path: path.clone(),
+        };
+        db.init().map_err(|e| match e {
+            StateError::Sql(e) => open_err(format!(
+                "{e} (is the file damaged, or the directory read-only?)"
+            )),
+            other => other,
+        })?;
+        Ok(db)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A poisoned lock means a panic mid-transaction; SQLite rolled it back, so the
+        // connection is still consistent and safe to keep using.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn init(&self) -> Result<(), StateError> {
+        let conn = self.conn();
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "secure_delete", "ON")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let has_tables: bool = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n > 0)?;
+        if version == 0 && !has_tables {
+            conn.execute_batch(
+                "BEGIN;
+                 CREATE TABLE subscriptions (
+                    name TEXT PRIMARY KEY,
+                    phase TEXT NOT NULL,
+                    rotation_id TEXT,
+                    intent_at TEXT,
+                    rotated_at TEXT,
+                    published_at TEXT,
+                    confirm_deadline TEXT,
+                    pending_secret TEXT,
+                    new_fingerprint TEXT,
+                    previous_fingerprint TEXT,
+                    rotate_in_flight INTEGER NOT NULL DEFAULT 0,
+                    lost_responses INTEGER NOT NULL DEFAULT 0,
+                    failures INTEGER NOT NULL DEFAULT 0,
+                    not_before TEXT,
+                    last_error TEXT,
+                    last_rotated_at TEXT,
+                    last_outcome TEXT,
+                    first_seen_at TEXT NOT NULL,
+                    next_due_at TEXT,
+                    phase_since TEXT NOT NULL
+                 );
+                 CREATE TABLE history (
+                    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                    subscription TEXT NOT NULL,
+                    at TEXT NOT NULL,
+                    rotation_id TEXT,
+                    from_phase TEXT NOT NULL,
+                    to_phase TEXT NOT NULL,
+                    event TEXT NOT NULL,
+                    detail TEXT NOT NULL
+                 );
+                 CREATE INDEX history_by_subscription ON history (subscription, seq);
+                 CREATE TABLE requests (
+                    subscription TEXT PRIMARY KEY,
+                    requested_at TEXT NOT NULL
+                 );
+                 PRAGMA user_version = 1;
+                 COMMIT;",
+            )?;
+        } else if version != SCHEMA_VERSION {
+            return Err(StateError::SchemaVersion {
+                path: self.path.clone(),
+                found: version,
+            });
+        }
+        // Fails fast on a damaged file rather than at the first rotation.
+        let ok: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+        if ok != "ok" {
+            return Err(StateError::Open {
+                path: self.path.clone(),
+                detail: format!("integrity check failed: {ok}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Returns the record, creating an idle one first seen `now` if there is none.
+    pub fn load_or_create(&self, name: &str, now: DateTime<Utc>) -> Result<Record, StateError> {
+        if let Some(r) = self.load(name)? {
+            return Ok(r);
+        }
+        let conn = self.conn();
+        conn.execute(
+            "INSERT OR IGNORE INTO subscriptions (name, phase, first_seen_at, phase_since)
+             VALUES (?1, 'idle', ?2, ?2)",
+            params![name, ts1(now)],
+        )?;
+        drop(conn);
+        self.load(name)?.ok_or_else(|| StateError::Corrupt {
+            subscription: name.to_string(),
+            detail: "row vanished right after insert".into(),
+        })
+    }
+
+    pub fn load(&self, name: &str) -> Result<Option<Record>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT * FROM subscriptions WHERE name = ?1")?;
+        let row = stmt.query_row([name], RawRow::from_row).optional()?;
+        row.map(RawRow::into_record).transpose()
+    }
+
+    pub fn load_all(&self) -> Result<Vec<Record>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT * FROM subscriptions ORDER BY name")?;
+        let rows = stmt
+            .query_map([], RawRow::from_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(RawRow::into_record).collect()
+    }
+
+    /// Persists `record` and appends `transition` to the history, atomically and
+    /// durably. When this returns `Ok`, the state survives a crash or power loss.
+    pub fn save(
+        &self,
+        record: &Record,
+        transition: Option<&Transition>,
+        now: DateTime<Utc>,
+    ) -> Result<(), StateError> {
+        let mut conn = self.conn();
+        let s = &record.state;
+        let tx = conn.transaction()?;
+        let wiped_secret: bool = tx
+            .query_row(
+                "SELECT pending_secret IS NOT NULL FROM subscriptions WHERE name = ?1",
+                [&record.name],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(false)
+            && s.pending_secret.is_none();
+        tx.execute(
+            "INSERT INTO subscriptions (name, phase, rotation_id, intent_at, rotated_at,
+                published_at, confirm_deadline, pending_secret, new_fingerprint,
+                previous_fingerprint, rotate_in_flight, lost_responses, failures, not_before,
+                last_error, last_rotated_at, last_outcome, first_seen_at, next_due_at, phase_since)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                ?18, ?19, ?20)
+             ON CONFLICT (name) DO UPDATE SET phase = ?2, rotation_id = ?3, intent_at = ?4,
+                rotated_at = ?5, published_at = ?6, confirm_deadline = ?7, pending_secret = ?8,
+                new_fingerprint = ?9, previous_fingerprint = ?10, rotate_in_flight = ?11,
+                lost_responses = ?12, failures = ?13, not_before = ?14, last_error = ?15,
+                last_rotated_at = ?16, last_outcome = ?17, first_seen_at = ?18,
+                next_due_at = ?19, phase_since = ?20",
+            params![
+                record.name,
+                s.phase.as_str(),
+                s.rotation_id,
+                ts(&s.intent_at),
+                ts(&s.rotated_at),
+                ts(&s.published_at),
+                ts(&s.confirm_deadline),
+                s.pending_secret
+                    .as_ref()
+                    .map(|p| p.expose_secret().to_owned()),
+                s.new_fingerprint.as_ref().map(|f| f.as_str().to_owned()),
+                s.previous_fingerprint
+                    .as_ref()
+                    .map(|f| f.as_str().to_owned()),
+                s.rotate_in_flight,
+                s.lost_responses,
+                s.failures,
+                ts(&s.not_before),
+                s.last_error,
+                ts(&s.last_rotated_at),
+                s.last_outcome,
+                ts1(record.first_seen_at),
+                ts(&record.next_due_at),
+                ts1(record.phase_since),
+            ],
+        )?;
+        if let Some(t) = transition {
+            tx.execute(
+                "INSERT INTO history (subscription, at, rotation_id, from_phase, to_phase, event, detail)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    record.name,
+                    ts1(now),
+                    s.rotation_id,
+                    t.from.as_str(),
+                    t.to.as_str(),
+                    t.event,
+                    t.detail
+                ],
+            )?;
+        }
+        tx.commit()?;
+        if wiped_secret {
+            // The overwritten row's old page image still sits in the WAL until a
+            // checkpoint; truncating the WAL removes that last copy of the secret.
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        }
+        Ok(())
+    }
+
+    /// The history of one subscription (or all, with `None`), oldest first.
+    pub fn history(&self, name: Option<&str>) -> Result<Vec<HistoryRow>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT seq, subscription, at, rotation_id, from_phase, to_phase, event, detail
+             FROM history WHERE ?1 IS NULL OR subscription = ?1 ORDER BY seq",
+        )?;
+        let rows = stmt
+            .query_map([name], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, String>(6)?,
+                    r.get::<_, String>(7)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(
+                |(seq, subscription, at, rotation_id, from, to, event, detail)| {
+                    let at = parse_ts(&subscription, "history.at", Some(at))?.unwrap_or_default();
+                    Ok(HistoryRow {
+                        seq,
+                        subscription,
+                        at,
+                        rotation_id,
+                        from,
+                        to,
+                        event,
+                        detail,
+                    })
+                },
+            )
+            .collect()
+    }
+
+    /// Records an operator's request to rotate `name` as soon as possible.
+    pub fn add_request(&self, name: &str, now: DateTime<Utc>) -> Result<(), StateError> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO requests (subscription, requested_at) VALUES (?1, ?2)",
+            params![name, ts1(now)],
+        )?;
+        Ok(())
+    }
+
+    pub fn take_requests(&self) -> Result<Vec<String>, StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let names = {
+            let mut stmt = tx.prepare("SELECT subscription FROM requests ORDER BY requested_at")?;
+            stmt.query_map([], |r| r.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        tx.execute("DELETE FROM requests", [])?;
+        tx.commit()?;
+        Ok(names)
+    }
+}
+
+/// A row as stored, before validation: the database is input too.
+struct RawRow {
+    name: String,
+    phase: String,
+    rotation_id: Option<String>,
+    intent_at: Option<String>,
+    rotated_at: Option<String>,
+    published_at: Option<String>,
+    confirm_deadline: Option<String>,
+    pending_secret: Option<String>,
+    new_fingerprint: Option<String>,
+    previous_fingerprint: Option<String>,
+    rotate_in_flight: bool,
+    lost_responses: u32,
+    failures: u32,
+    not_before: Option<String>,
+    last_error: Option<String>,
+    last_rotated_at: Option<String>,
+    last_outcome: Option<String>,
+    first_seen_at: String,
+    next_due_at: Option<String>,
+    phase_since: String,
+}
+
+impl RawRow {
+    fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
+        Ok(RawRow {
+            name: r.get("name")?,
+            phase: r.get("phase")?,
+            rotation_id: r.get("rotation_id")?,
+            intent_at: r.get("intent_at")?,
+            rotated_at: r.get("rotated_at")?,
+            published_at: r.get("published_at")?,
+            confirm_deadline: r.get("confirm_deadline")?,
+            pending_secret: r.get("pending_secret")?,
+            new_fingerprint: r.get("new_fingerprint")?,
+            previous_fingerprint: r.get("previous_fingerprint")?,
+            rotate_in_flight: r.get("rotate_in_flight")?,
+            lost_responses: r.get("lost_responses")?,
+            failures: r.get("failures")?,
+            not_before: r.get("not_before")?,
+            last_error: r.get("last_error")?,
+            last_rotated_at: r.get("last_rotated_at")?,
+            last_outcome: r.get("last_outcome")?,
+            first_seen_at: r.get("first_seen_at")?,
+            next_due_at: r.get("next_due_at")?,
+            phase_since: r.get("phase_since")?,
+        })
+    }
+
+    fn into_record(self) -> Result<Record, StateError> {
+        let n = self.name.clone();
+        let corrupt = |detail: String| StateError::Corrupt {
+            subscription: n.clone(),
+            detail,
+        };
+        let phase = Phase::parse(&self.phase)
+            .ok_or_else(|| corrupt(format!("unknown phase `{}`", self.phase)))?;
+        if phase == Phase::Minted && self.pending_secret.is_none() {
+            return Err(corrupt("phase minted but no stored secret".into()));
+        }
+        let state = RotationState {
+            phase,
+            rotation_id: self.rotation_id,
+            intent_at: parse_ts(&n, "intent_at", self.intent_at)?,
+            rotated_at: parse_ts(&n, "rotated_at", self.rotated_at)?,
+            published_at: parse_ts(&n, "published_at", self.published_at)?,
+            confirm_deadline: parse_ts(&n, "confirm_deadline", self.confirm_deadline)?,
+            pending_secret: self.pending_secret.map(secret),
+            new_fingerprint: self.new_fingerprint.map(Fingerprint::from_stored),
+            previous_fingerprint: self.previous_fingerprint.map(Fingerprint::from_stored),
+            rotate_in_flight: self.rotate_in_flight,
+            lost_responses: self.lost_responses,
+            failures: self.failures,
+            not_before: parse_ts(&n, "not_before", self.not_before)?,
+            last_error: self.last_error,
+            last_rotated_at: parse_ts(&n, "last_rotated_at", self.last_rotated_at)?,
+            last_outcome: self.last_outcome,
+        };
+        Ok(Record {
+            state,
+            first_seen_at: parse_ts(&n, "first_seen_at", Some(self.first_seen_at))?
+                .unwrap_or_default(),
+            next_due_at: parse_ts(&n, "next_due_at", self.next_due_at)?,
+            phase_since: parse_ts(&n, "phase_since", Some(self.phase_since))?.unwrap_or_default(),
+            name: self.name,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rotation::{Phase, Transition};
+
+    fn now() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2026-11-23T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn creates_owner_only_files_and_round_trips_a_minted_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let sd = dir.path().join("state");
+        let db = StateDb::open(&sd).unwrap();
+        assert_eq!(sd.metadata().unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            sd.join(DB_FILE).metadata().unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let mut r = db.load_or_create("fintoro/801", now()).unwrap();
+        assert_eq!(r.state.phase, Phase::Idle);
+        r.state.phase = Phase::Minted;
+        r.state.pending_secret = Some(secret("whsec_minted_value"));
+        r.state.new_fingerprint = Some(Fingerprint::of_str("whsec_minted_value"));
+        r.state.rotated_at = Some(now());
+        let t = Transition {
+            from: Phase::Rotating,
+            to: Phase::Minted,
+            event: "rotate-succeeded",
+            detail: "x".into(),
+        };
+        db.save(&r, Some(&t), now()).unwrap();
+        drop(db);
+        let db = StateDb::open(&sd).unwrap();
+        let back = db.load("fintoro/801").unwrap().unwrap();
+        assert_eq!(back.state.phase, Phase::Minted);
+        assert_eq!(
+            back.state.pending_secret.unwrap().expose_secret(),
+            "whsec_minted_value"
+        );
+        assert_eq!(back.state.rotated_at, Some(now()));
+        let h = db.history(Some("fintoro/801")).unwrap();
+        assert_eq!(h.len(), 1);
+        assert_eq!(
+            (h[0].from.as_str(), h[0].to.as_str()),
+            ("rotating", "minted")
+        );
+    }
+
+    #[test]
+    fn published_secret_leaves_no_trace_in_the_database_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).unwrap();
+        let mut r = db.load_or_create("fintoro/801", now()).unwrap();
+        r.state.phase = Phase::Minted;
+        r.state.pending_secret = Some(secret("whsec_SHOULD_VANISH_0123456789"));
+        db.save(&r, None, now()).unwrap();
+        r.state.phase = Phase::Published;
+        r.state.pending_secret = None;
+        db.save(&r, None, now()).unwrap();
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let p = entry.unwrap().path();
+            let bytes = std::fs::read(&p).unwrap();
+            let needle = b"SHOULD_VANISH";
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle),
+                "secret still in {}",
+                p.display()
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_a_database_from_another_schema_version() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(StateDb::open(dir.path()).unwrap());
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        conn.pragma_update(None, "user_version", 7).unwrap();
+        drop(conn);
+        let err = StateDb::open(dir.path()).err().unwrap();
+        assert!(err.to_string().contains("schema version 7"), "{err}");
+    }
+
+    #[test]
+    fn a_damaged_file_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(DB_FILE),
+            b"this is not a database at all, no",
+        )
+        .unwrap();
+        let err = StateDb::open(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("rekey.db"), "{err}");
+        assert!(
+            err.contains("damaged") || err.contains("not a database"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn requests_are_taken_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).unwrap();
+        db.add_request("fintoro/801", now()).unwrap();
+        db.add_request("fintoro/802", now()).unwrap();
+        assert_eq!(db.take_requests().unwrap().len(), 2);
+        assert!(db.take_requests().unwrap().is_empty());
+    }
+}

@@ -1,0 +1,165 @@
+//! What `rekey status` shows: one row per subscription, as a table or JSON. Built
+//! from the config and the state database only; it never contacts anything and never
+//! holds a secret (fingerprints only).
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::state::{Record, StateDb, StateError};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusRow {
+    /// `<provider>/<id>`.
+    pub subscription: String,
+    pub state: String,
+    /// When the subscription entered `state`.
+    pub since: Option<DateTime<Utc>>,
+    pub last_rotated_at: Option<DateTime<Utc>>,
+    pub next_due_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub rotation_id: Option<String>,
+    pub current_fingerprint: Option<String>,
+    pub previous_fingerprint: Option<String>,
+    pub confirm_deadline: Option<DateTime<Utc>>,
+    pub retry_at: Option<DateTime<Utc>>,
+    pub lost_responses: u32,
+    pub last_outcome: Option<String>,
+    pub policy: Option<String>,
+    pub vault_path: Option<String>,
+    /// False for a subscription the state remembers but the config no longer lists.
+    pub in_config: bool,
+}
+
+fn row(rec: Option<&Record>, config: &Config, name: &str, now: DateTime<Utc>) -> StatusRow {
+    let sub = config.subscription(name);
+    let policy = sub.and_then(|s| config.policy(&s.policy));
+    let next_due_at = match rec {
+        Some(r) => r.next_due_at,
+        // Never seen: what the first pass would compute.
+        None => policy.and_then(|p| p.schedule.next_due(None, now, p.rotate_on_adopt)),
+    };
+    let s = rec.map(|r| &r.state);
+    StatusRow {
+        subscription: name.to_string(),
+        state: s.map_or("idle", |s| s.phase.as_str()).to_string(),
+        since: rec.map(|r| r.phase_since),
+        last_rotated_at: s.and_then(|s| s.last_rotated_at),
+        next_due_at,
+        last_error: s.and_then(|s| s.last_error.clone()),
+        rotation_id: s.and_then(|s| s.rotation_id.clone()),
+        current_fingerprint: s.and_then(|s| s.new_fingerprint.as_ref().map(|f| f.to_string())),
+        previous_fingerprint: s
+            .and_then(|s| s.previous_fingerprint.as_ref().map(|f| f.to_string())),
+        confirm_deadline: s.and_then(|s| s.confirm_deadline),
+        retry_at: s.and_then(|s| s.not_before),
+        lost_responses: s.map_or(0, |s| s.lost_responses),
+        last_outcome: s.and_then(|s| s.last_outcome.clone()),
+        policy: sub.map(|s| s.policy.clone()),
+        vault_path: sub.map(|s| s.vault_path.clone()),
+        in_config: sub.is_some(),
+    }
+}
+
+/// Rows for every configured subscription, then any the state still remembers.
+pub fn rows(
+    config: &Config,
+    db: &StateDb,
+    now: DateTime<Utc>,
+) -> Result<Vec<StatusRow>, StateError> {
+    let records = db.load_all()?;
+    let mut out: Vec<StatusRow> = config
+        .subscriptions
+        .iter()
+        .map(|s| {
+            row(
+                records.iter().find(|r| r.name == s.name),
+                config,
+                &s.name,
+                now,
+            )
+        })
+        .collect();
+    for r in &records {
+        if config.subscription(&r.name).is_none() {
+            out.push(row(Some(r), config, &r.name, now));
+        }
+    }
+    Ok(out)
+}
+
+fn when(t: Option<DateTime<Utc>>) -> String {
+    t.map(|t| t.format("%Y-%m-%d %H:%M:%SZ").to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
+fn ago(t: Option<DateTime<Utc>>, now: DateTime<Utc>) -> String {
+    match t {
+        None => "-".into(),
+        Some(t) => {
+            let secs = (now - t).num_seconds().max(0) as u64;
+            humantime::format_duration(std::time::Duration::from_secs(secs))
+                .to_string()
+                .split(' ')
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" ")
+        }
+    }
+}
+
+/// A fixed-width table for humans.
+pub fn table(rows: &[StatusRow], now: DateTime<Utc>) -> String {
+    let header = [
+        "SUBSCRIPTION",
+        "STATE",
+        "IN STATE",
+        "LAST ROTATED",
+        "NEXT DUE",
+        "LAST ERROR",
+    ];
+    let cells: Vec<[String; 6]> = rows
+        .iter()
+        .map(|r| {
+            let mut err = r.last_error.clone().unwrap_or_else(|| "-".into());
+            if err.chars().count() > 80 {
+                err = err.chars().take(77).collect::<String>() + "...";
+            }
+            [
+                if r.in_config {
+                    r.subscription.clone()
+                } else {
+                    format!("{} (not in config)", r.subscription)
+                },
+                r.state.clone(),
+                ago(r.since, now),
+                when(r.last_rotated_at),
+                when(r.next_due_at),
+                err,
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for c in &cells {
+        for (i, v) in c.iter().enumerate() {
+            widths[i] = widths[i].max(v.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |out: &mut String, vals: &[&str]| {
+        for (i, v) in vals.iter().enumerate() {
+            if i + 1 == vals.len() {
+                out.push_str(v);
+            } else {
+                out.push_str(&format!("{v:<w$}  ", w = widths[i]));
+            }
+        }
+        out.push('\n');
+    };
+    line(&mut out, &header);
+    for c in &cells {
+        let refs: Vec<&str> = c.iter().map(String::as_str).collect();
+        line(&mut out, &refs);
+    }
+    out
+}
