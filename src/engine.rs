@@ -62,6 +62,9 @@ pub struct Engine {
     db: Arc<StateDb>,
     store: Arc<dyn SecretStore>,
     providers: HashMap<String, Arc<dyn Provider>>,
+    /// Subscriptions this process has already advanced: resuming any other in-flight
+    /// one means resuming after a restart.
+    seen: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Engine {
@@ -94,7 +97,15 @@ impl Engine {
             db,
             store,
             providers,
+            seen: Default::default(),
         }
+    }
+
+    fn first_sight(&self, name: &str) -> bool {
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string())
     }
 
     pub fn config(&self) -> &Config {
@@ -162,9 +173,13 @@ impl Engine {
         let now0 = now();
         let due = rec.next_due_at.is_some_and(|t| t <= now0);
         let retry_due = rec.state.not_before.is_none_or(|t| t <= now0);
+        let restarted = self.first_sight(&sub.name);
         let mut event = match rec.state.phase {
             Phase::Held => return Ok((Outcome::Held, rec)),
-            p if p.in_flight() => Event::Recover { now: now0 },
+            p if p.in_flight() => Event::Recover {
+                now: now0,
+                restarted,
+            },
             Phase::Idle | Phase::Failed => {
                 let trig = match trigger {
                     Some(t) => Some(t),
@@ -209,8 +224,12 @@ impl Engine {
                     p.rotate_on_adopt,
                 );
             }
-            self.db.save(&rec, Some(&step.transition), t)?;
-            log_transition(sub, &rec, &step.transition);
+            if step.transition.quiet {
+                self.db.save(&rec, None, t)?;
+            } else {
+                self.db.save(&rec, Some(&step.transition), t)?;
+                log_transition(sub, &rec, &step.transition);
+            }
             failpoint::hit(&format!("after:{event_name}"));
 
             event = match step.action {

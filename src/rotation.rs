@@ -290,9 +290,11 @@ pub enum Event {
         error: String,
         now: DateTime<Utc>,
     },
-    /// The process (re)started, or a wait ended: perform whatever the phase needs.
+    /// The process (re)started (`restarted`), or a wait ended: perform whatever the
+    /// phase needs.
     Recover {
         now: DateTime<Utc>,
+        restarted: bool,
     },
     /// Operator on a held subscription: keep waiting for evidence for another timeout.
     OperatorResume {
@@ -341,7 +343,7 @@ impl Event {
             | Event::CheckFailed { now, .. }
             | Event::Retired { now }
             | Event::RetireFailed { now, .. }
-            | Event::Recover { now }
+            | Event::Recover { now, .. }
             | Event::OperatorResume { now }
             | Event::OperatorRetire { now } => *now,
         }
@@ -377,6 +379,9 @@ pub struct Transition {
     pub event: &'static str,
     /// Human detail; never contains a secret (fingerprints only).
     pub detail: String,
+    /// Routine (another poll without evidence, waking from a wait): persisted, but not
+    /// worth a history row each time.
+    pub quiet: bool,
 }
 
 #[derive(Debug)]
@@ -454,6 +459,7 @@ pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Ste
         (Action::WaitUntil(until), detail)
     };
 
+    let mut quiet = false;
     let (action, detail) = match (from, event) {
         (
             Phase::Idle | Phase::Failed,
@@ -545,9 +551,16 @@ pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Ste
             s.failures = 0;
             s.not_before = None;
             s.last_error = None;
+            let window = s
+                .rotated_at
+                .map(|r| format!("; exposure window {} ms", (now - r).num_milliseconds()))
+                .unwrap_or_default();
             let detail = match &previous {
-                Some(p) => format!("published current={} previous={p}", fp_str(&s)),
-                None => format!("published current={} (no previous secret)", fp_str(&s)),
+                Some(p) => format!("published current={} previous={p}{window}", fp_str(&s)),
+                None => format!(
+                    "published current={} (no previous secret){window}",
+                    fp_str(&s)
+                ),
             };
             s.previous_fingerprint = previous;
             (Action::Check { since: now }, detail)
@@ -592,6 +605,7 @@ pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Ste
                     }
                 },
                 None => {
+                    quiet = from == Phase::Confirming;
                     s.phase = Phase::Confirming;
                     let next = add(now, timing.confirm_poll).min(deadline);
                     s.not_before = Some(next);
@@ -667,9 +681,10 @@ pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Ste
             s.last_outcome = Some("retired without evidence by an operator".into());
             (Action::Retire, "operator retired the old secret".into())
         }
-        (phase, Event::Recover { .. }) => {
+        (phase, Event::Recover { restarted, .. }) => {
             let mut action = resume_action(&s, now);
-            let mut detail = format!("resuming in {phase}");
+            let mut detail = format!("resuming in {phase} after a restart");
+            quiet = !restarted;
             if phase == Phase::Rotating && s.rotate_in_flight {
                 // Crashed while the rotate call was out: its response, if any, is gone.
                 s.rotate_in_flight = false;
@@ -677,9 +692,10 @@ pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Ste
                 detail = "interrupted while the rotate call was in flight; its response \
                           was lost, rotating again"
                     .into();
+                quiet = false;
                 action = Action::Rotate;
-            } else if phase == Phase::Minted {
-                detail = "resuming: publishing the locally stored secret".into();
+            } else if phase == Phase::Minted && restarted {
+                detail = "resuming after a restart: publishing the locally stored secret".into();
             }
             (action, detail)
         }
@@ -691,6 +707,7 @@ pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Ste
         to: s.phase,
         event: name,
         detail,
+        quiet,
     };
     Ok(Step {
         state: s,
@@ -936,9 +953,21 @@ mod tests {
         assert_eq!(f.state.lost_responses, 1);
         assert_eq!(f.action, Action::WaitUntil(t(7)));
         // Waking before the backoff waits again; after it, rotates (no second loss).
-        let early = step(&f.state, Event::Recover { now: t(3) });
+        let early = step(
+            &f.state,
+            Event::Recover {
+                now: t(3),
+                restarted: true,
+            },
+        );
         assert_eq!(early.action, Action::WaitUntil(t(7)));
-        let later = step(&f.state, Event::Recover { now: t(8) });
+        let later = step(
+            &f.state,
+            Event::Recover {
+                now: t(8),
+                restarted: true,
+            },
+        );
         assert_eq!(later.action, Action::Rotate);
         assert_eq!(later.state.lost_responses, 1);
     }
@@ -980,7 +1009,13 @@ mod tests {
             "secret must not be dropped"
         );
         assert_eq!(f.action, Action::WaitUntil(t(8)));
-        let r = step(&f.state, Event::Recover { now: t(9) });
+        let r = step(
+            &f.state,
+            Event::Recover {
+                now: t(9),
+                restarted: true,
+            },
+        );
         assert_eq!(r.action, Action::Publish);
         assert!(r.state.pending_secret.is_some());
     }
@@ -1015,7 +1050,13 @@ mod tests {
         );
         assert!(h.state.last_error.is_some());
         // A restart leaves it held: never retired on a timer.
-        let r = step(&h.state, Event::Recover { now: t(10_000) });
+        let r = step(
+            &h.state,
+            Event::Recover {
+                now: t(10_000),
+                restarted: true,
+            },
+        );
         assert_eq!(
             (r.state.phase, &r.action),
             (Phase::Held, &Action::AwaitOperator)
@@ -1097,7 +1138,14 @@ mod tests {
         assert_eq!(f.state.phase, Phase::Retiring);
         assert_eq!(f.action, Action::WaitUntil(t(35)));
         assert_eq!(
-            step(&f.state, Event::Recover { now: t(36) }).action,
+            step(
+                &f.state,
+                Event::Recover {
+                    now: t(36),
+                    restarted: true
+                }
+            )
+            .action,
             Action::Retire
         );
     }
@@ -1131,16 +1179,34 @@ mod tests {
         ];
         for (phase, want) in cases {
             let s = at(phase);
-            let r = step(&s, Event::Recover { now: t(5) });
+            let r = step(
+                &s,
+                Event::Recover {
+                    now: t(5),
+                    restarted: true,
+                },
+            );
             assert_eq!(r.state.phase, phase, "{phase}");
             assert_eq!(r.action, want, "{phase}");
             assert_eq!(r.state.lost_responses, 0, "{phase}");
         }
         // Confirming after the poll time checks at once.
-        let c = step(&at(Phase::Confirming), Event::Recover { now: t(50) });
+        let c = step(
+            &at(Phase::Confirming),
+            Event::Recover {
+                now: t(50),
+                restarted: true,
+            },
+        );
         assert_eq!(c.action, Action::Check { since: t(3) });
         // Minted keeps the secret to publish.
-        let m = step(&at(Phase::Minted), Event::Recover { now: t(5) });
+        let m = step(
+            &at(Phase::Minted),
+            Event::Recover {
+                now: t(5),
+                restarted: true,
+            },
+        );
         assert!(m.state.pending_secret.is_some());
     }
 
@@ -1148,7 +1214,13 @@ mod tests {
     fn crash_with_rotate_in_flight_counts_exactly_one_lost_response() {
         let s = at(Phase::Rotating);
         assert!(s.rotate_in_flight);
-        let r = step(&s, Event::Recover { now: t(5) });
+        let r = step(
+            &s,
+            Event::Recover {
+                now: t(5),
+                restarted: true,
+            },
+        );
         assert_eq!(
             (r.state.phase, &r.action),
             (Phase::Rotating, &Action::Rotate)
@@ -1161,7 +1233,13 @@ mod tests {
             Event::PreflightPassed { now: t(1) },
         )
         .state;
-        let r2 = step(&before_send, Event::Recover { now: t(5) });
+        let r2 = step(
+            &before_send,
+            Event::Recover {
+                now: t(5),
+                restarted: true,
+            },
+        );
         assert_eq!(r2.action, Action::Rotate);
         assert_eq!(r2.state.lost_responses, 0);
     }
@@ -1170,7 +1248,13 @@ mod tests {
     fn start_while_idle_after_preflight_crash_just_restarts() {
         // A crash during preflight leaves the state idle with a rotation id: harmless.
         let s = start(&RotationState::new(), 0).state;
-        let r = step(&s, Event::Recover { now: t(1) });
+        let r = step(
+            &s,
+            Event::Recover {
+                now: t(1),
+                restarted: true,
+            },
+        );
         assert_eq!(r.action, Action::Rest);
     }
 

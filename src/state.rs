@@ -518,6 +518,7 @@ mod tests {
             to: Phase::Minted,
             event: "rotate-succeeded",
             detail: "x".into(),
+            quiet: false,
         };
         db.save(&r, Some(&t), now()).unwrap();
         drop(db);

@@ -1,0 +1,52 @@
+//! The sandbox: in-process simulators of the providers rekey rotates for, and a
+//! receiver that verifies their deliveries against the published secrets.
+//!
+//! Used by the tests and by `rekey sandbox`, the one-command demo. The simulators
+//! are stateful and sign real deliveries (see [`signing`]), so a rotation that
+//! would break a real customer's receiver shows up here as rejected deliveries in
+//! [`receiver::Receiver`]'s counters; fault injection reproduces the provider and
+//! network failures rekey must survive (above all: a rotation committed at the
+//! provider whose response never arrives).
+
+pub mod demo;
+pub mod fintoro;
+pub mod receiver;
+pub mod signing;
+
+use tokio::sync::oneshot;
+
+/// Keeps a simulator's or receiver's HTTP server running; dropping it shuts the
+/// server down.
+pub(crate) struct ServerGuard(Option<oneshot::Sender<()>>);
+
+impl Drop for ServerGuard {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            // The server may already be gone; nothing to do then.
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Serves `app` on `listener` until the returned guard is dropped. A graceful
+/// shutdown rather than aborting the accept loop: aborting would leave open
+/// keep-alive connections served by a "stopped" simulator.
+pub(crate) fn serve_until_dropped(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    what: &'static str,
+) -> ServerGuard {
+    let (tx, rx) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let stop = async {
+            let _ = rx.await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+        {
+            tracing::warn!(error = %e, server = what, "sandbox server failed");
+        }
+    });
+    ServerGuard(Some(tx))
+}
