@@ -194,18 +194,18 @@ async fn run(path: &Path, once: bool, force: Vec<String>) -> u8 {
         }
     };
     if once {
-        pass(&engine, &force).await
+        pass(&engine, &force, true).await
     } else {
         daemon(&engine, force).await
     }
 }
 
 /// One pass over every subscription. Returns the exit code.
-async fn pass(engine: &Engine, force: &[String]) -> u8 {
+async fn pass(engine: &Engine, force: &[String], eager: bool) -> u8 {
     let mut code = exit::OK;
     for sub in &engine.config().subscriptions {
         let trigger = force.contains(&sub.name).then_some(Trigger::Forced);
-        match engine.advance(sub, trigger).await {
+        match engine.advance(sub, trigger, eager).await {
             Ok((outcome, rec)) => {
                 if outcome.is_problem(&rec) {
                     code = exit::FAILED;
@@ -255,7 +255,7 @@ async fn daemon(engine: &Engine, mut force: Vec<String>) -> u8 {
         "rekey started"
     );
     loop {
-        pass(engine, &force).await;
+        pass(engine, &force, false).await;
         force.clear();
         let wake = engine
             .config()

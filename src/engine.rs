@@ -164,21 +164,25 @@ impl Engine {
 
     /// Advances one subscription as far as it can go without waiting.
     /// `trigger` starts a rotation now (forced or requested) if none is in flight.
+    /// `eager` (one-shot runs) performs scheduled retries and polls now rather than
+    /// waiting for their time: the operator's timer is the cadence then.
     pub async fn advance(
         &self,
         sub: &Subscription,
         trigger: Option<Trigger>,
+        eager: bool,
     ) -> Result<(Outcome, Record), EngineError> {
         let mut rec = self.record(sub)?;
         let now0 = now();
         let due = rec.next_due_at.is_some_and(|t| t <= now0);
-        let retry_due = rec.state.not_before.is_none_or(|t| t <= now0);
+        let retry_due = eager || rec.state.not_before.is_none_or(|t| t <= now0);
         let restarted = self.first_sight(&sub.name);
         let mut event = match rec.state.phase {
             Phase::Held => return Ok((Outcome::Held, rec)),
             p if p.in_flight() => Event::Recover {
                 now: now0,
                 restarted,
+                eager,
             },
             Phase::Idle | Phase::Failed => {
                 let trig = match trigger {
@@ -320,7 +324,7 @@ impl Engine {
         rec.state = step.state;
         self.db.save(&rec, Some(&step.transition), t)?;
         log_transition(sub, &rec, &step.transition);
-        self.advance(sub, None).await
+        self.advance(sub, None, true).await
     }
 
     async fn preflight(&self, sub: &Subscription) -> Result<(), String> {

@@ -291,10 +291,12 @@ pub enum Event {
         now: DateTime<Utc>,
     },
     /// The process (re)started (`restarted`), or a wait ended: perform whatever the
-    /// phase needs.
+    /// phase needs. `eager` (one-shot runs, whose cadence is the operator's timer) acts
+    /// now even if a retry or poll was scheduled for later.
     Recover {
         now: DateTime<Utc>,
         restarted: bool,
+        eager: bool,
     },
     /// Operator on a held subscription: keep waiting for evidence for another timeout.
     OperatorResume {
@@ -415,9 +417,10 @@ fn add(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
 
 /// The action a phase needs when nothing else is known: what [`Event::Recover`]
 /// performs, honouring `not_before`.
-fn resume_action(s: &RotationState, now: DateTime<Utc>) -> Action {
+fn resume_action(s: &RotationState, now: DateTime<Utc>, eager: bool) -> Action {
     if let Some(t) = s.not_before
         && now < t
+        && !eager
         && s.phase != Phase::Idle
         && s.phase != Phase::Failed
     {
@@ -681,8 +684,13 @@ pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Ste
             s.last_outcome = Some("retired without evidence by an operator".into());
             (Action::Retire, "operator retired the old secret".into())
         }
-        (phase, Event::Recover { restarted, .. }) => {
-            let mut action = resume_action(&s, now);
+        (
+            phase,
+            Event::Recover {
+                restarted, eager, ..
+            },
+        ) => {
+            let mut action = resume_action(&s, now, eager);
             let mut detail = format!("resuming in {phase} after a restart");
             quiet = !restarted;
             if phase == Phase::Rotating && s.rotate_in_flight {
@@ -958,6 +966,7 @@ mod tests {
             Event::Recover {
                 now: t(3),
                 restarted: true,
+                eager: false,
             },
         );
         assert_eq!(early.action, Action::WaitUntil(t(7)));
@@ -966,10 +975,25 @@ mod tests {
             Event::Recover {
                 now: t(8),
                 restarted: true,
+                eager: false,
             },
         );
         assert_eq!(later.action, Action::Rotate);
         assert_eq!(later.state.lost_responses, 1);
+    }
+
+    #[test]
+    fn an_eager_resume_acts_at_once_despite_a_scheduled_wait() {
+        let s = at(Phase::Confirming);
+        let r = step(
+            &s,
+            Event::Recover {
+                now: t(5),
+                restarted: true,
+                eager: true,
+            },
+        );
+        assert_eq!(r.action, Action::Check { since: t(3) });
     }
 
     #[test]
@@ -1014,6 +1038,7 @@ mod tests {
             Event::Recover {
                 now: t(9),
                 restarted: true,
+                eager: false,
             },
         );
         assert_eq!(r.action, Action::Publish);
@@ -1055,6 +1080,7 @@ mod tests {
             Event::Recover {
                 now: t(10_000),
                 restarted: true,
+                eager: false,
             },
         );
         assert_eq!(
@@ -1142,7 +1168,8 @@ mod tests {
                 &f.state,
                 Event::Recover {
                     now: t(36),
-                    restarted: true
+                    restarted: true,
+                    eager: false
                 }
             )
             .action,
@@ -1184,6 +1211,7 @@ mod tests {
                 Event::Recover {
                     now: t(5),
                     restarted: true,
+                    eager: false,
                 },
             );
             assert_eq!(r.state.phase, phase, "{phase}");
@@ -1196,6 +1224,7 @@ mod tests {
             Event::Recover {
                 now: t(50),
                 restarted: true,
+                eager: false,
             },
         );
         assert_eq!(c.action, Action::Check { since: t(3) });
@@ -1205,6 +1234,7 @@ mod tests {
             Event::Recover {
                 now: t(5),
                 restarted: true,
+                eager: false,
             },
         );
         assert!(m.state.pending_secret.is_some());
@@ -1219,6 +1249,7 @@ mod tests {
             Event::Recover {
                 now: t(5),
                 restarted: true,
+                eager: false,
             },
         );
         assert_eq!(
@@ -1238,6 +1269,7 @@ mod tests {
             Event::Recover {
                 now: t(5),
                 restarted: true,
+                eager: false,
             },
         );
         assert_eq!(r2.action, Action::Rotate);
@@ -1253,6 +1285,7 @@ mod tests {
             Event::Recover {
                 now: t(1),
                 restarted: true,
+                eager: false,
             },
         );
         assert_eq!(r.action, Action::Rest);

@@ -184,7 +184,7 @@ async fn demo(args: SandboxArgs) -> anyhow::Result<u8> {
     let deadline = tokio::time::Instant::now() + args.timeout + Duration::from_secs(5);
     let mut trigger = Some(Trigger::Forced);
     let outcome = loop {
-        let (outcome, _) = engine.advance(&sub, trigger.take()).await?;
+        let (outcome, _) = engine.advance(&sub, trigger.take(), false).await?;
         show_history()?;
         match outcome {
             Outcome::Waiting(_, until) if tokio::time::Instant::now() < deadline => {

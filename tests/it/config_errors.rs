@@ -1,0 +1,254 @@
+//! A bad config never starts rekey: `check-config` and `run` exit 78 with a message
+//! naming the file, the key and what is wrong.
+
+use crate::support::rekey::{Rekey, Setup, Store, assert_exit, stderr};
+
+const TOKEN_FILE_LINE: &str = "token_file = \"fintoro.token\"";
+
+fn base() -> Rekey {
+    Rekey::new(
+        &Setup::new(Store::Files, "http://127.0.0.1:9/api/public/v1", "tok")
+            .subscription(801, "webhooks/fintoro/801"),
+    )
+}
+
+/// (what is wrong, edit to the valid config, expected key, expected words)
+type Case = (
+    &'static str,
+    fn(String) -> String,
+    &'static str,
+    &'static str,
+);
+
+fn cases() -> Vec<Case> {
+    vec![
+        (
+            "unknown top-level key",
+            |c| format!("colour = \"blue\"\n{c}"),
+            "colour",
+            "unknown key",
+        ),
+        (
+            "unknown provider key",
+            |c| c.replace("kind = \"fintoro\"", "kind = \"fintoro\"\nregion = \"eu\""),
+            "providers[0].region",
+            "unknown key",
+        ),
+        (
+            "wrong type",
+            |c| c.replace("version = 1", "version = \"one\""),
+            "version",
+            "string",
+        ),
+        (
+            "missing version",
+            |c| c.replace("version = 1\n", ""),
+            "version",
+            "is required",
+        ),
+        (
+            "future version",
+            |c| c.replace("version = 1", "version = 2"),
+            "version",
+            "not supported",
+        ),
+        (
+            "missing state_dir",
+            |c| c.replace("state_dir = \"state\"\n", ""),
+            "state_dir",
+            "is required",
+        ),
+        (
+            "no store",
+            |c| c.replace("[file_store]\ndir = \"published\"\n", ""),
+            "vault",
+            "is required",
+        ),
+        (
+            "unknown provider kind",
+            |c| c.replace("kind = \"fintoro\"", "kind = \"stripe\""),
+            "providers[0].kind",
+            "not a provider kind",
+        ),
+        (
+            "http to a remote host",
+            |c| c.replace("http://127.0.0.1:9", "http://fintoro.example"),
+            "providers[0].base_url",
+            "https",
+        ),
+        (
+            "unreadable token file",
+            |c| c.replace(TOKEN_FILE_LINE, "token_file = \"missing.token\""),
+            "providers[0].token_file",
+            "cannot read",
+        ),
+        (
+            "subscription names a missing provider",
+            |c| c.replace("provider = \"acme\"", "provider = \"nope\""),
+            "subscriptions[0].provider",
+            "no [[providers]] entry is named `nope`",
+        ),
+        (
+            "subscription names a missing policy",
+            |c| c.replace("policy = \"p\"", "policy = \"weekly\""),
+            "subscriptions[0].policy",
+            "no [[policies]] entry is named `weekly`",
+        ),
+        (
+            "policy without schedule or every",
+            |c| {
+                c.replace(
+                    "schedule = \"0 3 1 * *\"\ntimezone = \"Europe/Bratislava\"\n",
+                    "",
+                )
+            },
+            "policies[0].schedule",
+            "needs `schedule`",
+        ),
+        (
+            "bad cron",
+            |c| c.replace("0 3 1 * *", "0 3 1 *"),
+            "policies[0].schedule",
+            "expected 5",
+        ),
+        (
+            "bad zone",
+            |c| c.replace("Europe/Bratislava", "Europe/Atlantis"),
+            "policies[0].timezone",
+            "IANA",
+        ),
+        (
+            "bad duration",
+            |c| c.replace("confirm_timeout = \"1h\"", "confirm_timeout = \"a while\""),
+            "policies[0].confirm_timeout",
+            "not a duration",
+        ),
+        (
+            "bad on_timeout",
+            |c| c.replace("on_timeout = \"hold\"", "on_timeout = \"panic\""),
+            "policies[0].on_timeout",
+            "not one of",
+        ),
+        (
+            "poll longer than timeout",
+            |c| c.replace("confirm_poll = \"1s\"", "confirm_poll = \"2h\""),
+            "policies[0].confirm_poll",
+            "longer than confirm_timeout",
+        ),
+        (
+            "duplicate subscription",
+            |c| {
+                format!(
+                    "{c}\n[[subscriptions]]\nprovider = \"acme\"\nid = \"801\"\npolicy = \"p\"\nvault_path = \"other\"\n"
+                )
+            },
+            "subscriptions[1].id",
+            "listed twice",
+        ),
+        (
+            "shared vault path",
+            |c| {
+                format!(
+                    "{c}\n[[subscriptions]]\nprovider = \"acme\"\nid = \"802\"\npolicy = \"p\"\nvault_path = \"webhooks/fintoro/801\"\n"
+                )
+            },
+            "subscriptions[1].vault_path",
+            "also the path of",
+        ),
+        (
+            "vault path escaping",
+            |c| {
+                c.replace(
+                    "vault_path = \"webhooks/fintoro/801\"",
+                    "vault_path = \"webhooks/../801\"",
+                )
+            },
+            "subscriptions[0].vault_path",
+            "`..`",
+        ),
+        (
+            "duplicate provider",
+            |c| {
+                c.replace("[[policies]]", "[[providers]]\nname = \"acme\"\nkind = \"fintoro\"\ntoken_file = \"fintoro.token\"\n\n[[policies]]")
+            },
+            "providers[1].name",
+            "defined twice",
+        ),
+        (
+            "both stores",
+            |c| {
+                format!(
+                    "{c}\n[vault]\naddress = \"https://v.example\"\ntoken_file = \"fintoro.token\"\n"
+                )
+            },
+            "file_store",
+            "not both",
+        ),
+        (
+            "bad rate limit",
+            |c| {
+                c.replace(
+                    TOKEN_FILE_LINE,
+                    &format!("{TOKEN_FILE_LINE}\nrate_limit = \"lots\""),
+                )
+            },
+            "providers[0].rate_limit",
+            "not a rate",
+        ),
+        ("not TOML", |c| format!("{c}\n[[[broken"), "", "TOML"),
+    ]
+}
+
+#[tokio::test]
+async fn every_bad_config_is_refused_with_file_key_and_reason() {
+    let r = base();
+    let valid = std::fs::read_to_string(&r.config).unwrap();
+    let ok = r.run(&["check-config"]).await;
+    assert_exit(&ok, 0);
+    let mut failures = vec![];
+    for (what, edit, key, words) in cases() {
+        std::fs::write(&r.config, edit(valid.clone())).unwrap();
+        let out = r.run(&["check-config"]).await;
+        let err = stderr(&out);
+        let file = r.config.display().to_string();
+        let good = out.status.code() == Some(78)
+            && err.contains(&file)
+            && err.contains(key)
+            && err.contains(words);
+        if !good {
+            failures.push(format!(
+                "{what}: exit {:?}, expected key `{key}` and `{words}` in:\n{err}",
+                out.status.code()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[tokio::test]
+async fn run_refuses_to_start_on_a_bad_config_and_touches_nothing() {
+    let r = base();
+    let valid = std::fs::read_to_string(&r.config).unwrap();
+    std::fs::write(&r.config, valid.replace("0 3 1 * *", "every day")).unwrap();
+    let out = r.once(&[]).await;
+    assert_exit(&out, 78);
+    assert!(!r.state_dir().exists(), "no state created by a refused run");
+}
+
+#[tokio::test]
+async fn environment_overlay_can_fix_or_break_a_key() {
+    let r = base();
+    let valid = std::fs::read_to_string(&r.config).unwrap();
+    std::fs::write(&r.config, valid.replace("state_dir = \"state\"\n", "")).unwrap();
+    let out = r.run(&["check-config"]).await;
+    assert_exit(&out, 78);
+    let dir = r.path().join("from-env");
+    let out = r
+        .command(&["check-config"])
+        .env("REKEY__STATE_DIR", &dir)
+        .output()
+        .await
+        .unwrap();
+    assert_exit(&out, 0);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("from-env"));
+}

@@ -1,0 +1,3 @@
+pub mod rekey;
+pub mod rvault;
+pub mod world;

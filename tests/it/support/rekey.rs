@@ -1,0 +1,261 @@
+//! Runs the real `rekey` binary against a config written for the test, the way an
+//! operator would: separate processes, real signals, real exit codes.
+
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// Where the published secrets go.
+pub enum Store {
+    /// A Vault-API server, KV v1 at `secret/`.
+    Vault { addr: String, token: String },
+    /// The local file store.
+    Files,
+}
+
+/// The knobs the scenarios turn; the rest is the documented example config.
+pub struct Setup {
+    pub store: Store,
+    pub fintoro_url: String,
+    pub fintoro_token: String,
+    /// `(id, vault_path)` pairs.
+    pub subscriptions: Vec<(String, String)>,
+    pub policy: String,
+}
+
+impl Setup {
+    pub fn new(store: Store, fintoro_url: &str, fintoro_token: &str) -> Setup {
+        Setup {
+            store,
+            fintoro_url: fintoro_url.to_string(),
+            fintoro_token: fintoro_token.to_string(),
+            subscriptions: vec![],
+            policy: r#"schedule = "0 3 1 * *"
+timezone = "Europe/Bratislava"
+confirm_timeout = "1h"
+confirm_poll = "1s"
+on_timeout = "hold"
+retry_base = "1s"
+retry_max = "2s""#
+                .to_string(),
+        }
+    }
+
+    pub fn subscription(mut self, id: impl ToString, vault_path: &str) -> Setup {
+        self.subscriptions
+            .push((id.to_string(), vault_path.to_string()));
+        self
+    }
+
+    pub fn policy(mut self, body: &str) -> Setup {
+        self.policy = body.to_string();
+        self
+    }
+}
+
+/// A state directory, config and secret files for one scenario.
+pub struct Rekey {
+    pub dir: TempDir,
+    pub config: PathBuf,
+    /// Every stdout/stderr this Rekey's processes printed, for the leak check.
+    pub transcript: std::sync::Mutex<String>,
+}
+
+pub const PROVIDER: &str = "acme";
+
+impl Rekey {
+    pub fn new(setup: &Setup) -> Rekey {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let d = dir.path();
+        std::fs::write(d.join("fintoro.token"), &setup.fintoro_token).expect("token file");
+        let store = match &setup.store {
+            Store::Vault { addr, token } => {
+                std::fs::write(d.join("vault.token"), token).expect("vault token file");
+                format!(
+                    "[vault]\naddress = \"{addr}\"\ntoken_file = \"vault.token\"\nmount = \"secret\"\nkv_version = 1\ntimeout = \"5s\"\n"
+                )
+            }
+            Store::Files => "[file_store]\ndir = \"published\"\n".to_string(),
+        };
+        let mut toml = format!(
+            "version = 1\nstate_dir = \"state\"\n\n{store}\n[log]\nlevel = \"debug\"\n\n\
+             [[providers]]\nname = \"{PROVIDER}\"\nkind = \"fintoro\"\nbase_url = \"{}\"\n\
+             token_file = \"fintoro.token\"\ntimeout = \"2s\"\n\n[[policies]]\nname = \"p\"\n{}\n",
+            setup.fintoro_url, setup.policy
+        );
+        for (id, path) in &setup.subscriptions {
+            toml.push_str(&format!(
+                "\n[[subscriptions]]\nprovider = \"{PROVIDER}\"\nid = \"{id}\"\npolicy = \"p\"\nvault_path = \"{path}\"\n"
+            ));
+        }
+        let config = d.join("rekey.toml");
+        std::fs::write(&config, toml).expect("config");
+        Rekey {
+            dir,
+            config,
+            transcript: std::sync::Mutex::new(String::new()),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+
+    /// The command with a clean environment: nothing from the developer's shell
+    /// (VAULT_ADDR, REKEY__…) leaks into a test.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_rekey"));
+        c.args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        c
+    }
+
+    fn record(&self, out: &Output) {
+        let mut t = self.transcript.lock().expect("transcript");
+        t.push_str(&String::from_utf8_lossy(&out.stdout));
+        t.push_str(&String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Runs to completion; returns the output (recorded for the leak check).
+    pub async fn run(&self, args: &[&str]) -> Output {
+        let out = tokio::time::timeout(Duration::from_secs(120), self.command(args).output())
+            .await
+            .expect("rekey did not finish within 120 s")
+            .expect("spawn rekey");
+        self.record(&out);
+        out
+    }
+
+    pub async fn once(&self, extra: &[&str]) -> Output {
+        let mut args = vec!["run", "--once"];
+        args.extend_from_slice(extra);
+        self.run(&args).await
+    }
+
+    pub async fn force(&self, sub: &str) -> Output {
+        self.once(&["--force", sub]).await
+    }
+
+    pub async fn status(&self) -> Vec<Value> {
+        let out = self.run(&["status", "--json"]).await;
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "status --json is not JSON ({e}): {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    pub async fn state_of(&self, sub: &str) -> Value {
+        self.status()
+            .await
+            .into_iter()
+            .find(|r| r["subscription"] == sub)
+            .unwrap_or_else(|| panic!("{sub} not in status"))
+    }
+
+    pub async fn history(&self, sub: &str) -> Vec<Value> {
+        let out = self.run(&["history", sub, "--json"]).await;
+        serde_json::from_slice(&out.stdout).expect("history --json")
+    }
+
+    /// Starts `rekey run --once …` with `REKEY_FAILPOINT=point`, waits until the
+    /// process reports it froze there, and SIGKILLs it: a real crash at that boundary.
+    pub async fn crash_at(&self, point: &str, extra: &[&str]) {
+        let mut args = vec!["run", "--once"];
+        args.extend_from_slice(extra);
+        let mut cmd = self.command(&args);
+        cmd.env("REKEY_FAILPOINT", point);
+        let mut child: Child = cmd.spawn().expect("spawn rekey");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let marker = format!("{} {point}", rekey::failpoint::REACHED);
+        let mut seen = String::new();
+        let reached = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                seen.push_str(&line);
+                seen.push('\n');
+                if line.contains(&marker) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await
+        .unwrap_or(false);
+        child.start_kill().expect("SIGKILL");
+        let status = child.wait().await.expect("wait");
+        self.transcript.lock().expect("transcript").push_str(&seen);
+        assert!(
+            reached,
+            "rekey never reached failpoint {point} (exit {status:?}); it printed:\n{seen}"
+        );
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(9), "killed by SIGKILL");
+    }
+
+    /// Asserts that none of `secrets` appears in anything rekey printed, nor in any
+    /// file under the state directory.
+    pub fn assert_no_leak(&self, secrets: &[&str]) {
+        let t = self.transcript.lock().expect("transcript").clone();
+        for s in secrets.iter().filter(|s| s.len() >= 8) {
+            assert!(!t.contains(s), "a secret leaked into rekey's output:\n{t}");
+            for entry in walk(&self.state_dir()) {
+                let bytes = std::fs::read(&entry).unwrap_or_default();
+                assert!(
+                    !bytes.windows(s.len()).any(|w| w == s.as_bytes()),
+                    "a secret is still in {}",
+                    entry.display()
+                );
+            }
+        }
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts the exit code, showing what rekey printed if it differs.
+pub fn assert_exit(out: &Output, code: i32) {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "unexpected exit; stdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
