@@ -41,6 +41,9 @@ pub struct SandboxArgs {
 
 const TOKEN: &str = "sandbox-fintoro-token";
 
+/// `config/sandbox.toml`, with placeholders the demo fills in.
+const TEMPLATE: &str = include_str!("../../config/sandbox.toml");
+
 fn step(msg: impl AsRef<str>) {
     println!("{} {}", Utc::now().format("%H:%M:%S%.3f"), msg.as_ref());
 }
@@ -85,26 +88,19 @@ async fn demo(args: SandboxArgs) -> anyhow::Result<u8> {
         _ => "[file_store]\ndir = \"published\"\n".to_string(),
     };
     std::fs::write(dir.join("fintoro.token"), TOKEN)?;
-    // The receiver URL is only known once it listens; the subscription id once created.
     let config_path = dir.join("rekey.toml");
-    let write_config = |id: u64| -> std::io::Result<()> {
-        std::fs::write(
-            &config_path,
-            format!(
-                "# Written by `rekey sandbox`.\nversion = 1\nstate_dir = \"state\"\n\n{store_section}\n\
-                 [log]\nlevel = \"warn\"\n\n\
-                 [[providers]]\nname = \"sandbox\"\nkind = \"fintoro\"\nbase_url = \"{}\"\n\
-                 token_file = \"fintoro.token\"\n\n\
-                 [[policies]]\nname = \"demo\"\nevery = \"30d\"\nconfirm_timeout = \"{}\"\n\
-                 confirm_poll = \"500ms\"\non_timeout = \"hold\"\nretry_base = \"1s\"\nretry_max = \"5s\"\n\n\
-                 [[subscriptions]]\nprovider = \"sandbox\"\nid = \"{id}\"\npolicy = \"demo\"\n\
-                 vault_path = \"webhooks/fintoro/{id}\"\n",
-                sim.base_url(),
-                humantime::format_duration(args.timeout)
-            ),
-        )
-    };
-    write_config(crate::sandbox::fintoro::FIRST_SUBSCRIPTION_ID)?;
+    let id = crate::sandbox::fintoro::FIRST_SUBSCRIPTION_ID.to_string();
+    std::fs::write(
+        &config_path,
+        TEMPLATE
+            .replace("{{STORE}}", &store_section)
+            .replace("{{BASE_URL}}", &sim.base_url())
+            .replace(
+                "{{CONFIRM_TIMEOUT}}",
+                &humantime::format_duration(args.timeout).to_string(),
+            )
+            .replace("{{ID}}", &id),
+    )?;
     let config = Arc::new(Config::load(&config_path)?);
     init_logging(&config);
     let db = Arc::new(StateDb::open(&config.state_dir)?);
@@ -127,7 +123,9 @@ async fn demo(args: SandboxArgs) -> anyhow::Result<u8> {
         Fingerprint::of_str(&initial)
     ));
     // A receiver that already verifies today: its secret is published before rekey
-    // takes over, as in any real deployment.
+    // takes over, as in any real deployment. A fresh simulator has a fresh secret, so
+    // whatever an earlier sandbox run left in the store is replaced.
+    let existing = store.read(&sub.vault_path).await?;
     store
         .write(
             &sub.vault_path,
@@ -139,13 +137,9 @@ async fn demo(args: SandboxArgs) -> anyhow::Result<u8> {
                 provider: "fintoro".into(),
                 subscription: sub.id.clone(),
             },
-            Expect::Absent,
+            Expect::from_read(&existing),
         )
-        .await
-        .or_else(|e| match e {
-            crate::store::StoreError::Conflict { .. } => Ok(()),
-            e => Err(e),
-        })?;
+        .await?;
     step(format!(
         "published the current secret at `{}`",
         sub.vault_path

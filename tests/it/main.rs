@@ -5,4 +5,5 @@
 mod config_errors;
 mod fintoro;
 mod rvault_smoke;
+mod sandbox;
 mod support;
