@@ -16,7 +16,12 @@ async fn the_sandbox_demo_runs_a_whole_rotation_with_no_rejected_delivery() {
         .unwrap();
     assert_exit(&out, 0);
     let text = String::from_utf8_lossy(&out.stdout);
-    for step in ["stored locally", "published current=", "evidence:", "retired the old secret"] {
+    for step in [
+        "stored locally",
+        "published current=",
+        "evidence:",
+        "retired the old secret",
+    ] {
         assert!(text.contains(step), "missing `{step}` in:\n{text}");
     }
     assert!(text.contains("Rotation complete"), "{text}");
@@ -53,7 +58,10 @@ async fn the_example_config_is_valid() {
         &config,
         example
             .replace("/etc/rekey/", &format!("{}/", etc.display()))
-            .replace("/var/lib/rekey", &dir.path().join("state").display().to_string()),
+            .replace(
+                "/var/lib/rekey",
+                &dir.path().join("state").display().to_string(),
+            ),
     )
     .unwrap();
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_rekey"))
