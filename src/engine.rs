@@ -179,11 +179,14 @@ impl Engine {
         let restarted = self.first_sight(&sub.name);
         let mut event = match rec.state.phase {
             Phase::Held => return Ok((Outcome::Held, rec)),
-            p if p.in_flight() => Event::Recover {
-                now: now0,
-                restarted,
-                eager,
-            },
+            // In flight, or started but interrupted before the preflight finished.
+            p if p.in_flight() || (p == Phase::Idle && rec.state.rotation_id.is_some()) => {
+                Event::Recover {
+                    now: now0,
+                    restarted,
+                    eager,
+                }
+            }
             Phase::Idle | Phase::Failed => {
                 let trig = match trigger {
                     Some(t) => Some(t),

@@ -8,6 +8,23 @@
 /// The line a frozen process prints; tests wait for it.
 pub const REACHED: &str = "rekey failpoint reached:";
 
+/// Every crash point of one rotation, in the order a rotation passes them: after each
+/// persisted transition (`after:<event>`), and around each external write whose result
+/// is not yet persisted. The crash-matrix test kills rekey at each one.
+pub const ROTATION_POINTS: &[&str] = &[
+    "after:start",
+    "after:preflight-passed",
+    "after:rotate-sent",
+    "before:rotate-call",
+    "after:rotate-call",
+    "after:rotate-succeeded",
+    "after:publish-write",
+    "after:published",
+    "after:checked",
+    "after:retire-write",
+    "after:retired",
+];
+
 #[cfg(feature = "failpoints")]
 pub fn hit(name: &str) {
     if std::env::var("REKEY_FAILPOINT").is_ok_and(|v| v == name) {

@@ -427,6 +427,8 @@ fn resume_action(s: &RotationState, now: DateTime<Utc>, eager: bool) -> Action {
         return Action::WaitUntil(t);
     }
     match s.phase {
+        // Started (a rotation id is set) but preflight never finished: start over.
+        Phase::Idle if s.rotation_id.is_some() => Action::Preflight,
         Phase::Idle | Phase::Failed => Action::Rest,
         Phase::Rotating => Action::Rotate,
         Phase::Minted => Action::Publish,
@@ -702,6 +704,8 @@ pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Ste
                     .into();
                 quiet = false;
                 action = Action::Rotate;
+            } else if phase == Phase::Idle && action == Action::Preflight {
+                detail = "resuming the rotation that started before the restart".into();
             } else if phase == Phase::Minted && restarted {
                 detail = "resuming after a restart: publishing the locally stored secret".into();
             }
@@ -1277,8 +1281,9 @@ mod tests {
     }
 
     #[test]
-    fn start_while_idle_after_preflight_crash_just_restarts() {
-        // A crash during preflight leaves the state idle with a rotation id: harmless.
+    fn a_rotation_interrupted_during_preflight_is_resumed_not_forgotten() {
+        // A crash during preflight leaves the state idle with a rotation id: the
+        // requested rotation starts over with a new preflight.
         let s = start(&RotationState::new(), 0).state;
         let r = step(
             &s,
@@ -1288,7 +1293,11 @@ mod tests {
                 eager: false,
             },
         );
-        assert_eq!(r.action, Action::Rest);
+        assert_eq!(r.action, Action::Preflight);
+        assert!(r.transition.detail.contains("started before the restart"));
+        assert!(!r.transition.quiet);
+        let p = step(&r.state, Event::PreflightPassed { now: t(2) });
+        assert_eq!(p.action, Action::Rotate);
     }
 
     #[test]

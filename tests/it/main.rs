@@ -3,6 +3,7 @@
 //! simulated Fintoro, a verifying receiver — and runs the real `rekey` binary.
 
 mod config_errors;
+mod crash_matrix;
 mod faults;
 mod fintoro;
 mod rvault_smoke;
