@@ -5,6 +5,14 @@ use crate::support::rekey::{Rekey, Setup, Store, assert_exit, stderr};
 
 const TOKEN_FILE_LINE: &str = "token_file = \"fintoro.token\"";
 
+/// Replaces the file store by a `[vault]` section with this body.
+fn vault(c: String, body: &str) -> String {
+    c.replace(
+        "[file_store]\ndir = \"published\"\n",
+        &format!("[vault]\n{body}\n"),
+    )
+}
+
 fn base() -> Rekey {
     Rekey::new(
         &Setup::new(Store::Files, "http://127.0.0.1:9/api/public/v1", "tok")
@@ -196,12 +204,141 @@ fn cases() -> Vec<Case> {
             "not a rate",
         ),
         ("not TOML", |c| format!("{c}\n[[[broken"), "", "TOML"),
+        (
+            "unknown vault key",
+            |c| {
+                vault(
+                    c,
+                    "address = \"https://v.example\"\ntoken_file = \"fintoro.token\"\nport = 8200",
+                )
+            },
+            "vault.port",
+            "unknown key",
+        ),
+        (
+            "kv_version 3",
+            |c| {
+                vault(
+                    c,
+                    "address = \"https://v.example\"\ntoken_file = \"fintoro.token\"\nkv_version = 3",
+                )
+            },
+            "vault.kv_version",
+            "not 1 or 2",
+        ),
+        (
+            "vault over http to a remote host",
+            |c| {
+                vault(
+                    c,
+                    "address = \"http://vault.internal:8200\"\ntoken_file = \"fintoro.token\"",
+                )
+            },
+            "vault.address",
+            "https",
+        ),
+        (
+            "no vault credentials",
+            |c| vault(c, "address = \"https://v.example\""),
+            "vault.token_file",
+            "no Vault credentials",
+        ),
+        (
+            "token file and approle",
+            |c| {
+                vault(
+                    c,
+                    "address = \"https://v.example\"\ntoken_file = \"fintoro.token\"\n[vault.approle]\nrole_id = \"r\"\nsecret_id_file = \"fintoro.token\"",
+                )
+            },
+            "vault.approle",
+            "not both",
+        ),
+        (
+            "destroy versions on kv v1",
+            |c| {
+                vault(
+                    c,
+                    "address = \"https://v.example\"\ntoken_file = \"fintoro.token\"\nkv_version = 1\ndestroy_old_versions = true",
+                )
+            },
+            "vault.destroy_old_versions",
+            "kv_version = 2",
+        ),
+        (
+            "empty token file",
+            |c| c.replace(TOKEN_FILE_LINE, "token_file = \"empty.token\""),
+            "providers[0].token_file",
+            "is empty",
+        ),
+        (
+            "schedule and every",
+            |c| {
+                c.replace(
+                    "schedule = \"0 3 1 * *\"",
+                    "schedule = \"0 3 1 * *\"\nevery = \"30d\"",
+                )
+            },
+            "policies[0].every",
+            "not both",
+        ),
+        (
+            "every with a time zone",
+            |c| c.replace("schedule = \"0 3 1 * *\"", "every = \"30d\""),
+            "policies[0].timezone",
+            "only applies to `schedule`",
+        ),
+        (
+            "zero duration",
+            |c| c.replace("confirm_timeout = \"1h\"", "confirm_timeout = \"0s\""),
+            "policies[0].confirm_timeout",
+            "longer than zero",
+        ),
+        (
+            "subscription id with a slash",
+            |c| c.replace("id = \"801\"", "id = \"80/1\""),
+            "subscriptions[0].id",
+            "must not contain",
+        ),
+        (
+            "missing subscription id",
+            |c| c.replace("id = \"801\"\n", ""),
+            "subscriptions[0].id",
+            "is required",
+        ),
+        (
+            "bad log format",
+            |c| c.replace("[log]", "[log]\nformat = \"xml\""),
+            "log.format",
+            "not one of",
+        ),
+        (
+            "zero rate",
+            |c| {
+                c.replace(
+                    TOKEN_FILE_LINE,
+                    &format!("{TOKEN_FILE_LINE}\nrate_limit = \"0/s\""),
+                )
+            },
+            "providers[0].rate_limit",
+            "positive",
+        ),
+        (
+            "provider name with a space",
+            |c| {
+                c.replace("name = \"acme\"", "name = \"ac me\"")
+                    .replace("provider = \"acme\"", "provider = \"ac me\"")
+            },
+            "providers[0].name",
+            "must not contain",
+        ),
     ]
 }
 
 #[tokio::test]
 async fn every_bad_config_is_refused_with_file_key_and_reason() {
     let r = base();
+    std::fs::write(r.path().join("empty.token"), "\n").unwrap();
     let valid = std::fs::read_to_string(&r.config).unwrap();
     let ok = r.run(&["check-config"]).await;
     assert_exit(&ok, 0);
@@ -223,6 +360,10 @@ async fn every_bad_config_is_refused_with_file_key_and_reason() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    assert!(
+        cases().len() >= 40,
+        "the corpus keeps at least 40 bad configs"
+    );
 }
 
 #[tokio::test]

@@ -8,4 +8,5 @@ mod faults;
 mod fintoro;
 mod rvault_smoke;
 mod sandbox;
+mod state_damage;
 mod support;
