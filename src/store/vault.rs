@@ -462,6 +462,10 @@ mod kv2_contract {
     struct Kv {
         versions: HashMap<String, Vec<Option<Value>>>,
         sealed: bool,
+        /// The root token's remaining TTL (0 = never expires) and renewability.
+        ttl: u64,
+        renewable: bool,
+        renewals: u32,
     }
 
     type S = Arc<Mutex<Kv>>;
@@ -555,9 +559,42 @@ mod kv2_contract {
         StatusCode::NO_CONTENT
     }
 
+    async fn seal_status(State(s): State<S>) -> Json<Value> {
+        Json(json!({ "sealed": s.lock().unwrap().sealed }))
+    }
+
+    async fn lookup_self(State(s): State<S>, h: HeaderMap) -> (StatusCode, Json<Value>) {
+        if !authed(&h) {
+            return errors(StatusCode::FORBIDDEN, "permission denied");
+        }
+        let kv = s.lock().unwrap();
+        (
+            StatusCode::OK,
+            Json(
+                json!({"data": {"ttl": kv.ttl, "renewable": kv.renewable, "policies": ["rekey"]}}),
+            ),
+        )
+    }
+
+    async fn renew_self(State(s): State<S>) -> (StatusCode, Json<Value>) {
+        let mut kv = s.lock().unwrap();
+        if !kv.renewable {
+            return errors(StatusCode::BAD_REQUEST, "lease is not renewable");
+        }
+        kv.renewals += 1;
+        kv.ttl = 3600;
+        (
+            StatusCode::OK,
+            Json(json!({"auth": {"lease_duration": 3600, "renewable": true}})),
+        )
+    }
+
     async fn fake() -> (String, S) {
         let s: S = Arc::default();
         let app = axum::Router::new()
+            .route("/v1/sys/seal-status", get(seal_status))
+            .route("/v1/auth/token/lookup-self", get(lookup_self))
+            .route("/v1/auth/token/renew-self", axum::routing::post(renew_self))
             .route("/v1/secret/data/{*p}", get(read).post(write))
             .route("/v1/secret/destroy/{*p}", put(destroy))
             .with_state(s.clone());
@@ -660,6 +697,42 @@ mod kv2_contract {
             .unwrap();
         assert!(matches!(
             good.read("p").await.unwrap_err(),
+            StoreError::Sealed { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_token_near_expiry_is_renewed_before_a_rotation_or_refused() {
+        let (addr, kv) = fake().await;
+        let v = VaultStore::connect(&settings(&addr, "root", false))
+            .await
+            .unwrap();
+        // Never-expiring (ttl 0) and long-lived tokens pass without renewal.
+        v.preflight("p").await.unwrap();
+        kv.lock().unwrap().ttl = 7200;
+        v.preflight("p").await.unwrap();
+        assert_eq!(kv.lock().unwrap().renewals, 0);
+        // Below min_token_ttl (60 s here) and renewable: renewed once, then fine.
+        {
+            let mut k = kv.lock().unwrap();
+            k.ttl = 30;
+            k.renewable = true;
+        }
+        v.preflight("p").await.unwrap();
+        assert_eq!(kv.lock().unwrap().renewals, 1);
+        // Below min_token_ttl and not renewable: the rotation must not start.
+        {
+            let mut k = kv.lock().unwrap();
+            k.ttl = 30;
+            k.renewable = false;
+        }
+        let err = v.preflight("p").await.unwrap_err();
+        assert!(matches!(err, StoreError::Auth { .. }), "{err}");
+        assert!(err.to_string().contains("min_token_ttl"), "{err}");
+        // Sealed is reported as sealed, first.
+        kv.lock().unwrap().sealed = true;
+        assert!(matches!(
+            v.preflight("p").await.unwrap_err(),
             StoreError::Sealed { .. }
         ));
     }

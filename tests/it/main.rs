@@ -10,3 +10,4 @@ mod rvault_smoke;
 mod sandbox;
 mod state_damage;
 mod support;
+mod vault_auth;
