@@ -204,6 +204,15 @@ impl StateDb {
                 found: version,
             });
         }
+        // Added to v1 before it shipped; IF NOT EXISTS keeps databases made by earlier
+        // development builds working.
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS operator_decisions (
+                subscription TEXT PRIMARY KEY,
+                decision TEXT NOT NULL CHECK (decision IN ('resume', 'retire')),
+                requested_at TEXT NOT NULL
+             );",
+        )?;
         // Fails fast on a damaged file rather than at the first rotation.
         let ok: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
         if ok != "ok" {
@@ -393,6 +402,42 @@ impl StateDb {
         tx.execute("DELETE FROM requests", [])?;
         tx.commit()?;
         Ok(names)
+    }
+}
+
+impl StateDb {
+    /// Records an operator's decision on a held subscription (`retire` or resume) for
+    /// the running daemon to apply; a later decision replaces an earlier one.
+    pub fn add_decision(
+        &self,
+        name: &str,
+        retire: bool,
+        now: DateTime<Utc>,
+    ) -> Result<(), StateError> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO operator_decisions (subscription, decision, requested_at)
+             VALUES (?1, ?2, ?3)",
+            params![name, if retire { "retire" } else { "resume" }, ts1(now)],
+        )?;
+        Ok(())
+    }
+
+    /// Takes every recorded decision: `(subscription, retire)`, oldest first.
+    pub fn take_decisions(&self) -> Result<Vec<(String, bool)>, StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let rows = {
+            let mut stmt = tx.prepare(
+                "SELECT subscription, decision FROM operator_decisions ORDER BY requested_at",
+            )?;
+            stmt.query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)? == "retire"))
+            })?
+            .collect::<Result<Vec<_>, _>>()?
+        };
+        tx.execute("DELETE FROM operator_decisions", [])?;
+        tx.commit()?;
+        Ok(rows)
     }
 }
 
@@ -586,6 +631,22 @@ mod tests {
             err.contains("damaged") || err.contains("not a database"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn operator_decisions_are_taken_once_and_the_latest_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).unwrap();
+        db.add_decision("fintoro/801", false, now()).unwrap();
+        db.add_decision("fintoro/801", true, now()).unwrap();
+        db.add_decision("fintoro/802", false, now()).unwrap();
+        let mut got = db.take_decisions().unwrap();
+        got.sort();
+        assert_eq!(
+            got,
+            vec![("fintoro/801".into(), true), ("fintoro/802".into(), false)]
+        );
+        assert!(db.take_decisions().unwrap().is_empty());
     }
 
     #[test]
