@@ -3,6 +3,7 @@
 //! simulated Fintoro, a verifying receiver — and runs the real `rekey` binary.
 
 mod config_errors;
+mod daemon;
 mod fintoro;
 mod rvault_smoke;
 mod support;

@@ -1,0 +1,246 @@
+//! The long-running daemon (`rekey run` without `--once`) as systemd runs it: a real
+//! process, real signals, sd-notify datagrams on a socket the test binds, against a
+//! real Vault-API server and the Fintoro simulator.
+
+use std::time::Duration;
+
+use rekey::sandbox::fintoro::{Fault, FaultKind, Route};
+use rustix::process::Signal;
+use serde_json::Value;
+
+use crate::support::daemon::{Daemon, PATIENCE};
+use crate::support::rekey::{Rekey, assert_exit, stderr};
+use crate::support::world::World;
+
+fn s(v: &Value, key: &str) -> String {
+    v[key].as_str().unwrap_or_default().to_string()
+}
+
+/// Polls `rekey status --json` (each poll is a short process run) until `sub` is in
+/// `state`; a bounded wait on a state change, not a sleep.
+async fn until_state(rekey: &Rekey, sub: &str, state: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let st = rekey.state_of(sub).await;
+        if s(&st, "state") == state {
+            return st;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{sub} never reached {state}: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Fintoro's `lastSuccessAt` has whole seconds: a delivery proves anything only in a
+/// later second than the publication.
+async fn next_second() {
+    let into = chrono::Utc::now().timestamp_subsec_nanos() as u64;
+    tokio::time::sleep(Duration::from_nanos(1_000_000_000 - into)).await;
+}
+
+fn rewrite_config(rekey: &Rekey, from: &str, to: &str) {
+    let text = std::fs::read_to_string(&rekey.config).expect("config");
+    assert!(text.contains(from), "config lacks {from:?}:\n{text}");
+    std::fs::write(&rekey.config, text.replace(from, to)).expect("write config");
+}
+
+#[tokio::test]
+async fn the_daemon_reports_ready_keeps_its_config_on_a_bad_reload_applies_a_good_one_and_stops_on_sigterm()
+ {
+    let w = World::new().await;
+    let mut d = Daemon::start(&w.rekey, &[]).await;
+    d.notified("READY=1").await;
+    d.notified("STATUS=1 subscriptions").await;
+
+    // An invalid config: refused with the key named, the running one stays.
+    rewrite_config(
+        &w.rekey,
+        "confirm_poll = \"1s\"",
+        "confirm_poll = \"often\"",
+    );
+    d.signal(Signal::HUP);
+    let reloading = d.notified("RELOADING=1").await;
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    d.log_line(&["policies[0].confirm_poll", "often"]).await;
+    d.log_line(&["reload refused, the running config stays"])
+        .await;
+    d.notified("READY=1").await;
+    assert_eq!(w.sim.rotation_count(w.id), 0);
+
+    // A valid one that makes the subscription due at once: the daemon acts on it.
+    rewrite_config(
+        &w.rekey,
+        "confirm_poll = \"often\"",
+        "confirm_poll = \"1s\"",
+    );
+    rewrite_config(
+        &w.rekey,
+        "schedule = \"0 3 1 * *\"\ntimezone = \"Europe/Bratislava\"",
+        "every = \"30d\"\nrotate_on_adopt = true",
+    );
+    d.signal(Signal::HUP);
+    d.notified("RELOADING=1").await;
+    d.log_line(&["config reloaded"]).await;
+    d.notified("READY=1").await;
+    let st = until_state(&w.rekey, &w.name, "confirming").await;
+    assert_eq!(w.sim.rotation_count(w.id), 1);
+    let entry = w.entry().await;
+    assert_eq!(s(&entry, "current"), w.live());
+    assert_eq!(s(&entry, "previous"), w.initial);
+    assert!(st["since"].is_string(), "status shows time in state: {st}");
+
+    d.signal(Signal::TERM);
+    d.notified("STOPPING=1").await;
+    let status = d.exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+    d.record(&w.rekey);
+    w.assert_no_leak(&[]);
+}
+
+#[tokio::test]
+async fn rekey_rotate_wakes_the_running_daemon_which_rotates_and_confirms_on_its_own() {
+    let w = World::new().await;
+    let mut d = Daemon::start(&w.rekey, &[]).await;
+    d.notified("READY=1").await;
+
+    let out = w.rekey.run(&["rotate", "acme/9999"]).await;
+    assert_exit(&out, 64);
+    assert!(
+        stderr(&out).contains("no such subscription"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = w.rekey.run(&["rotate", &w.name]).await;
+    assert_exit(&out, 0);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        said.contains(&format!("running rekey daemon (pid {})", d.pid)),
+        "{said}"
+    );
+    d.log_line(&["woken (SIGUSR1)"]).await;
+    until_state(&w.rekey, &w.name, "confirming").await;
+    assert_eq!(w.sim.rotation_count(w.id), 1);
+
+    // Evidence arrives; the daemon's own confirmation poll (every 1 s) sees it and
+    // retires the old secret, with no further command.
+    next_second().await;
+    assert!(w.sim.deliver(w.id, "clients.updated").await.success);
+    until_state(&w.rekey, &w.name, "idle").await;
+    let entry = w.entry().await;
+    assert_eq!(s(&entry, "current"), w.live());
+    assert!(entry.get("previous").is_none(), "{entry}");
+    let events: Vec<String> = w
+        .rekey
+        .history(&w.name)
+        .await
+        .iter()
+        .map(|h| s(h, "event"))
+        .collect();
+    assert!(events.contains(&"retired".to_string()), "{events:?}");
+    assert!(
+        w.rekey
+            .history(&w.name)
+            .await
+            .iter()
+            .any(|h| s(h, "detail").contains("(requested)")),
+        "the trigger is recorded"
+    );
+
+    d.signal(Signal::INT);
+    assert_eq!(d.exit(Duration::from_secs(10)).await.code(), Some(0));
+    d.record(&w.rekey);
+    w.assert_no_leak(&[]);
+}
+
+#[tokio::test]
+async fn sigterm_mid_rotation_lets_the_rotate_call_publish_exits_0_and_a_later_run_finishes() {
+    let w = World::new().await;
+    // The provider commits the rotation and answers 1.5 s later (under the 2 s
+    // client timeout): SIGTERM lands while the only copy of the secret is on the wire.
+    w.sim.inject(Fault {
+        route: Route::Rotate,
+        kind: FaultKind::Delay(Duration::from_millis(1500)),
+    });
+    let mut d = Daemon::start(&w.rekey, &["--force", &w.name]).await;
+    d.log_line(&["rotate call sent"]).await;
+    d.signal(Signal::TERM);
+    d.notified("STOPPING=1").await;
+    let started = std::time::Instant::now();
+    let status = d.exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+    assert!(started.elapsed() < Duration::from_secs(5), "exits promptly");
+    d.log_line(&["stopping at a saved step"]).await;
+    d.record(&w.rekey);
+
+    // The secret made it: published (both), at a saved boundary, before the check.
+    let st = w.rekey.state_of(&w.name).await;
+    assert_eq!(s(&st, "state"), "published", "{st}");
+    assert_eq!(w.sim.rotation_count(w.id), 1);
+    let entry = w.entry().await;
+    assert_eq!(s(&entry, "current"), w.live());
+    assert_eq!(s(&entry, "previous"), w.initial);
+
+    // A later run continues from there and finishes on evidence.
+    assert_exit(&w.rekey.once(&[]).await, 0);
+    assert_eq!(s(&w.rekey.state_of(&w.name).await, "state"), "confirming");
+    next_second().await;
+    assert!(w.sim.deliver(w.id, "clients.updated").await.success);
+    assert_exit(&w.rekey.once(&[]).await, 0);
+    assert_eq!(s(&w.rekey.state_of(&w.name).await, "state"), "idle");
+    assert_eq!(w.sim.rotation_count(w.id), 1, "no second rotation");
+    w.assert_no_leak(&[]);
+}
+
+#[tokio::test]
+async fn a_held_subscription_is_retired_through_the_daemon_only_when_the_operator_confirms() {
+    let w = World::with_policy(Some(
+        r#"schedule = "0 3 1 * *"
+timezone = "Europe/Bratislava"
+confirm_timeout = "2s"
+confirm_poll = "1s"
+on_timeout = "hold"
+retry_base = "1s"
+retry_max = "2s""#,
+    ))
+    .await;
+    // No daemon yet: `rekey rotate` rotates right here.
+    let out = w.rekey.run(&["rotate", &w.name]).await;
+    assert_exit(&out, 0);
+    assert_eq!(s(&w.rekey.state_of(&w.name).await, "state"), "confirming");
+
+    // The daemon keeps polling; no delivery comes, so the deadline holds it.
+    let mut d = Daemon::start(&w.rekey, &[]).await;
+    d.notified("READY=1").await;
+    until_state(&w.rekey, &w.name, "held").await;
+    assert_eq!(
+        s(&w.entry().await, "previous"),
+        w.initial,
+        "both stay published"
+    );
+
+    // Without a terminal and without --yes: refused, nothing changes.
+    let out = w.rekey.run(&["retire", &w.name]).await;
+    assert_exit(&out, 64);
+    assert!(stderr(&out).contains("--yes"), "{}", stderr(&out));
+    assert_eq!(s(&w.rekey.state_of(&w.name).await, "state"), "held");
+
+    let out = w.rekey.run(&["retire", &w.name, "--yes"]).await;
+    assert_exit(&out, 0);
+    d.log_line(&["operator decision received", "retire"]).await;
+    until_state(&w.rekey, &w.name, "idle").await;
+    let entry = w.entry().await;
+    assert_eq!(s(&entry, "current"), w.live());
+    assert!(entry.get("previous").is_none(), "{entry}");
+
+    // Deciding again is refused: it is no longer held.
+    let out = w.rekey.run(&["resume", &w.name, "--yes"]).await;
+    assert_exit(&out, 64);
+
+    d.signal(Signal::TERM);
+    assert_eq!(d.exit(Duration::from_secs(10)).await.code(), Some(0));
+    d.record(&w.rekey);
+    w.assert_no_leak(&[]);
+}
