@@ -244,3 +244,23 @@ retry_max = "2s""#,
     d.record(&w.rekey);
     w.assert_no_leak(&[]);
 }
+
+#[tokio::test]
+async fn with_the_watchdog_on_the_idle_scheduler_still_pings_at_half_the_interval() {
+    let w = World::new().await;
+    // 600 ms: systemd would expect a ping at least every 300 ms; nothing is due for
+    // weeks, so only the scheduler loop's own wake-ups can send them.
+    let mut d = Daemon::start_with_env(&w.rekey, &[], &[("WATCHDOG_USEC", "600000")]).await;
+    d.notified("READY=1").await;
+    let started = std::time::Instant::now();
+    for _ in 0..4 {
+        d.notified("WATCHDOG=1").await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "pings came every ~300 ms, took {:?}",
+        started.elapsed()
+    );
+    d.signal(Signal::TERM);
+    assert_eq!(d.exit(Duration::from_secs(10)).await.code(), Some(0));
+}

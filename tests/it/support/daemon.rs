@@ -30,6 +30,11 @@ impl Daemon {
     /// Starts `rekey run` (no `--once`) with `extra` arguments and `NOTIFY_SOCKET`
     /// pointing at a socket this test reads.
     pub async fn start(rekey: &Rekey, extra: &[&str]) -> Daemon {
+        Self::start_with_env(rekey, extra, &[]).await
+    }
+
+    /// As [`Daemon::start`], with extra environment variables.
+    pub async fn start_with_env(rekey: &Rekey, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let socket = rekey
             .path()
             .join(format!("notify-{}.sock", uuid::Uuid::new_v4()));
@@ -38,6 +43,7 @@ impl Daemon {
         args.extend_from_slice(extra);
         let mut cmd = rekey.command(&args);
         cmd.env("NOTIFY_SOCKET", &socket);
+        cmd.envs(env.iter().copied());
         let mut child = cmd.spawn().expect("spawn rekey run");
         let pid = child.id().expect("pid");
         let (tx, lines) = mpsc::unbounded_channel();
