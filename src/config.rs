@@ -43,6 +43,13 @@ pub struct RawConfig {
     pub subscriptions: Vec<RawSubscription>,
     pub log: Option<RawLog>,
     pub daemon: Option<RawDaemon>,
+    pub metrics: Option<RawMetrics>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    pub listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +148,8 @@ pub struct Config {
     pub subscriptions: Vec<Subscription>,
     pub log: LogSettings,
     pub daemon: DaemonSettings,
+    /// Where the daemon serves `/metrics` and `/healthz`; off when `None`.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// The long-running mode's own settings (`[daemon]`).
@@ -1004,6 +1013,20 @@ fn validate(
         );
     }
 
+    let metrics_listen = match raw.metrics.and_then(|m| m.listen) {
+        None => None,
+        Some(l) => match l.parse::<std::net::SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                c.problem(
+                    "metrics.listen",
+                    format!("`{l}` is not an address and port, e.g. \"127.0.0.1:9464\""),
+                );
+                None
+            }
+        },
+    };
+
     if !c.problems.is_empty() {
         return Err(ConfigError {
             file: file.to_path_buf(),
@@ -1028,6 +1051,7 @@ fn validate(
         subscriptions,
         log,
         daemon,
+        metrics_listen,
     })
 }
 
@@ -1271,6 +1295,11 @@ vault_path = "webhooks/fintoro/801"
         assert_eq!(c.daemon.max_concurrent, 2);
         assert_eq!(c.daemon.drain_timeout, Duration::from_secs(5));
         assert_eq!(c.providers[0].max_concurrent, None);
+        assert_eq!(c.metrics_listen, None, "metrics are off by default");
+        let c = load(&(GOOD.to_string() + "\n[metrics]\nlisten = \"127.0.0.1:9464\"\n")).unwrap();
+        assert_eq!(c.metrics_listen.unwrap().port(), 9464);
+        let err = load(&(GOOD.to_string() + "\n[metrics]\nlisten = \"localhost\"\n")).unwrap_err();
+        assert_eq!(err.problems[0].key, "metrics.listen", "{err}");
 
         let bad = GOOD
             .replace(

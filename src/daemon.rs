@@ -75,9 +75,23 @@ pub async fn run(path: &Path, engine: Arc<Engine>, db: Arc<StateDb>, force: Vec<
         subscriptions = engine.config().subscriptions.len(),
         "rekey daemon starting"
     );
+    let mut sched = Scheduler::new(engine.clone(), &force);
+    if let Some(addr) = engine.config().metrics_listen {
+        let listener = match crate::metrics::bind(addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(address = %addr, error = %e, "cannot listen for metrics ([metrics] listen)");
+                return exit::SOFTWARE;
+            }
+        };
+        tracing::info!(address = %addr, "serving /metrics and /healthz");
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        tokio::spawn(crate::metrics::serve(listener, metrics.clone()));
+        sched = sched.with_metrics(metrics);
+    }
     let (tx, rx) = mpsc::channel(16);
     let mut current = engine.config().clone();
-    let mut scheduler = tokio::spawn(Scheduler::new(engine, &force).run(rx));
+    let mut scheduler = tokio::spawn(sched.run(rx));
     let mut stopping = false;
     loop {
         tokio::select! {
@@ -148,6 +162,9 @@ async fn reload(
     }
     if config.log.format != current.log.format || config.log.level != current.log.level {
         tracing::warn!("[log] settings change at the next restart, not on reload");
+    }
+    if config.metrics_listen != current.metrics_listen {
+        tracing::warn!("[metrics] listen changes at the next restart, not on reload");
     }
     let engine = match Engine::new(Arc::new(config.clone()), db.clone()).await {
         Ok(e) => e,

@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod engine;
 pub mod failpoint;
 pub mod lock;
+pub mod metrics;
 pub mod provider;
 pub mod rotation;
 pub mod sandbox;

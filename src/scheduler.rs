@@ -26,6 +26,7 @@ use tokio::task::JoinSet;
 use crate::config::{Config, Policy, Subscription};
 use crate::daemon::{Notify, notify};
 use crate::engine::{self, Engine, EngineError, Outcome};
+use crate::metrics::Metrics;
 use crate::rotation::{Phase, Transition, Trigger};
 use crate::schedule::Schedule;
 use crate::state::Record;
@@ -238,9 +239,9 @@ pub fn catch_up(
 
 /// When `rec` next needs the engine, by the daemon's rules: `None` for never (held).
 /// A new rotation (idle, or failed and retrying) starts only per the policy's start
-/// rules; steps of a rotation in flight run at their own time.
+/// rules; steps of a rotation in flight run at their own time. Each time agrees with
+/// what [`Engine::advance`] will accept as due, or the loop would wake for nothing.
 pub fn wake_time(
-    engine: &Engine,
     policy: &Policy,
     name: &str,
     rec: &Record,
@@ -251,10 +252,14 @@ pub fn wake_time(
         Phase::Idle => rec
             .next_due_at
             .map(|due| start_time(&policy.start, name, due, now)),
-        Phase::Failed => engine
-            .wake_at(rec)
+        // After a failure the engine retries only once the backoff has passed, even
+        // if the schedule says the rotation is (over)due.
+        Phase::Failed => rec
+            .state
+            .not_before
+            .or(rec.next_due_at)
             .map(|t| fit(&policy.start, Duration::ZERO, t, now)),
-        _ => engine.wake_at(rec),
+        _ => Some(rec.state.not_before.unwrap_or(now).max(now)),
     }
 }
 
@@ -324,7 +329,16 @@ pub struct Scheduler {
     stop: Arc<AtomicBool>,
     watchdog: Option<Duration>,
     last_status: String,
+    metrics: Option<Arc<Metrics>>,
+    /// The last history row the metrics counted.
+    counted_seq: i64,
+    /// Subscriptions the engine found not due although [`wake_time`] said they were,
+    /// held back until then so a disagreement cannot spin the loop.
+    cooldown: HashMap<String, DateTime<Utc>>,
 }
+
+/// How long a subscription the engine refused as not due waits before the next try.
+const COOLDOWN: Duration = Duration::from_secs(60);
 
 impl Scheduler {
     /// `force`: subscriptions to rotate now (`rekey run --force` without `--once`).
@@ -342,7 +356,17 @@ impl Scheduler {
             stop: Arc::new(AtomicBool::new(false)),
             watchdog: sd_notify::watchdog_enabled(),
             last_status: String::new(),
+            metrics: None,
+            counted_seq: 0,
+            cooldown: HashMap::new(),
         }
+    }
+
+    /// Feeds `metrics` from now on (transitions from before are not counted).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Scheduler {
+        self.counted_seq = self.engine.db().last_seq().unwrap_or(0);
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Runs until told to stop, then drains. Returns when every task finished or the
@@ -358,6 +382,7 @@ impl Scheduler {
         );
         loop {
             self.report_status(next);
+            self.count_history();
             if self.watchdog.is_some() {
                 notify(&[Notify::Watchdog]);
             }
@@ -552,7 +577,11 @@ impl Scheduler {
                         continue;
                     };
                     match engine.record(sub) {
-                        Ok(rec) => match wake_time(&engine, policy, &sub.name, &rec, now) {
+                        Ok(rec) => match wake_time(policy, &sub.name, &rec, now) {
+                            Some(t) if t <= now && self.cooling(&sub.name, now) => {
+                                next = Some(next.map_or(t, |n| n.min(t)));
+                                None
+                            }
                             Some(t) if t <= now => Some(Job::Due),
                             Some(t) => {
                                 next = Some(next.map_or(t, |n| n.min(t)));
@@ -584,6 +613,17 @@ impl Scheduler {
             self.pending.remove(&n);
         }
         next
+    }
+
+    fn cooling(&mut self, name: &str, now: DateTime<Utc>) -> bool {
+        match self.cooldown.get(name) {
+            Some(until) if *until > now => true,
+            Some(_) => {
+                self.cooldown.remove(name);
+                false
+            }
+            None => false,
+        }
     }
 
     fn try_spawn(&mut self, sub: &Subscription, job: Job) -> bool {
@@ -651,6 +691,16 @@ impl Scheduler {
                     if matches!(done.job, Job::Start(_)) && rec.state.phase.in_flight() {
                         tracing::info!(subscription = %name, state = %rec.state.phase, "already rotating; request merged");
                     }
+                    if done.job == Job::Due && !self.stop.load(Ordering::SeqCst) {
+                        tracing::warn!(
+                            subscription = %name,
+                            state = %rec.state.phase,
+                            "woke for a step the engine did not find due; retrying in {}",
+                            humantime::format_duration(COOLDOWN)
+                        );
+                        self.cooldown
+                            .insert(name.clone(), plus(engine::now(), COOLDOWN));
+                    }
                 }
                 Outcome::Held => tracing::warn!(
                     subscription = %name,
@@ -667,9 +717,27 @@ impl Scheduler {
         }
     }
 
-    /// Sends a STATUS= line to systemd when the summary changed.
+    /// Feeds the transitions recorded since the last call to the metrics.
+    fn count_history(&mut self) {
+        let Some(m) = &self.metrics else { return };
+        m.beat(engine::now());
+        match self.engine.db().history_after(self.counted_seq) {
+            Ok(rows) => {
+                if let Some(last) = rows.last() {
+                    self.counted_seq = last.seq;
+                }
+                m.observe(&rows);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the history for metrics"),
+        }
+    }
+
+    /// Sends a STATUS= line to systemd when the summary changed; updates the gauges.
     fn report_status(&mut self, next: Option<DateTime<Utc>>) {
         let records = self.engine.db().load_all().unwrap_or_default();
+        if let Some(m) = &self.metrics {
+            m.set_records(self.engine.config(), &records);
+        }
         let config = self.config();
         let mine: Vec<&Record> = records
             .iter()
@@ -955,6 +1023,44 @@ mod tests {
                 .iter()
                 .all(|r| r.state.pending_secret.is_none())
         );
+    }
+
+    #[test]
+    fn a_failed_rotation_wakes_at_its_backoff_not_at_its_overdue_schedule() {
+        let p = policy(
+            Schedule::Every(Duration::from_secs(3600)),
+            rules(Some("02:00-05:00"), 600),
+        );
+        let now = utc("2026-11-23T01:30:00Z"); // 02:30 CET, window open
+        let mut rec = Record {
+            name: "a/1".into(),
+            state: crate::rotation::RotationState::new(),
+            first_seen_at: utc("2026-11-01T00:00:00Z"),
+            next_due_at: Some(utc("2026-11-01T00:00:00Z")),
+            phase_since: now,
+        };
+        rec.state.phase = Phase::Failed;
+        rec.state.not_before = Some(utc("2026-11-23T01:35:00Z"));
+        assert_eq!(
+            wake_time(&p, "a/1", &rec, now),
+            Some(utc("2026-11-23T01:35:00Z")),
+            "no jitter on a retry, and not the long-past due time"
+        );
+        // A retry that falls outside the window waits for it.
+        rec.state.not_before = Some(utc("2026-11-23T05:00:00Z"));
+        assert_eq!(
+            wake_time(&p, "a/1", &rec, now),
+            Some(utc("2026-11-24T01:00:00Z"))
+        );
+        // In flight: its own time, window or not.
+        rec.state.phase = Phase::Confirming;
+        rec.state.not_before = Some(utc("2026-11-23T12:00:00Z"));
+        assert_eq!(
+            wake_time(&p, "a/1", &rec, now),
+            Some(utc("2026-11-23T12:00:00Z"))
+        );
+        rec.state.phase = Phase::Held;
+        assert_eq!(wake_time(&p, "a/1", &rec, now), None);
     }
 
     #[test]

@@ -344,13 +344,21 @@ impl StateDb {
 
     /// The history of one subscription (or all, with `None`), oldest first.
     pub fn history(&self, name: Option<&str>) -> Result<Vec<HistoryRow>, StateError> {
+        self.history_where("?1 IS NULL OR subscription = ?1", rusqlite::params![name])
+    }
+
+    fn history_where(
+        &self,
+        condition: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<HistoryRow>, StateError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
+        let mut stmt = conn.prepare_cached(&format!(
             "SELECT seq, subscription, at, rotation_id, from_phase, to_phase, event, detail
-             FROM history WHERE ?1 IS NULL OR subscription = ?1 ORDER BY seq",
-        )?;
+             FROM history WHERE {condition} ORDER BY seq"
+        ))?;
         let rows = stmt
-            .query_map([name], |r| {
+            .query_map(params, |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
                     r.get::<_, String>(1)?,
@@ -380,6 +388,21 @@ impl StateDb {
                 },
             )
             .collect()
+    }
+
+    /// History rows after `seq` (all subscriptions), oldest first: what the daemon's
+    /// metrics have not counted yet.
+    pub fn history_after(&self, seq: i64) -> Result<Vec<HistoryRow>, StateError> {
+        self.history_where("seq > ?1", rusqlite::params![seq])
+    }
+
+    /// The newest history row's sequence number (0 when empty).
+    pub fn last_seq(&self) -> Result<i64, StateError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT coalesce(max(seq), 0) FROM history", [], |r| {
+                r.get(0)
+            })?)
     }
 
     /// Records an operator's request to rotate `name` as soon as possible.

@@ -40,6 +40,33 @@ async fn next_second() {
     tokio::time::sleep(Duration::from_nanos(1_000_000_000 - into)).await;
 }
 
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// Scrapes `/metrics` until every line in `want` is there (the daemon updates its
+/// gauges when its loop next turns, just after the state changed).
+async fn until_metrics(port: u16, want: &[&str]) -> String {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("body");
+        if want.iter().all(|w| body.contains(w)) {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "metrics lack some of {want:?}:\n{body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn rewrite_config(rekey: &Rekey, from: &str, to: &str) {
     let text = std::fs::read_to_string(&rekey.config).expect("config");
     assert!(text.contains(from), "config lacks {from:?}:\n{text}");
@@ -102,8 +129,19 @@ async fn the_daemon_reports_ready_keeps_its_config_on_a_bad_reload_applies_a_goo
 #[tokio::test]
 async fn rekey_rotate_wakes_the_running_daemon_which_rotates_and_confirms_on_its_own() {
     let w = World::new().await;
+    let port = free_port();
+    let text = std::fs::read_to_string(&w.rekey.config).expect("config");
+    std::fs::write(
+        &w.rekey.config,
+        format!("{text}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    )
+    .expect("config");
     let mut d = Daemon::start(&w.rekey, &[]).await;
     d.notified("READY=1").await;
+    let health = reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
+        .await
+        .expect("healthz");
+    assert_eq!(health.status(), 200);
 
     let out = w.rekey.run(&["rotate", "acme/9999"]).await;
     assert_exit(&out, 64);
@@ -148,6 +186,21 @@ async fn rekey_rotate_wakes_the_running_daemon_which_rotates_and_confirms_on_its
             .any(|h| s(h, "detail").contains("(requested)")),
         "the trigger is recorded"
     );
+
+    // The metrics saw the whole rotation.
+    let metrics = until_metrics(
+        port,
+        &[
+            r#"rekey_rotations_total{provider="acme",outcome="retired"} 1"#,
+            r#"rekey_subscriptions{state="idle"} 1"#,
+            "rekey_exposure_window_seconds_count 1",
+            "rekey_confirmation_latency_seconds_count 1",
+            r#"rekey_last_success_timestamp_seconds{subscription="acme/801"}"#,
+            r#"rekey_next_rotation_timestamp_seconds{subscription="acme/801"}"#,
+        ],
+    )
+    .await;
+    assert!(!metrics.contains(&w.live()) && !metrics.contains(&w.initial));
 
     d.signal(Signal::INT);
     assert_eq!(d.exit(Duration::from_secs(10)).await.code(), Some(0));
