@@ -317,3 +317,35 @@ async fn with_the_watchdog_on_the_idle_scheduler_still_pings_at_half_the_interva
     d.signal(Signal::TERM);
     assert_eq!(d.exit(Duration::from_secs(10)).await.code(), Some(0));
 }
+
+#[tokio::test]
+async fn check_config_prints_the_plan_touching_nothing_and_preflight_finds_a_sealed_vault() {
+    let w = World::new().await;
+    let out = w.rekey.run(&["check-config"]).await;
+    assert_exit(&out, 0);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    // 03:00 in Bratislava on the 1st: 02:00 UTC in winter.
+    assert!(said.contains("acme/801"), "{said}");
+    assert!(
+        said.contains("-01 02:00:00Z"),
+        "the plan lists start times: {said}"
+    );
+    assert!(!w.rekey.state_dir().exists(), "check-config created state");
+
+    let out = w.rekey.run(&["check-config", "--preflight"]).await;
+    assert_exit(&out, 0);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("preflight: acme/801: ok"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    w.vault.seal().await;
+    let out = w.rekey.run(&["check-config", "--preflight"]).await;
+    assert_exit(&out, 1);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.contains("FAILED"), "{said}");
+    assert!(!w.rekey.state_dir().exists(), "preflight created state");
+    assert_eq!(w.sim.rotation_count(w.id), 0);
+    w.assert_no_leak(&[]);
+}
