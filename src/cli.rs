@@ -145,7 +145,11 @@ pub fn main() -> ExitCode {
             return ExitCode::from(exit::SOFTWARE);
         }
     };
-    ExitCode::from(runtime.block_on(dispatch(cli)))
+    let code = runtime.block_on(dispatch(cli));
+    // A daemon that gave up draining may leave a step stuck in a call; the state is
+    // saved, so do not let that step hold the exit open.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    ExitCode::from(code)
 }
 
 async fn dispatch(cli: Cli) -> u8 {

@@ -354,3 +354,45 @@ async fn check_config_prints_the_plan_touching_nothing_and_preflight_finds_a_sea
     assert_eq!(w.sim.rotation_count(w.id), 0);
     w.assert_no_leak(&[]);
 }
+
+#[tokio::test]
+async fn a_rotate_call_slower_than_the_drain_timeout_cannot_hold_sigterm_and_is_recovered_later() {
+    let w = World::new().await;
+    rewrite_config(
+        &w.rekey,
+        "[log]",
+        "[daemon]\ndrain_timeout = \"1s\"\n\n[log]",
+    );
+    // Committed at the provider, answered after 1.8 s: longer than the drain timeout
+    // (1 s), shorter than the client timeout (2 s).
+    w.sim.inject(Fault {
+        route: Route::Rotate,
+        kind: FaultKind::Delay(Duration::from_millis(1800)),
+    });
+    let mut d = Daemon::start(&w.rekey, &["--force", &w.name]).await;
+    d.log_line(&["rotate call sent"]).await;
+    d.signal(Signal::TERM);
+    let started = std::time::Instant::now();
+    let status = d.exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "bounded by the drain timeout, took {:?}",
+        started.elapsed()
+    );
+    d.log_line(&["drain timeout"]).await;
+    d.record(&w.rekey);
+
+    // The process left while the response was on the wire (it did not wait for it:
+    // the state is still `rotating`), and the
+    // next run treats the response as lost, rotates again and publishes that secret.
+    assert_eq!(s(&w.rekey.state_of(&w.name).await, "state"), "rotating");
+    assert_exit(&w.rekey.once(&[]).await, 0);
+    let st = w.rekey.state_of(&w.name).await;
+    assert_eq!(st["lost_responses"], 1, "{st}");
+    assert_eq!(w.sim.rotation_count(w.id), 2);
+    let entry = w.entry().await;
+    assert_eq!(s(&entry, "current"), w.live());
+    assert_eq!(s(&entry, "previous"), w.initial);
+    w.assert_no_leak(&[]);
+}

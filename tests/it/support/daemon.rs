@@ -1,5 +1,9 @@
 //! A `rekey run` daemon process under test: its log lines and its sd-notify datagrams
 //! as streams the test waits on (never fixed sleeps), and real signals.
+//!
+//! A failpoint freezes a runtime worker thread, which can stall tokio's I/O driver and
+//! with it signal delivery: with a daemon, use failpoints only to SIGKILL it, and a
+//! simulator delay to catch it mid-step for SIGTERM.
 
 use std::path::PathBuf;
 use std::process::ExitStatus;
