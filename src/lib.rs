@@ -15,6 +15,7 @@ pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod failpoint;
+pub mod journal;
 pub mod lock;
 pub mod metrics;
 pub mod provider;
