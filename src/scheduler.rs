@@ -578,11 +578,13 @@ impl Scheduler {
                     };
                     match engine.record(sub) {
                         Ok(rec) => match wake_time(policy, &sub.name, &rec, now) {
-                            Some(t) if t <= now && self.cooling(&sub.name, now) => {
-                                next = Some(next.map_or(t, |n| n.min(t)));
-                                None
-                            }
-                            Some(t) if t <= now => Some(Job::Due),
+                            Some(t) if t <= now => match self.cooling(&sub.name, now) {
+                                Some(until) => {
+                                    next = Some(next.map_or(until, |n| n.min(until)));
+                                    None
+                                }
+                                None => Some(Job::Due),
+                            },
                             Some(t) => {
                                 next = Some(next.map_or(t, |n| n.min(t)));
                                 None
@@ -615,14 +617,15 @@ impl Scheduler {
         next
     }
 
-    fn cooling(&mut self, name: &str, now: DateTime<Utc>) -> bool {
+    /// Until when `name` is cooling down, if it is.
+    fn cooling(&mut self, name: &str, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
         match self.cooldown.get(name) {
-            Some(until) if *until > now => true,
+            Some(until) if *until > now => Some(*until),
             Some(_) => {
                 self.cooldown.remove(name);
-                false
+                None
             }
-            None => false,
+            None => None,
         }
     }
 
@@ -734,7 +737,13 @@ impl Scheduler {
 
     /// Sends a STATUS= line to systemd when the summary changed; updates the gauges.
     fn report_status(&mut self, next: Option<DateTime<Utc>>) {
-        let records = self.engine.db().load_all().unwrap_or_default();
+        let records = match self.engine.db().load_all() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the state for the status line");
+                return;
+            }
+        };
         if let Some(m) = &self.metrics {
             m.set_records(self.engine.config(), &records);
         }
@@ -745,16 +754,17 @@ impl Scheduler {
             .collect();
         let count = |p: Phase| mine.iter().filter(|r| r.state.phase == p).count();
         let confirming = count(Phase::Confirming) + count(Phase::Published);
+        let n = config.subscriptions.len();
         let mut status = format!(
-            "{} subscriptions, {} rotating, {} confirming, {} held, {} failed",
-            config.subscriptions.len(),
+            "{n} subscription{}, {} active, {} confirming, {} held, {} failed",
+            if n == 1 { "" } else { "s" },
             self.running.len(),
             confirming,
             count(Phase::Held),
             count(Phase::Failed)
         );
         if let Some(t) = next {
-            status.push_str(&format!(", next wake {}", t.format("%Y-%m-%d %H:%M:%SZ")));
+            status.push_str(&format!(", next step {}", t.format("%Y-%m-%d %H:%M:%SZ")));
         }
         if status != self.last_status {
             notify(&[Notify::Status(&status)]);

@@ -79,7 +79,8 @@ async fn the_daemon_reports_ready_keeps_its_config_on_a_bad_reload_applies_a_goo
     let w = World::new().await;
     let mut d = Daemon::start(&w.rekey, &[]).await;
     d.notified("READY=1").await;
-    d.notified("STATUS=1 subscriptions").await;
+    let status = d.notified("STATUS=1 subscription,").await;
+    assert!(status.contains("0 held"), "{status}");
 
     // An invalid config: refused with the key named, the running one stays.
     rewrite_config(
