@@ -882,14 +882,19 @@ mod tests {
     /// Five subscriptions due at once, two providers: `a` capped at one rotation at a
     /// time, everything capped at two.
     fn fleet(dir: &std::path::Path) -> Config {
+        fleet_with(dir, "every = \"30d\"\nrotate_on_adopt = true\n")
+    }
+
+    fn fleet_with(dir: &std::path::Path, policy: &str) -> Config {
         std::fs::write(dir.join("token"), "t").unwrap();
         let mut toml = String::from(
             "version = 1\nstate_dir = \"state\"\n[file_store]\ndir = \"published\"\n\
              [daemon]\nmax_concurrent = 2\n\
              [[providers]]\nname = \"a\"\nkind = \"fintoro\"\nbase_url = \"http://127.0.0.1:9\"\ntoken_file = \"token\"\nmax_concurrent = 1\n\
              [[providers]]\nname = \"b\"\nkind = \"fintoro\"\nbase_url = \"http://127.0.0.1:9\"\ntoken_file = \"token\"\n\
-             [[policies]]\nname = \"p\"\nevery = \"30d\"\nrotate_on_adopt = true\n",
+             [[policies]]\nname = \"p\"\n",
         );
+        toml.push_str(policy);
         for (p, id) in [("a", 1), ("a", 2), ("a", 3), ("b", 1), ("b", 2)] {
             toml.push_str(&format!(
                 "[[subscriptions]]\nprovider = \"{p}\"\nid = \"{id}\"\npolicy = \"p\"\nvault_path = \"w/{p}/{id}\"\n"
@@ -902,6 +907,31 @@ mod tests {
             false,
         )
         .unwrap()
+    }
+
+    type Parts = (
+        Arc<Engine>,
+        Arc<crate::state::StateDb>,
+        Arc<std::sync::Mutex<Gauge>>,
+    );
+
+    fn parts(dir: &std::path::Path, config: Arc<Config>) -> Parts {
+        let db = Arc::new(crate::state::StateDb::open(&config.state_dir).unwrap());
+        let gauge = Arc::new(std::sync::Mutex::new(Gauge::default()));
+        let providers = ["a", "b"]
+            .into_iter()
+            .map(|n| {
+                let p: Arc<dyn crate::provider::Provider> = Arc::new(SlowProvider {
+                    name: n.into(),
+                    gauge: gauge.clone(),
+                });
+                (n.to_string(), p)
+            })
+            .collect();
+        let store: Arc<dyn crate::store::SecretStore> =
+            Arc::new(crate::store::FileStore::new(dir.join("published")));
+        let engine = Arc::new(Engine::with_parts(config, db.clone(), store, providers));
+        (engine, db, gauge)
     }
 
     async fn until_rotations(db: &crate::state::StateDb, name: &str, n: usize) {
@@ -924,26 +954,7 @@ mod tests {
     async fn due_rotations_run_within_the_global_and_provider_caps_one_per_subscription() {
         let dir = tempfile::tempdir().unwrap();
         let config = Arc::new(fleet(dir.path()));
-        let db = Arc::new(crate::state::StateDb::open(&config.state_dir).unwrap());
-        let gauge = Arc::new(std::sync::Mutex::new(Gauge::default()));
-        let providers = ["a", "b"]
-            .into_iter()
-            .map(|n| {
-                let p: Arc<dyn crate::provider::Provider> = Arc::new(SlowProvider {
-                    name: n.into(),
-                    gauge: gauge.clone(),
-                });
-                (n.to_string(), p)
-            })
-            .collect();
-        let store: Arc<dyn crate::store::SecretStore> =
-            Arc::new(crate::store::FileStore::new(dir.path().join("published")));
-        let engine = Arc::new(Engine::with_parts(
-            config.clone(),
-            db.clone(),
-            store,
-            providers,
-        ));
+        let (engine, db, gauge) = parts(dir.path(), config.clone());
         let (tx, rx) = mpsc::channel(4);
         let sched = tokio::spawn(Scheduler::new(engine, &[]).run(rx));
         for s in &config.subscriptions {
@@ -976,26 +987,7 @@ mod tests {
     async fn stopping_lets_rotate_calls_in_flight_publish_and_starts_nothing_new() {
         let dir = tempfile::tempdir().unwrap();
         let config = Arc::new(fleet(dir.path()));
-        let db = Arc::new(crate::state::StateDb::open(&config.state_dir).unwrap());
-        let gauge = Arc::new(std::sync::Mutex::new(Gauge::default()));
-        let providers = ["a", "b"]
-            .into_iter()
-            .map(|n| {
-                let p: Arc<dyn crate::provider::Provider> = Arc::new(SlowProvider {
-                    name: n.into(),
-                    gauge: gauge.clone(),
-                });
-                (n.to_string(), p)
-            })
-            .collect();
-        let store: Arc<dyn crate::store::SecretStore> =
-            Arc::new(crate::store::FileStore::new(dir.path().join("published")));
-        let engine = Arc::new(Engine::with_parts(
-            config.clone(),
-            db.clone(),
-            store,
-            providers,
-        ));
+        let (engine, db, gauge) = parts(dir.path(), config.clone());
         let (tx, rx) = mpsc::channel(4);
         let sched = tokio::spawn(Scheduler::new(engine, &[]).run(rx));
         for _ in 0..500 {
@@ -1033,6 +1025,63 @@ mod tests {
                 .iter()
                 .all(|r| r.state.pending_secret.is_none())
         );
+    }
+
+    #[tokio::test]
+    async fn a_rotation_missed_while_down_runs_at_start_or_moves_on_per_catch_up() {
+        for (catch_up, rotates) in [("run", true), ("skip", false)] {
+            let dir = tempfile::tempdir().unwrap();
+            let config = Arc::new(fleet_with(
+                dir.path(),
+                &format!("every = \"30d\"\ncatch_up = \"{catch_up}\"\n"),
+            ));
+            let (engine, db, gauge) = parts(dir.path(), config);
+            // a/1 was last rotated 31 days ago: due a day ago, while rekey was down.
+            // (Microseconds: what the state database keeps.)
+            let now = chrono::SubsecRound::trunc_subsecs(engine::now(), 6);
+            let due = now - chrono::Duration::days(1);
+            let mut rec = db
+                .load_or_create("a/1", now - chrono::Duration::days(60))
+                .unwrap();
+            rec.state.last_rotated_at = Some(now - chrono::Duration::days(31));
+            rec.next_due_at = Some(due);
+            db.save(&rec, None, now).unwrap();
+
+            let (tx, rx) = mpsc::channel(4);
+            let sched = tokio::spawn(Scheduler::new(engine, &[]).run(rx));
+            if rotates {
+                until_rotations(&db, "a/1", 1).await;
+            } else {
+                for _ in 0..500 {
+                    let h = db.history(Some("a/1")).unwrap();
+                    if h.iter().any(|r| r.event == "catch-up-skipped") {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            tx.send(Control::Stop).await.unwrap();
+            sched.await.unwrap();
+            let calls = gauge.lock().unwrap().calls;
+            assert_eq!(calls, usize::from(rotates), "catch_up = {catch_up}");
+            let rec = db.load("a/1").unwrap().unwrap();
+            if !rotates {
+                assert_eq!(
+                    rec.next_due_at,
+                    Some(due + chrono::Duration::days(30)),
+                    "the next occurrence of the interval"
+                );
+                assert!(
+                    db.history(Some("a/1"))
+                        .unwrap()
+                        .iter()
+                        .any(|r| r.event == "catch-up-skipped"),
+                    "the skip is in the history"
+                );
+            }
+            // Never-seen subscriptions without rotate_on_adopt were not touched.
+            assert_eq!(db.load("b/1").unwrap().unwrap().state.phase, Phase::Idle);
+        }
     }
 
     #[test]
