@@ -84,10 +84,49 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Validate the config and print the plan, touching nothing.
+    /// Validate the config and print the plan (each subscription's next start times),
+    /// touching nothing.
     CheckConfig {
         #[command(flatten)]
         config: ConfigArg,
+        /// Also check the credentials: Vault (reachable, unsealed, token valid, each
+        /// path readable) and each provider (token accepted, subscription exists).
+        #[arg(long)]
+        preflight: bool,
+    },
+    /// Rotate these subscriptions now. With a daemon running on the same state
+    /// directory, records the request and wakes the daemon (SIGUSR1) to do it;
+    /// otherwise rotates here, as `run --once --force` would.
+    Rotate {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// `<provider>/<id>`, one or more.
+        #[arg(required = true, value_name = "PROVIDER/ID")]
+        subscriptions: Vec<String>,
+    },
+    /// Held subscription: keep both secrets published and wait another
+    /// confirm_timeout for evidence.
+    Resume {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// `<provider>/<id>`.
+        #[arg(value_name = "PROVIDER/ID")]
+        subscription: String,
+        /// Do not ask for confirmation (needed without a terminal).
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+    /// Held subscription: retire the old secret without evidence that deliveries
+    /// signed with the new one succeed.
+    Retire {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// `<provider>/<id>`.
+        #[arg(value_name = "PROVIDER/ID")]
+        subscription: String,
+        /// Do not ask for confirmation (needed without a terminal).
+        #[arg(long, short = 'y')]
+        yes: bool,
     },
     /// Run a whole rotation against in-process simulated providers and a local secret
     /// store (or a Vault given with --vault-addr), printing each step.
@@ -106,7 +145,11 @@ pub fn main() -> ExitCode {
             return ExitCode::from(exit::SOFTWARE);
         }
     };
-    ExitCode::from(runtime.block_on(dispatch(cli)))
+    let code = runtime.block_on(dispatch(cli));
+    // A daemon that gave up draining may leave a step stuck in a call; the state is
+    // saved, so do not let that step hold the exit open.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    ExitCode::from(code)
 }
 
 async fn dispatch(cli: Cli) -> u8 {
@@ -122,7 +165,21 @@ async fn dispatch(cli: Cli) -> u8 {
             subscription,
             json,
         } => history_cmd(&config.config, subscription.as_deref(), json),
-        Command::CheckConfig { config } => check_config(&config.config),
+        Command::CheckConfig { config, preflight } => check_config(&config.config, preflight).await,
+        Command::Rotate {
+            config,
+            subscriptions,
+        } => rotate_cmd(&config.config, &subscriptions).await,
+        Command::Resume {
+            config,
+            subscription,
+            yes,
+        } => decide_cmd(&config.config, &subscription, false, yes).await,
+        Command::Retire {
+            config,
+            subscription,
+            yes,
+        } => decide_cmd(&config.config, &subscription, true, yes).await,
         Command::Sandbox(args) => crate::sandbox::demo::run(args).await,
     }
 }
@@ -135,17 +192,32 @@ fn load(path: &Path) -> Result<Config, u8> {
 }
 
 /// Logs to stderr, as text or JSON per the config; `REKEY_LOG` overrides the level.
+/// Colours only on a terminal; under systemd, lines suited to the journal
+/// ([`crate::journal`]).
 pub fn init_logging(config: &Config) {
+    use std::io::IsTerminal;
     let filter = std::env::var("REKEY_LOG").unwrap_or_else(|_| config.log.level.clone());
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let journal = crate::journal::connected();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(!journal && std::io::stderr().is_terminal())
         .with_target(false);
-    let _ = match config.log.format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
+    let format = tracing_subscriber::fmt::format()
+        .with_target(false)
+        .with_ansi(false);
+    let _ = match (config.log.format, journal) {
+        (LogFormat::Json, false) => builder.json().try_init(),
+        (LogFormat::Text, false) => builder.try_init(),
+        (LogFormat::Json, true) => builder
+            .event_format(crate::journal::Prioritized(format.json()))
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .try_init(),
+        (LogFormat::Text, true) => builder
+            .event_format(crate::journal::Prioritized(format.without_time()))
+            .try_init(),
     };
 }
 
@@ -186,7 +258,7 @@ async fn run(path: &Path, once: bool, force: Vec<String>) -> u8 {
         Ok(db) => db,
         Err(code) => return code,
     };
-    let engine = match Engine::new(config.clone(), db).await {
+    let engine = match Engine::new(config.clone(), db.clone()).await {
         Ok(e) => e,
         Err(e) => {
             eprintln!("rekey: {e}");
@@ -196,7 +268,7 @@ async fn run(path: &Path, once: bool, force: Vec<String>) -> u8 {
     if once {
         pass(&engine, &force, true).await
     } else {
-        daemon(&engine, force).await
+        crate::daemon::run(path, Arc::new(engine), db, force).await
     }
 }
 
@@ -205,79 +277,238 @@ async fn pass(engine: &Engine, force: &[String], eager: bool) -> u8 {
     let mut code = exit::OK;
     for sub in &engine.config().subscriptions {
         let trigger = force.contains(&sub.name).then_some(Trigger::Forced);
-        match engine.advance(sub, trigger, eager).await {
-            Ok((outcome, rec)) => {
-                if outcome.is_problem(&rec) {
-                    code = exit::FAILED;
-                }
-                match &outcome {
-                    Outcome::NotDue => {}
-                    Outcome::Held => tracing::warn!(
-                        subscription = %sub.name,
-                        "held: no evidence before the deadline; see `rekey status` and `rekey history`"
-                    ),
-                    Outcome::Rested(p) => {
-                        tracing::info!(subscription = %sub.name, state = %p, "pass complete")
-                    }
-                    Outcome::Waiting(p, t) => tracing::info!(
-                        subscription = %sub.name,
-                        state = %p,
-                        until = %t.to_rfc3339(),
-                        "waiting; a later run continues"
-                    ),
-                }
-            }
-            Err(e) => {
-                tracing::error!(subscription = %sub.name, error = %e, "cannot advance");
-                code = exit::FAILED;
-            }
+        let result = engine.advance(sub, trigger, eager).await;
+        if report(sub, result) != exit::OK {
+            code = exit::FAILED;
         }
     }
     code
 }
 
-/// The long-running mode: a pass whenever something is due, sleeping in between.
-/// SIGTERM/SIGINT stop it between steps (every step's state is already persisted).
-async fn daemon(engine: &Engine, mut force: Vec<String>) -> u8 {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (mut term, mut int) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(t), Ok(i)) => (t, i),
-        _ => {
-            eprintln!("rekey: cannot install signal handlers");
+/// Logs where one subscription got to; returns its exit code.
+fn report(
+    sub: &crate::config::Subscription,
+    result: Result<(Outcome, crate::state::Record), engine::EngineError>,
+) -> u8 {
+    let mut code = exit::OK;
+    match result {
+        Ok((outcome, rec)) => {
+            if outcome.is_problem(&rec) {
+                code = exit::FAILED;
+            }
+            match &outcome {
+                Outcome::NotDue => {}
+                Outcome::Held => tracing::warn!(
+                    subscription = %sub.name,
+                    "held: no evidence before the deadline; see `rekey status` and `rekey history`"
+                ),
+                Outcome::Rested(p) => {
+                    tracing::info!(subscription = %sub.name, state = %p, "pass complete")
+                }
+                Outcome::Waiting(p, t) => tracing::info!(
+                    subscription = %sub.name,
+                    state = %p,
+                    until = %t.to_rfc3339(),
+                    "waiting; a later run continues"
+                ),
+            }
+        }
+        Err(e) => {
+            tracing::error!(subscription = %sub.name, error = %e, "cannot advance");
+            code = exit::FAILED;
+        }
+    }
+    code
+}
+
+/// Checks that every name is a configured subscription.
+fn known(config: &Config, names: &[String]) -> Result<(), u8> {
+    for n in names {
+        if config.subscription(n).is_none() {
+            eprintln!(
+                "rekey: {n}: no such subscription in {} (names are <provider>/<id>)",
+                config.source.display()
+            );
+            return Err(exit::USAGE);
+        }
+    }
+    Ok(())
+}
+
+/// Wakes the daemon holding the state directory, whose pid the lock file names.
+fn wake_daemon(pid: Option<u32>) -> Result<u32, String> {
+    use rustix::process::{Pid, Signal, kill_process};
+    let pid = pid.ok_or("the lock file names no pid")?;
+    let raw = i32::try_from(pid).map_err(|_| format!("pid {pid} is out of range"))?;
+    let target = Pid::from_raw(raw).ok_or(format!("pid {pid} is not a process id"))?;
+    kill_process(target, Signal::USR1).map_err(|e| format!("cannot signal pid {pid}: {e}"))?;
+    Ok(pid)
+}
+
+/// What to say after recording a request for the running daemon.
+fn handed_over(what: &str, pid: Option<u32>) -> u8 {
+    match wake_daemon(pid) {
+        Ok(pid) => {
+            println!(
+                "{what}: recorded and handed to the running rekey daemon (pid {pid}); follow it with `rekey status` and `rekey history`"
+            );
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!(
+                "rekey: {what}: recorded, but the daemon could not be woken ({e}); it is taken at the daemon's next SIGUSR1 or start"
+            );
+            exit::TEMPFAIL
+        }
+    }
+}
+
+async fn rotate_cmd(path: &Path, names: &[String]) -> u8 {
+    let config = match load(path) {
+        Ok(c) => Arc::new(c),
+        Err(code) => return code,
+    };
+    init_logging(&config);
+    if let Err(code) = known(&config, names) {
+        return code;
+    }
+    // Taking the lock decides it without a race: either no daemon runs and this
+    // process rotates, or one holds the state and gets the request.
+    match StateLock::acquire(&config.state_dir) {
+        Ok(_lock) => {
+            let db = match open_db(&config) {
+                Ok(db) => db,
+                Err(code) => return code,
+            };
+            let engine = match Engine::new(config.clone(), db).await {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("rekey: {e}");
+                    return exit::SOFTWARE;
+                }
+            };
+            let mut code = exit::OK;
+            for sub in config
+                .subscriptions
+                .iter()
+                .filter(|s| names.contains(&s.name))
+            {
+                let result = engine.advance(sub, Some(Trigger::Requested), true).await;
+                if report(sub, result) != exit::OK {
+                    code = exit::FAILED;
+                }
+            }
+            code
+        }
+        Err(LockError::Held { pid, .. }) => {
+            let db = match open_db(&config) {
+                Ok(db) => db,
+                Err(code) => return code,
+            };
+            for n in names {
+                if let Err(e) = db.add_request(n, engine::now()) {
+                    eprintln!("rekey: {e}");
+                    return exit::SOFTWARE;
+                }
+            }
+            handed_over(&format!("rotation of {}", names.join(", ")), pid)
+        }
+        Err(e) => {
+            eprintln!("rekey: {e}");
+            exit::SOFTWARE
+        }
+    }
+}
+
+/// Asks the operator to confirm on the terminal; false on anything but yes.
+fn confirm(question: &str) -> bool {
+    use std::io::Write;
+    eprint!("{question} [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    if std::io::stdin().read_line(&mut answer).is_err() {
+        return false;
+    }
+    matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes")
+}
+
+/// `rekey resume|retire`: an operator's decision on a held subscription.
+async fn decide_cmd(path: &Path, name: &str, retire: bool, yes: bool) -> u8 {
+    use std::io::IsTerminal;
+    let verb = if retire { "retire" } else { "resume" };
+    let config = match load(path) {
+        Ok(c) => Arc::new(c),
+        Err(code) => return code,
+    };
+    init_logging(&config);
+    if let Err(code) = known(&config, &[name.to_string()]) {
+        return code;
+    }
+    let db = match open_db(&config) {
+        Ok(db) => db,
+        Err(code) => return code,
+    };
+    let phase = match db.load(name) {
+        Ok(r) => r.map(|r| r.state.phase),
+        Err(e) => {
+            eprintln!("rekey: {e}");
             return exit::SOFTWARE;
         }
     };
-    tracing::info!(
-        subscriptions = engine.config().subscriptions.len(),
-        "rekey started"
-    );
-    loop {
-        pass(engine, &force, false).await;
-        force.clear();
-        let wake = engine
-            .config()
-            .subscriptions
-            .iter()
-            .filter_map(|s| engine.record(s).ok())
-            .filter_map(|r| engine.wake_at(&r))
-            .min();
-        let now = engine::now();
-        // Re-check at least hourly so a clock jump cannot strand a rotation.
-        let cap = now + chrono::Duration::hours(1);
-        let until = wake.map_or(cap, |w| w.min(cap));
-        let sleep = (until - now).to_std().unwrap_or_default();
-        tracing::debug!(until = %until.to_rfc3339(), "sleeping until the next due step");
-        tokio::select! {
-            _ = tokio::time::sleep(sleep) => {}
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+    if phase != Some(crate::rotation::Phase::Held) {
+        eprintln!(
+            "rekey: {name} is {}, not held; `rekey {verb}` only decides for a held subscription",
+            phase.map_or("idle", |p| p.as_str())
+        );
+        return exit::USAGE;
+    }
+    if !yes {
+        if !std::io::stdin().is_terminal() {
+            eprintln!(
+                "rekey: {verb} {name}: no terminal to confirm on; add --yes to decide without asking"
+            );
+            return exit::USAGE;
+        }
+        let question = if retire {
+            format!(
+                "Retire the old secret of {name} without evidence that deliveries signed with the new one succeed? Receivers will reject anything still signed with the old one."
+            )
+        } else {
+            format!(
+                "Keep both secrets of {name} published and wait another confirm_timeout for evidence?"
+            )
+        };
+        if !confirm(&question) {
+            eprintln!("rekey: {verb} {name}: not confirmed; nothing changed");
+            return exit::FAILED;
         }
     }
-    tracing::info!("stopping: every subscription's state is persisted");
-    exit::OK
+    match StateLock::acquire(&config.state_dir) {
+        Ok(_lock) => {
+            let engine = match Engine::new(config.clone(), db).await {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("rekey: {e}");
+                    return exit::SOFTWARE;
+                }
+            };
+            let Some(sub) = config.subscription(name) else {
+                return exit::USAGE;
+            };
+            report(sub, engine.operator(sub, retire).await)
+        }
+        Err(LockError::Held { pid, .. }) => {
+            if let Err(e) = db.add_decision(name, retire, engine::now()) {
+                eprintln!("rekey: {e}");
+                return exit::SOFTWARE;
+            }
+            handed_over(&format!("{verb} {name}"), pid)
+        }
+        Err(e) => {
+            eprintln!("rekey: {e}");
+            exit::SOFTWARE
+        }
+    }
 }
 
 fn status_cmd(path: &Path, json: bool) -> u8 {
@@ -358,7 +589,7 @@ fn history_cmd(path: &Path, subscription: Option<&str>, json: bool) -> u8 {
     exit::OK
 }
 
-fn check_config(path: &Path) -> u8 {
+async fn check_config(path: &Path, preflight: bool) -> u8 {
     let config = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
@@ -378,19 +609,100 @@ fn check_config(path: &Path) -> u8 {
         StoreSettings::File { dir } => println!("  store: files in {}", dir.display()),
     }
     let now = engine::now();
+    println!(
+        "  daemon: max_concurrent {}, drain_timeout {}",
+        config.daemon.max_concurrent,
+        humantime::format_duration(config.daemon.drain_timeout)
+    );
     for p in &config.policies {
-        println!("  policy {}: {}", p.name, p.schedule.describe());
+        let mut rules = p.schedule.describe();
+        if let Some(w) = &p.start.window {
+            rules.push_str(&format!(
+                ", starting {}-{} {}",
+                w.start.format("%H:%M"),
+                w.end.format("%H:%M"),
+                p.start.tz
+            ));
+        }
+        if !p.start.jitter.is_zero() {
+            rules.push_str(&format!(
+                ", jitter {}",
+                humantime::format_duration(p.start.jitter)
+            ));
+        }
+        if p.start.catch_up == crate::scheduler::CatchUp::Skip {
+            rules.push_str(", missed rotations skipped");
+        }
+        println!("  policy {}: {rules}", p.name);
     }
+    println!("  plan (next starts if never rotated; the state may move them):");
     for s in &config.subscriptions {
-        let next = config
-            .policy(&s.policy)
-            .and_then(|p| p.schedule.next_due(None, now, p.rotate_on_adopt))
-            .map(|t| t.to_rfc3339())
-            .unwrap_or_else(|| "-".into());
+        let Some(p) = config.policy(&s.policy) else {
+            continue;
+        };
+        let starts: Vec<String> = crate::scheduler::plan(p, &s.name, now, 3)
+            .iter()
+            .map(|t| t.format("%Y-%m-%d %H:%M:%SZ").to_string())
+            .collect();
         println!(
-            "  {} -> {} (policy {}, first due {next} if never rotated)",
-            s.name, s.vault_path, s.policy
+            "    {} -> {} (policy {}): {}",
+            s.name,
+            s.vault_path,
+            s.policy,
+            starts.join(", ")
         );
     }
+    if preflight {
+        return check_credentials(&config).await;
+    }
     exit::OK
+}
+
+/// `check-config --preflight`: the rotation's preflight for every subscription, with
+/// nothing written anywhere (no state database either).
+async fn check_credentials(config: &Config) -> u8 {
+    use crate::store::{FileStore, SecretStore, VaultStore};
+    let store: Arc<dyn SecretStore> = match &config.store {
+        StoreSettings::Vault(v) => match VaultStore::connect(v).await {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                println!("  preflight: vault: FAILED: {e}");
+                return exit::FAILED;
+            }
+        },
+        StoreSettings::File { dir } => Arc::new(FileStore::new(dir)),
+    };
+    let mut providers = std::collections::HashMap::new();
+    let mut code = exit::OK;
+    for p in &config.providers {
+        match crate::provider::build(p) {
+            Ok(c) => {
+                providers.insert(p.name.clone(), c);
+            }
+            Err(e) => {
+                println!("  preflight: provider {}: FAILED: {e}", p.name);
+                code = exit::FAILED;
+            }
+        }
+    }
+    for s in &config.subscriptions {
+        let store_ok = store.preflight(&s.vault_path).await;
+        let provider_ok = match providers.get(&s.provider) {
+            Some(p) => p.preflight(&s.id).await.map_err(|e| e.to_string()),
+            None => Err("provider client unavailable".into()),
+        };
+        match (store_ok, provider_ok) {
+            (Ok(()), Ok(())) => println!("  preflight: {}: ok", s.name),
+            (a, b) => {
+                code = exit::FAILED;
+                if let Err(e) = a {
+                    println!("  preflight: {}: store FAILED: {e}", s.name);
+                }
+                if let Err(e) = b {
+                    println!("  preflight: {}: provider FAILED: {e}", s.name);
+                }
+            }
+        }
+    }
+    code
 }

@@ -19,6 +19,7 @@ use serde::Deserialize;
 
 use crate::rotation::{OnTimeout, Timing};
 use crate::schedule::Schedule;
+use crate::scheduler::{CatchUp, StartRules, Window};
 use crate::secret::{ExposeSecret, SecretString, secret};
 
 /// The config file format version this rekey reads.
@@ -41,6 +42,21 @@ pub struct RawConfig {
     #[serde(default)]
     pub subscriptions: Vec<RawSubscription>,
     pub log: Option<RawLog>,
+    pub daemon: Option<RawDaemon>,
+    pub metrics: Option<RawMetrics>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDaemon {
+    pub max_concurrent: Option<usize>,
+    pub drain_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -81,6 +97,7 @@ pub struct RawProvider {
     pub token_file: Option<PathBuf>,
     pub rate_limit: Option<String>,
     pub timeout: Option<String>,
+    pub max_concurrent: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -96,6 +113,9 @@ pub struct RawPolicy {
     pub rotate_on_adopt: Option<bool>,
     pub retry_base: Option<String>,
     pub retry_max: Option<String>,
+    pub window: Option<String>,
+    pub jitter: Option<String>,
+    pub catch_up: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -127,6 +147,27 @@ pub struct Config {
     pub policies: Vec<Policy>,
     pub subscriptions: Vec<Subscription>,
     pub log: LogSettings,
+    pub daemon: DaemonSettings,
+    /// Where the daemon serves `/metrics` and `/healthz`; off when `None`.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+/// The long-running mode's own settings (`[daemon]`).
+#[derive(Debug, Clone)]
+pub struct DaemonSettings {
+    /// Subscriptions advanced at the same time, across all providers.
+    pub max_concurrent: usize,
+    /// How long SIGTERM waits for in-flight steps to reach a saved state.
+    pub drain_timeout: Duration,
+}
+
+impl Default for DaemonSettings {
+    fn default() -> Self {
+        DaemonSettings {
+            max_concurrent: 4,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -223,6 +264,9 @@ pub struct ProviderSettings {
     pub token: SecretString,
     pub rate_limit: RateLimit,
     pub timeout: Duration,
+    /// Subscriptions of this provider advanced at the same time (daemon); none: only
+    /// the global `[daemon] max_concurrent` applies.
+    pub max_concurrent: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -231,6 +275,8 @@ pub struct Policy {
     pub schedule: Schedule,
     pub timing: Timing,
     pub rotate_on_adopt: bool,
+    /// When a due rotation may start: window, jitter, catch-up (the daemon's scheduler).
+    pub start: StartRules,
 }
 
 #[derive(Debug, Clone)]
@@ -650,6 +696,12 @@ fn validate(
             p.timeout.as_deref(),
             Duration::from_secs(30),
         );
+        if p.max_concurrent == Some(0) {
+            c.problem(
+                format!("{k}.max_concurrent"),
+                "must be at least 1 (omit it for no per-provider limit)",
+            );
+        }
         if let (Some(kind), Some(base_url), Some(token), Some(rate_limit)) =
             (kind, base_url, token, rate_limit)
         {
@@ -660,6 +712,7 @@ fn validate(
                 token,
                 rate_limit,
                 timeout,
+                max_concurrent: p.max_concurrent,
             });
         }
     }
@@ -711,10 +764,10 @@ fn validate(
                 }
             }),
             (None, Some(every)) => {
-                if p.timezone.is_some() {
+                if p.timezone.is_some() && p.window.is_none() {
                     c.problem(
                         format!("{k}.timezone"),
-                        "only applies to `schedule`; an `every` interval has no time zone",
+                        "only applies to `schedule` and `window`; an `every` interval has no time zone",
                     );
                 }
                 let before = c.problems.len();
@@ -759,6 +812,41 @@ fn validate(
             p.retry_max.as_deref(),
             Duration::from_secs(3600),
         );
+        let window = p.window.as_deref().and_then(|w| match Window::parse(w) {
+            Ok(w) => Some(w),
+            Err(m) => {
+                c.problem(format!("{k}.window"), m);
+                None
+            }
+        });
+        let jitter = match p.jitter.as_deref() {
+            // Zero is a valid jitter ("none"), unlike the other durations.
+            Some("0" | "0s") | None => Duration::ZERO,
+            Some(j) => c.duration(&format!("{k}.jitter"), Some(j), Duration::ZERO),
+        };
+        if let Some(w) = &window
+            && jitter >= w.length()
+        {
+            c.problem(
+                format!("{k}.jitter"),
+                format!(
+                    "`{}` is not shorter than the window ({}): the offset could push a start out of it",
+                    humantime::format_duration(jitter),
+                    humantime::format_duration(w.length())
+                ),
+            );
+        }
+        let catch_up = match p.catch_up.as_deref() {
+            None | Some("run") => CatchUp::Run,
+            Some("skip") => CatchUp::Skip,
+            Some(other) => {
+                c.problem(
+                    format!("{k}.catch_up"),
+                    format!("`{other}` is not one of \"run\", \"skip\""),
+                );
+                CatchUp::Run
+            }
+        };
         if let Some(schedule) = schedule {
             policies.push(Policy {
                 name,
@@ -771,6 +859,12 @@ fn validate(
                     retry_max: retry_max.max(retry_base),
                 },
                 rotate_on_adopt: p.rotate_on_adopt.unwrap_or(false),
+                start: StartRules {
+                    window,
+                    tz: tz.unwrap_or(chrono_tz::UTC),
+                    jitter,
+                    catch_up,
+                },
             });
         }
     }
@@ -905,6 +999,34 @@ fn validate(
         }
     };
 
+    let mut daemon = DaemonSettings::default();
+    if let Some(d) = raw.daemon {
+        match d.max_concurrent {
+            Some(0) => c.problem("daemon.max_concurrent", "must be at least 1"),
+            Some(n) => daemon.max_concurrent = n,
+            None => {}
+        }
+        daemon.drain_timeout = c.duration(
+            "daemon.drain_timeout",
+            d.drain_timeout.as_deref(),
+            daemon.drain_timeout,
+        );
+    }
+
+    let metrics_listen = match raw.metrics.and_then(|m| m.listen) {
+        None => None,
+        Some(l) => match l.parse::<std::net::SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                c.problem(
+                    "metrics.listen",
+                    format!("`{l}` is not an address and port, e.g. \"127.0.0.1:9464\""),
+                );
+                None
+            }
+        },
+    };
+
     if !c.problems.is_empty() {
         return Err(ConfigError {
             file: file.to_path_buf(),
@@ -928,6 +1050,8 @@ fn validate(
         policies,
         subscriptions,
         log,
+        daemon,
+        metrics_listen,
     })
 }
 
@@ -1154,6 +1278,71 @@ vault_path = "webhooks/fintoro/801"
         assert!(RateLimit::parse("0/s").is_err());
         assert!(RateLimit::parse("12").is_err());
         assert!(RateLimit::parse("5/fortnight").is_err());
+    }
+
+    #[test]
+    fn daemon_and_start_rule_keys_are_validated_with_their_keys() {
+        let good = GOOD.replace(
+            "on_timeout = \"hold\"",
+            "on_timeout = \"hold\"\nwindow = \"22:00-04:00\"\njitter = \"10m\"\ncatch_up = \"skip\"",
+        ) + "\n[daemon]\nmax_concurrent = 2\ndrain_timeout = \"5s\"\n";
+        let c = load(&good).unwrap();
+        let p = &c.policies[0];
+        assert_eq!(p.start.jitter, Duration::from_secs(600));
+        assert_eq!(p.start.catch_up, CatchUp::Skip);
+        assert_eq!(p.start.tz.name(), "Europe/Bratislava");
+        assert!(p.start.window.is_some());
+        assert_eq!(c.daemon.max_concurrent, 2);
+        assert_eq!(c.daemon.drain_timeout, Duration::from_secs(5));
+        assert_eq!(c.providers[0].max_concurrent, None);
+        assert_eq!(c.metrics_listen, None, "metrics are off by default");
+        let c = load(&(GOOD.to_string() + "\n[metrics]\nlisten = \"127.0.0.1:9464\"\n")).unwrap();
+        assert_eq!(c.metrics_listen.unwrap().port(), 9464);
+        let err = load(&(GOOD.to_string() + "\n[metrics]\nlisten = \"localhost\"\n")).unwrap_err();
+        assert_eq!(err.problems[0].key, "metrics.listen", "{err}");
+
+        let bad = GOOD
+            .replace(
+                "on_timeout = \"hold\"",
+                "on_timeout = \"hold\"\nwindow = \"02:00-03:00\"\njitter = \"2h\"\ncatch_up = \"later\"",
+            )
+            .replace(
+                "token_file = \"fintoro.token\"",
+                "token_file = \"fintoro.token\"\nmax_concurrent = 0",
+            )
+            + "\n[daemon]\nmax_concurrent = 0\ndrain_timeout = \"soon\"\n";
+        let err = load(&bad).unwrap_err();
+        let keys: Vec<_> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            vec![
+                "providers[0].max_concurrent",
+                "policies[0].jitter",
+                "policies[0].catch_up",
+                "daemon.max_concurrent",
+                "daemon.drain_timeout"
+            ],
+            "{err}"
+        );
+        let err = load(&GOOD.replace(
+            "on_timeout = \"hold\"",
+            "on_timeout = \"hold\"\nwindow = \"2-5\"",
+        ))
+        .unwrap_err();
+        assert_eq!(err.problems[0].key, "policies[0].window", "{err}");
+    }
+
+    #[test]
+    fn an_interval_policy_takes_a_timezone_only_for_its_window() {
+        let every = GOOD.replace("schedule = \"0 3 1 * *\"", "every = \"30d\"");
+        let err = load(&every).unwrap_err();
+        assert_eq!(err.problems[0].key, "policies[0].timezone", "{err}");
+        let c = load(&every.replace(
+            "on_timeout = \"hold\"",
+            "on_timeout = \"hold\"\nwindow = \"02:00-05:00\"",
+        ))
+        .unwrap();
+        assert_eq!(c.policies[0].start.tz.name(), "Europe/Bratislava");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use chrono::{DateTime, Utc};
 
@@ -101,6 +102,17 @@ impl Engine {
         }
     }
 
+    /// Carries over which subscriptions this process already advanced, so an engine
+    /// built for a reloaded config does not report each of them as resumed "after a
+    /// restart".
+    pub fn adopt_seen(&self, from: &Engine) {
+        let theirs = from.seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(theirs);
+    }
+
     fn first_sight(&self, name: &str) -> bool {
         self.seen
             .lock()
@@ -172,6 +184,23 @@ impl Engine {
         trigger: Option<Trigger>,
         eager: bool,
     ) -> Result<(Outcome, Record), EngineError> {
+        self.advance_until(sub, trigger, eager, &AtomicBool::new(false))
+            .await
+    }
+
+    /// As [`Engine::advance`], but once `stop` is set (the daemon is shutting down) it
+    /// starts no new rotation and returns at the next saved step boundary whose next
+    /// action can wait, as `Waiting(phase, now)`. Two actions are never cut off: the
+    /// rotate call once its intent is saved (stopping there would record a lost
+    /// response that never happened) and the publish of a minted secret (every second
+    /// until it is in the store is exposure).
+    pub async fn advance_until(
+        &self,
+        sub: &Subscription,
+        trigger: Option<Trigger>,
+        eager: bool,
+        stop: &AtomicBool,
+    ) -> Result<(Outcome, Record), EngineError> {
         let mut rec = self.record(sub)?;
         let now0 = now();
         let due = rec.next_due_at.is_some_and(|t| t <= now0);
@@ -199,6 +228,7 @@ impl Engine {
                     None => None,
                 };
                 match trig {
+                    Some(_) if stop.load(Ordering::SeqCst) => return Ok((Outcome::NotDue, rec)),
                     Some(trigger) => Event::Start {
                         rotation_id: uuid::Uuid::new_v4().to_string(),
                         trigger,
@@ -238,6 +268,10 @@ impl Engine {
                 log_transition(sub, &rec, &step.transition);
             }
             failpoint::hit(&format!("after:{event_name}"));
+            if stop.load(Ordering::SeqCst) && can_wait(&step.action, &rec.state) {
+                tracing::info!(subscription = %sub.name, state = %rec.state.phase, "stopping at a saved step; the next start continues from here");
+                return Ok((Outcome::Waiting(rec.state.phase, now()), rec));
+            }
 
             event = match step.action {
                 Action::Preflight => match self.preflight(sub).await {
@@ -427,6 +461,16 @@ impl Engine {
             }
         }
         Ok(())
+    }
+}
+
+/// Whether `action` may be left for the next start when the daemon is stopping.
+fn can_wait(action: &Action, state: &rotation::RotationState) -> bool {
+    match action {
+        Action::Rotate => !state.rotate_in_flight,
+        Action::Publish => false,
+        Action::Preflight | Action::Check { .. } | Action::Retire => true,
+        Action::WaitUntil(_) | Action::AwaitOperator | Action::Rest => false,
     }
 }
 

@@ -4,20 +4,25 @@
 //! The pieces, each in one file: the pure rotation state machine ([`rotation`]), its
 //! driver ([`engine`]), durable state ([`state`]), secret stores ([`store`]), providers
 //! ([`provider`]), schedules ([`schedule`]), configuration ([`config`]), the command
-//! line ([`cli`]) and the in-process provider simulators ([`sandbox`]).
+//! line ([`cli`]), the long-running daemon ([`scheduler`], [`daemon`]) and the
+//! in-process provider simulators ([`sandbox`]).
 
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod engine;
 pub mod failpoint;
+pub mod journal;
 pub mod lock;
+pub mod metrics;
 pub mod provider;
 pub mod rotation;
 pub mod sandbox;
 pub mod schedule;
+pub mod scheduler;
 pub mod secret;
 pub mod state;
 pub mod status;

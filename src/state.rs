@@ -204,6 +204,15 @@ impl StateDb {
                 found: version,
             });
         }
+        // Added to v1 before it shipped; IF NOT EXISTS keeps databases made by earlier
+        // development builds working.
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS operator_decisions (
+                subscription TEXT PRIMARY KEY,
+                decision TEXT NOT NULL CHECK (decision IN ('resume', 'retire')),
+                requested_at TEXT NOT NULL
+             );",
+        )?;
         // Fails fast on a damaged file rather than at the first rotation.
         let ok: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
         if ok != "ok" {
@@ -335,13 +344,21 @@ impl StateDb {
 
     /// The history of one subscription (or all, with `None`), oldest first.
     pub fn history(&self, name: Option<&str>) -> Result<Vec<HistoryRow>, StateError> {
+        self.history_where("?1 IS NULL OR subscription = ?1", rusqlite::params![name])
+    }
+
+    fn history_where(
+        &self,
+        condition: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<HistoryRow>, StateError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
+        let mut stmt = conn.prepare_cached(&format!(
             "SELECT seq, subscription, at, rotation_id, from_phase, to_phase, event, detail
-             FROM history WHERE ?1 IS NULL OR subscription = ?1 ORDER BY seq",
-        )?;
+             FROM history WHERE {condition} ORDER BY seq"
+        ))?;
         let rows = stmt
-            .query_map([name], |r| {
+            .query_map(params, |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
                     r.get::<_, String>(1)?,
@@ -373,6 +390,21 @@ impl StateDb {
             .collect()
     }
 
+    /// History rows after `seq` (all subscriptions), oldest first: what the daemon's
+    /// metrics have not counted yet.
+    pub fn history_after(&self, seq: i64) -> Result<Vec<HistoryRow>, StateError> {
+        self.history_where("seq > ?1", rusqlite::params![seq])
+    }
+
+    /// The newest history row's sequence number (0 when empty).
+    pub fn last_seq(&self) -> Result<i64, StateError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT coalesce(max(seq), 0) FROM history", [], |r| {
+                r.get(0)
+            })?)
+    }
+
     /// Records an operator's request to rotate `name` as soon as possible.
     pub fn add_request(&self, name: &str, now: DateTime<Utc>) -> Result<(), StateError> {
         self.conn().execute(
@@ -393,6 +425,42 @@ impl StateDb {
         tx.execute("DELETE FROM requests", [])?;
         tx.commit()?;
         Ok(names)
+    }
+}
+
+impl StateDb {
+    /// Records an operator's decision on a held subscription (`retire` or resume) for
+    /// the running daemon to apply; a later decision replaces an earlier one.
+    pub fn add_decision(
+        &self,
+        name: &str,
+        retire: bool,
+        now: DateTime<Utc>,
+    ) -> Result<(), StateError> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO operator_decisions (subscription, decision, requested_at)
+             VALUES (?1, ?2, ?3)",
+            params![name, if retire { "retire" } else { "resume" }, ts1(now)],
+        )?;
+        Ok(())
+    }
+
+    /// Takes every recorded decision: `(subscription, retire)`, oldest first.
+    pub fn take_decisions(&self) -> Result<Vec<(String, bool)>, StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let rows = {
+            let mut stmt = tx.prepare(
+                "SELECT subscription, decision FROM operator_decisions ORDER BY requested_at",
+            )?;
+            stmt.query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)? == "retire"))
+            })?
+            .collect::<Result<Vec<_>, _>>()?
+        };
+        tx.execute("DELETE FROM operator_decisions", [])?;
+        tx.commit()?;
+        Ok(rows)
     }
 }
 
@@ -586,6 +654,22 @@ mod tests {
             err.contains("damaged") || err.contains("not a database"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn operator_decisions_are_taken_once_and_the_latest_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).unwrap();
+        db.add_decision("fintoro/801", false, now()).unwrap();
+        db.add_decision("fintoro/801", true, now()).unwrap();
+        db.add_decision("fintoro/802", false, now()).unwrap();
+        let mut got = db.take_decisions().unwrap();
+        got.sort();
+        assert_eq!(
+            got,
+            vec![("fintoro/801".into(), true), ("fintoro/802".into(), false)]
+        );
+        assert!(db.take_decisions().unwrap().is_empty());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 mod config_errors;
 mod crash_matrix;
+mod daemon;
 mod faults;
 mod fintoro;
 mod rvault_smoke;

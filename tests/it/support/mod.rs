@@ -1,3 +1,4 @@
+pub mod daemon;
 pub mod rekey;
 pub mod rvault;
 pub mod world;

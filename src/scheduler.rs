@@ -1,0 +1,1334 @@
+//! The daemon's scheduler: the one task that decides when each subscription's next
+//! step runs, and runs it.
+//!
+//! There is no polling tick and no timer per subscription. Each pass reads every
+//! subscription's persisted record, works out when it next has something to do (a due
+//! rotation moved into its policy's window and offset by its jitter, a retry backoff, a
+//! confirmation poll), starts what is due now within the concurrency caps, and then
+//! sleeps until the earliest of those times, a finished step, or a control message
+//! (SIGUSR1, SIGHUP, SIGTERM from [`crate::daemon`]). Because the times come from the
+//! state database, a restart or a reload loses nothing.
+//!
+//! The first half of this file is pure (explicit times in, times out) so windows, jitter,
+//! DST and catch-up are unit-tested without a clock; the second half is the loop.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDate, NaiveTime, TimeZone, Utc};
+use chrono_tz::Tz;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::config::{Config, Policy, Subscription};
+use crate::daemon::{Notify, notify};
+use crate::engine::{self, Engine, EngineError, Outcome};
+use crate::metrics::Metrics;
+use crate::rotation::{Phase, Transition, Trigger};
+use crate::schedule::Schedule;
+use crate::state::Record;
+
+// ---------------------------------------------------------------------------------
+// Start rules: pure.
+
+/// A daily time-of-day range in the policy's zone, `start` inclusive, `end` exclusive.
+/// `end` before `start` wraps midnight (`22:00-04:00`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub start: NaiveTime,
+    pub end: NaiveTime,
+}
+
+impl Window {
+    /// Parses `"HH:MM-HH:MM"`; `24:00` is accepted as an end meaning midnight.
+    pub fn parse(s: &str) -> Result<Window, String> {
+        let (a, b) = s
+            .split_once('-')
+            .ok_or_else(|| format!("`{s}` is not a window; write e.g. \"02:00-05:00\""))?;
+        let time = |x: &str| {
+            let x = x.trim();
+            if x == "24:00" {
+                return Ok(NaiveTime::MIN);
+            }
+            NaiveTime::parse_from_str(x, "%H:%M")
+                .map_err(|_| format!("`{x}` in `{s}` is not a time of day (HH:MM, 00:00-24:00)"))
+        };
+        let w = Window {
+            start: time(a)?,
+            end: time(b)?,
+        };
+        if w.start == w.end {
+            return Err(format!(
+                "`{s}` is empty (start equals end); omit `window` to allow any time"
+            ));
+        }
+        Ok(w)
+    }
+
+    /// The nominal length, ignoring DST (which can shorten or lengthen one day's window).
+    pub fn length(&self) -> Duration {
+        let secs = (self.end - self.start).num_seconds();
+        let secs = if secs <= 0 { secs + 86_400 } else { secs };
+        Duration::from_secs(secs.unsigned_abs())
+    }
+
+    pub fn contains(&self, t: DateTime<Utc>, tz: Tz) -> bool {
+        let local = t.with_timezone(&tz).time();
+        if self.start < self.end {
+            local >= self.start && local < self.end
+        } else {
+            local >= self.start || local < self.end
+        }
+    }
+
+    /// The earliest instant at or after `t` that lies inside the window.
+    pub fn next_open(&self, t: DateTime<Utc>, tz: Tz) -> DateTime<Utc> {
+        if self.contains(t, tz) {
+            return t;
+        }
+        let today = t.with_timezone(&tz).date_naive();
+        // A window can fall entirely into a DST gap on one day (02:00-02:30 on a
+        // spring-forward night), so look a few days ahead rather than only tomorrow.
+        for day in 0..4 {
+            let Some(date) = today.checked_add_days(chrono::Days::new(day)) else {
+                break;
+            };
+            if let Some(open) = local_instant(tz, date, self.start)
+                && open >= t
+                && self.contains(open, tz)
+            {
+                return open;
+            }
+        }
+        // Unreachable for real zones; starting now beats never starting.
+        t
+    }
+}
+
+/// The instant a local date and time denote in `tz`: the earlier one when the clock
+/// shows it twice (fall-back), the first minute after the gap when it never shows it
+/// (spring-forward).
+fn local_instant(tz: Tz, date: NaiveDate, time: NaiveTime) -> Option<DateTime<Utc>> {
+    let naive = date.and_time(time);
+    (0..=180).find_map(|m| {
+        tz.from_local_datetime(&(naive + chrono::Duration::minutes(m)))
+            .earliest()
+            .map(|t| t.with_timezone(&Utc))
+    })
+}
+
+/// What to do with a rotation whose due time passed while the daemon was not running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CatchUp {
+    /// Run it as soon as the daemon starts (inside the window, if any).
+    Run,
+    /// Move it to the schedule's next occurrence.
+    Skip,
+}
+
+/// A policy's rules for when a due rotation may *start*. Later steps of a rotation in
+/// flight are never held back by them.
+#[derive(Debug, Clone)]
+pub struct StartRules {
+    pub window: Option<Window>,
+    /// The zone of the window (the policy's `timezone`).
+    pub tz: Tz,
+    /// Each subscription starts a fixed offset in `[0, jitter)` after its due time.
+    pub jitter: Duration,
+    pub catch_up: CatchUp,
+}
+
+impl Default for StartRules {
+    fn default() -> Self {
+        StartRules {
+            window: None,
+            tz: chrono_tz::UTC,
+            jitter: Duration::ZERO,
+            catch_up: CatchUp::Run,
+        }
+    }
+}
+
+/// A subscription's offset in `[0, jitter)`: derived from a hash of its name, so it is
+/// the same on every run and every machine (restarts do not reshuffle the fleet), and
+/// spread evenly so a fleet does not hit a provider in the same second.
+pub fn jitter_offset(name: &str, jitter: Duration) -> Duration {
+    let ms = u64::try_from(jitter.as_millis()).unwrap_or(u64::MAX);
+    if ms == 0 {
+        return Duration::ZERO;
+    }
+    let digest = Sha256::digest(name.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    Duration::from_millis(u64::from_be_bytes(first) % ms)
+}
+
+fn plus(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    t + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+/// When a rotation due at `due` may start, seen at `now`: never before now, offset by
+/// the subscription's jitter, and inside the window (at the next opening plus the same
+/// offset when it falls outside).
+pub fn start_time(
+    rules: &StartRules,
+    name: &str,
+    due: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> DateTime<Utc> {
+    fit(rules, jitter_offset(name, rules.jitter), due, now)
+}
+
+/// As [`start_time`] with an explicit offset (retries after a failure use none).
+fn fit(
+    rules: &StartRules,
+    offset: Duration,
+    due: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> DateTime<Utc> {
+    let t = plus(due, offset).max(now);
+    match &rules.window {
+        None => t,
+        Some(w) if w.contains(t, rules.tz) => t,
+        Some(w) => {
+            let open = w.next_open(t, rules.tz);
+            let shifted = plus(open, offset);
+            // DST can make one night's window shorter than the offset.
+            if w.contains(shifted, rules.tz) {
+                shifted
+            } else {
+                open
+            }
+        }
+    }
+}
+
+/// The schedule's first occurrence after `after`, for a subscription that was due at
+/// `due`: an interval keeps its phase (due + k·interval), a cron expression its times.
+pub fn next_occurrence(
+    schedule: &Schedule,
+    due: DateTime<Utc>,
+    after: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    match schedule {
+        Schedule::Every(d) => {
+            let step = i64::try_from(d.as_secs()).ok().filter(|s| *s > 0)?;
+            let behind = (after - due).num_seconds().max(0);
+            let n = behind / step + 1;
+            Some(due + chrono::Duration::seconds(step.checked_mul(n)?))
+        }
+        Schedule::Cron { .. } => schedule.next_after(after),
+    }
+}
+
+/// At daemon start: the new due time of a rotation that was due before `started`, if
+/// its policy says to skip missed rotations; `None` keeps it (it runs now).
+pub fn catch_up(
+    policy: &Policy,
+    due: DateTime<Utc>,
+    started: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    if policy.start.catch_up == CatchUp::Run || due >= started {
+        return None;
+    }
+    next_occurrence(&policy.schedule, due, started)
+}
+
+/// When `rec` next needs the engine, by the daemon's rules: `None` for never (held).
+/// A new rotation (idle, or failed and retrying) starts only per the policy's start
+/// rules; steps of a rotation in flight run at their own time. Each time agrees with
+/// what [`Engine::advance`] will accept as due, or the loop would wake for nothing.
+pub fn wake_time(
+    policy: &Policy,
+    name: &str,
+    rec: &Record,
+    now: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    match rec.state.phase {
+        Phase::Held => None,
+        Phase::Idle => rec
+            .next_due_at
+            .map(|due| start_time(&policy.start, name, due, now)),
+        // After a failure the engine retries only once the backoff has passed, even
+        // if the schedule says the rotation is (over)due.
+        Phase::Failed => rec
+            .state
+            .not_before
+            .or(rec.next_due_at)
+            .map(|t| fit(&policy.start, Duration::ZERO, t, now)),
+        _ => Some(rec.state.not_before.unwrap_or(now).max(now)),
+    }
+}
+
+/// The next `n` start times of a subscription that rotates on schedule from `from` on
+/// (what `rekey check-config` prints as the plan).
+pub fn plan(policy: &Policy, name: &str, from: DateTime<Utc>, n: usize) -> Vec<DateTime<Utc>> {
+    let mut out = Vec::with_capacity(n);
+    let mut due = policy.schedule.next_due(None, from, false);
+    while let Some(d) = due {
+        if out.len() == n {
+            break;
+        }
+        let start = start_time(&policy.start, name, d, d);
+        out.push(start);
+        due = policy.schedule.next_after(match policy.schedule {
+            // An interval counts from the rotation, which happens at `start`.
+            Schedule::Every(_) => start,
+            Schedule::Cron { .. } => d,
+        });
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------
+// The loop.
+
+/// What the daemon shell tells the scheduler.
+pub enum Control {
+    /// SIGUSR1: take manual requests and operator decisions, run anything due.
+    Wake,
+    /// SIGHUP, after the new config validated and its engine was built.
+    Reload(Arc<Engine>),
+    /// SIGTERM/SIGINT: stop starting steps and drain. A second one stops waiting.
+    Stop,
+}
+
+/// Why a subscription is being advanced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Job {
+    Due,
+    Start(Trigger),
+    Operator { retire: bool },
+}
+
+struct Done {
+    name: String,
+    job: Job,
+    result: Result<(Outcome, Record), EngineError>,
+}
+
+/// Re-evaluate at least this often even if nothing is due: a wall-clock jump (NTP
+/// step, suspend) must not strand a rotation behind a monotonic sleep.
+const MAX_SLEEP: Duration = Duration::from_secs(15 * 60);
+
+pub struct Scheduler {
+    engine: Arc<Engine>,
+    started_at: DateTime<Utc>,
+    /// Subscription → provider, for each subscription a task is advancing. Its own
+    /// count (instead of semaphores) survives a reload that changes the caps.
+    running: HashMap<String, String>,
+    /// Requests waiting for a free slot (or for their subscription's task to end).
+    pending: BTreeMap<String, Job>,
+    tasks: JoinSet<Done>,
+    /// Task → subscription, so a task that panicked still frees its subscription.
+    task_names: HashMap<tokio::task::Id, String>,
+    /// Set on SIGTERM: tasks stop at the next saved step boundary.
+    stop: Arc<AtomicBool>,
+    watchdog: Option<Duration>,
+    last_status: String,
+    metrics: Option<Arc<Metrics>>,
+    /// The last history row the metrics counted.
+    counted_seq: i64,
+    /// Subscriptions the engine found not due although [`wake_time`] said they were,
+    /// held back until then so a disagreement cannot spin the loop.
+    cooldown: HashMap<String, DateTime<Utc>>,
+}
+
+/// How long a subscription the engine refused as not due waits before the next try.
+const COOLDOWN: Duration = Duration::from_secs(60);
+
+impl Scheduler {
+    /// `force`: subscriptions to rotate now (`rekey run --force` without `--once`).
+    pub fn new(engine: Arc<Engine>, force: &[String]) -> Scheduler {
+        Scheduler {
+            engine,
+            started_at: engine::now(),
+            running: HashMap::new(),
+            pending: force
+                .iter()
+                .map(|f| (f.clone(), Job::Start(Trigger::Forced)))
+                .collect(),
+            tasks: JoinSet::new(),
+            task_names: HashMap::new(),
+            stop: Arc::new(AtomicBool::new(false)),
+            watchdog: sd_notify::watchdog_enabled(),
+            last_status: String::new(),
+            metrics: None,
+            counted_seq: 0,
+            cooldown: HashMap::new(),
+        }
+    }
+
+    /// Feeds `metrics` from now on (transitions from before are not counted).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Scheduler {
+        self.counted_seq = self.engine.db().last_seq().unwrap_or(0);
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Runs until told to stop, then drains. Returns when every task finished or the
+    /// drain timeout passed; either way every subscription's state is a saved one.
+    pub async fn run(mut self, mut control: mpsc::Receiver<Control>) {
+        self.catch_up_missed();
+        self.take_requests();
+        let mut next = self.pass();
+        notify(&[Notify::Ready]);
+        tracing::info!(
+            subscriptions = self.engine.config().subscriptions.len(),
+            "scheduler ready"
+        );
+        loop {
+            self.report_status(next);
+            self.count_history();
+            if self.watchdog.is_some() {
+                notify(&[Notify::Watchdog]);
+            }
+            let now = engine::now();
+            let mut sleep = next.map_or(MAX_SLEEP, |t| (t - now).to_std().unwrap_or_default());
+            sleep = sleep.min(MAX_SLEEP);
+            if let Some(wd) = self.watchdog {
+                sleep = sleep.min(wd / 2);
+            }
+            if let Some(t) = next {
+                tracing::debug!(until = %t.to_rfc3339(), "sleeping until the next step");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(sleep) => {}
+                Some(done) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
+                    self.finish(done);
+                }
+                msg = control.recv() => match msg {
+                    Some(Control::Wake) => {
+                        tracing::info!("woken (SIGUSR1): taking requests and anything due");
+                        self.take_requests();
+                    }
+                    Some(Control::Reload(engine)) => self.reload(engine),
+                    Some(Control::Stop) | None => break,
+                },
+            }
+            next = self.pass();
+        }
+        self.drain(&mut control).await;
+    }
+
+    async fn drain(&mut self, control: &mut mpsc::Receiver<Control>) {
+        self.stop.store(true, Ordering::SeqCst);
+        notify(&[Notify::Stopping]);
+        let timeout = self.engine.config().daemon.drain_timeout;
+        tracing::info!(
+            in_flight = self.running.len(),
+            timeout = %humantime::format_duration(timeout),
+            "stopping: letting in-flight steps reach a saved state"
+        );
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !self.tasks.is_empty() {
+            tokio::select! {
+                Some(done) = self.tasks.join_next_with_id() => self.finish(done),
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(
+                        still_running = ?self.running.keys().collect::<Vec<_>>(),
+                        "drain timeout: exiting with steps still under way; each resumes from its last saved state at the next start"
+                    );
+                    break;
+                }
+                msg = control.recv() => if matches!(msg, Some(Control::Stop)) {
+                    tracing::warn!("second stop signal: exiting without waiting; every subscription resumes from its last saved state");
+                    break;
+                },
+            }
+        }
+        self.tasks.abort_all();
+        tracing::info!("stopped: every subscription's state is persisted");
+    }
+
+    fn config(&self) -> &Config {
+        self.engine.config()
+    }
+
+    /// Applies `catch_up = "skip"` to rotations that fell due while the daemon was down.
+    fn catch_up_missed(&mut self) {
+        let engine = self.engine.clone();
+        for sub in &engine.config().subscriptions {
+            let Some(policy) = engine.config().policy(&sub.policy) else {
+                continue;
+            };
+            let mut rec = match engine.record(sub) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(subscription = %sub.name, error = %e, "cannot read state");
+                    continue;
+                }
+            };
+            if rec.state.phase != Phase::Idle {
+                continue;
+            }
+            let Some(due) = rec.next_due_at else { continue };
+            let Some(new_due) = catch_up(policy, due, self.started_at) else {
+                continue;
+            };
+            let detail = format!(
+                "rotation due {} was missed while rekey was down; catch_up = \"skip\": next due {}",
+                due.to_rfc3339(),
+                new_due.to_rfc3339()
+            );
+            tracing::info!(subscription = %sub.name, "{detail}");
+            rec.next_due_at = Some(new_due);
+            let t = Transition {
+                from: Phase::Idle,
+                to: Phase::Idle,
+                event: "catch-up-skipped",
+                detail,
+                quiet: false,
+            };
+            if let Err(e) = engine.db().save(&rec, Some(&t), engine::now()) {
+                tracing::error!(subscription = %sub.name, error = %e, "cannot save state");
+            }
+        }
+    }
+
+    /// Moves manual requests and operator decisions from the database into `pending`.
+    fn take_requests(&mut self) {
+        let db = self.engine.db();
+        match db.take_requests() {
+            Ok(names) => {
+                for n in names {
+                    tracing::info!(subscription = %n, "rotation requested");
+                    self.pending.insert(n, Job::Start(Trigger::Requested));
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read rotation requests"),
+        }
+        match db.take_decisions() {
+            Ok(decisions) => {
+                for (n, retire) in decisions {
+                    tracing::info!(
+                        subscription = %n,
+                        decision = if retire { "retire" } else { "resume" },
+                        "operator decision received"
+                    );
+                    self.pending.insert(n, Job::Operator { retire });
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read operator decisions"),
+        }
+    }
+
+    fn reload(&mut self, new: Arc<Engine>) {
+        let old = std::mem::replace(&mut self.engine, new);
+        self.engine.adopt_seen(&old);
+        let now = engine::now();
+        // A changed schedule applies to the next rotation at once, not after the one
+        // the old schedule had already planned.
+        for sub in &self.engine.config().subscriptions {
+            let (Some(p_new), Some(p_old)) = (
+                self.engine.config().policy(&sub.policy),
+                old.config()
+                    .subscription(&sub.name)
+                    .and_then(|s| old.config().policy(&s.policy)),
+            ) else {
+                continue;
+            };
+            if p_new.schedule.describe() == p_old.schedule.describe()
+                && p_new.rotate_on_adopt == p_old.rotate_on_adopt
+            {
+                continue;
+            }
+            match self.engine.db().load(&sub.name) {
+                Ok(Some(mut rec)) if rec.state.phase == Phase::Idle => {
+                    rec.next_due_at = p_new.schedule.next_due(
+                        rec.state.last_rotated_at,
+                        rec.first_seen_at,
+                        p_new.rotate_on_adopt,
+                    );
+                    if let Err(e) = self.engine.db().save(&rec, None, now) {
+                        tracing::error!(subscription = %sub.name, error = %e, "cannot save state");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(subscription = %sub.name, error = %e, "cannot read state")
+                }
+            }
+        }
+        tracing::info!(
+            subscriptions = self.config().subscriptions.len(),
+            "config reloaded"
+        );
+        notify(&[Notify::Ready]);
+    }
+
+    /// Starts whatever is due (within the caps) and returns the earliest later time
+    /// something will be.
+    fn pass(&mut self) -> Option<DateTime<Utc>> {
+        let engine = self.engine.clone();
+        let now = engine::now();
+        let mut next: Option<DateTime<Utc>> = None;
+        for sub in &engine.config().subscriptions {
+            if self.running.contains_key(&sub.name) {
+                continue;
+            }
+            let job = match self.pending.get(&sub.name) {
+                Some(job) => Some(*job),
+                None => {
+                    let Some(policy) = engine.config().policy(&sub.policy) else {
+                        continue;
+                    };
+                    match engine.record(sub) {
+                        Ok(rec) => match wake_time(policy, &sub.name, &rec, now) {
+                            Some(t) if t <= now => match self.cooling(&sub.name, now) {
+                                Some(until) => {
+                                    next = Some(next.map_or(until, |n| n.min(until)));
+                                    None
+                                }
+                                None => Some(Job::Due),
+                            },
+                            Some(t) => {
+                                next = Some(next.map_or(t, |n| n.min(t)));
+                                None
+                            }
+                            None => None,
+                        },
+                        Err(e) => {
+                            tracing::error!(subscription = %sub.name, error = %e, "cannot read state");
+                            None
+                        }
+                    }
+                }
+            };
+            if let Some(job) = job {
+                // When the caps are full this stays due (or pending); a finished task
+                // wakes the loop and the next pass tries again.
+                self.try_spawn(sub, job);
+            }
+        }
+        let unknown: Vec<String> = self
+            .pending
+            .keys()
+            .filter(|n| engine.config().subscription(n).is_none())
+            .cloned()
+            .collect();
+        for n in unknown {
+            tracing::warn!(subscription = %n, "request for a subscription not in the config; dropped");
+            self.pending.remove(&n);
+        }
+        next
+    }
+
+    /// Until when `name` is cooling down, if it is.
+    fn cooling(&mut self, name: &str, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        match self.cooldown.get(name) {
+            Some(until) if *until > now => Some(*until),
+            Some(_) => {
+                self.cooldown.remove(name);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn try_spawn(&mut self, sub: &Subscription, job: Job) -> bool {
+        if self.stop.load(Ordering::SeqCst) {
+            return false;
+        }
+        let config = self.config();
+        if self.running.len() >= config.daemon.max_concurrent {
+            return false;
+        }
+        if let Some(cap) = config
+            .provider(&sub.provider)
+            .and_then(|p| p.max_concurrent)
+            && self
+                .running
+                .values()
+                .filter(|p| **p == sub.provider)
+                .count()
+                >= cap
+        {
+            return false;
+        }
+        let name = sub.name.clone();
+        self.pending.remove(&sub.name);
+        self.running.insert(sub.name.clone(), sub.provider.clone());
+        let engine = self.engine.clone();
+        let stop = self.stop.clone();
+        let sub = sub.clone();
+        let handle = self.tasks.spawn(async move {
+            let result = match job {
+                Job::Due => engine.advance_until(&sub, None, false, &stop).await,
+                Job::Start(t) => engine.advance_until(&sub, Some(t), false, &stop).await,
+                Job::Operator { retire } => engine.operator(&sub, retire).await,
+            };
+            Done {
+                name: sub.name,
+                job,
+                result,
+            }
+        });
+        self.task_names.insert(handle.id(), name);
+        true
+    }
+
+    fn finish(&mut self, joined: Result<(tokio::task::Id, Done), tokio::task::JoinError>) {
+        let done = match joined {
+            Ok((id, done)) => {
+                self.task_names.remove(&id);
+                done
+            }
+            Err(e) => {
+                // A panicked step: the saved state is intact, so the subscription is
+                // simply free to be advanced again from it.
+                let name = self.task_names.remove(&e.id()).unwrap_or_default();
+                tracing::error!(subscription = %name, error = %e, "a rotation task failed; the subscription resumes from its saved state");
+                self.running.remove(&name);
+                return;
+            }
+        };
+        self.running.remove(&done.name);
+        let name = &done.name;
+        match done.result {
+            Ok((outcome, rec)) => match outcome {
+                Outcome::NotDue => {
+                    if matches!(done.job, Job::Start(_)) && rec.state.phase.in_flight() {
+                        tracing::info!(subscription = %name, state = %rec.state.phase, "already rotating; request merged");
+                    }
+                    if done.job == Job::Due && !self.stop.load(Ordering::SeqCst) {
+                        tracing::warn!(
+                            subscription = %name,
+                            state = %rec.state.phase,
+                            "woke for a step the engine did not find due; retrying in {}",
+                            humantime::format_duration(COOLDOWN)
+                        );
+                        self.cooldown
+                            .insert(name.clone(), plus(engine::now(), COOLDOWN));
+                    }
+                }
+                Outcome::Held => tracing::warn!(
+                    subscription = %name,
+                    "held: no evidence before the deadline; see `rekey status` and `rekey history`, then `rekey resume` or `rekey retire`"
+                ),
+                Outcome::Rested(p) => {
+                    tracing::info!(subscription = %name, state = %p, "rotation cycle complete")
+                }
+                Outcome::Waiting(p, t) => {
+                    tracing::debug!(subscription = %name, state = %p, until = %t.to_rfc3339(), "waiting")
+                }
+            },
+            Err(e) => tracing::error!(subscription = %name, error = %e, "cannot advance"),
+        }
+    }
+
+    /// Feeds the transitions recorded since the last call to the metrics.
+    fn count_history(&mut self) {
+        let Some(m) = &self.metrics else { return };
+        m.beat(engine::now());
+        match self.engine.db().history_after(self.counted_seq) {
+            Ok(rows) => {
+                if let Some(last) = rows.last() {
+                    self.counted_seq = last.seq;
+                }
+                m.observe(&rows);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the history for metrics"),
+        }
+    }
+
+    /// Sends a STATUS= line to systemd when the summary changed; updates the gauges.
+    fn report_status(&mut self, next: Option<DateTime<Utc>>) {
+        let records = match self.engine.db().load_all() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the state for the status line");
+                return;
+            }
+        };
+        if let Some(m) = &self.metrics {
+            m.set_records(self.engine.config(), &records);
+        }
+        let config = self.config();
+        let mine: Vec<&Record> = records
+            .iter()
+            .filter(|r| config.subscription(&r.name).is_some())
+            .collect();
+        let count = |p: Phase| mine.iter().filter(|r| r.state.phase == p).count();
+        let confirming = count(Phase::Confirming) + count(Phase::Published);
+        let n = config.subscriptions.len();
+        let mut status = format!(
+            "{n} subscription{}, {} active, {} confirming, {} held, {} failed",
+            if n == 1 { "" } else { "s" },
+            self.running.len(),
+            confirming,
+            count(Phase::Held),
+            count(Phase::Failed)
+        );
+        if let Some(t) = next {
+            status.push_str(&format!(", next step {}", t.format("%Y-%m-%d %H:%M:%SZ")));
+        }
+        if status != self.last_status {
+            notify(&[Notify::Status(&status)]);
+            self.last_status = status;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rotation::Timing;
+
+    fn utc(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn bratislava() -> Tz {
+        Schedule::parse_zone("Europe/Bratislava").unwrap()
+    }
+
+    fn rules(window: Option<&str>, jitter: u64) -> StartRules {
+        StartRules {
+            window: window.map(|w| Window::parse(w).unwrap()),
+            tz: bratislava(),
+            jitter: Duration::from_secs(jitter),
+            catch_up: CatchUp::Run,
+        }
+    }
+
+    fn policy(schedule: Schedule, start: StartRules) -> Policy {
+        Policy {
+            name: "p".into(),
+            schedule,
+            timing: Timing::default(),
+            rotate_on_adopt: false,
+            start,
+        }
+    }
+
+    /// Counts rotate calls in progress, overall and per provider and subscription.
+    #[derive(Default)]
+    struct Gauge {
+        now: HashMap<String, usize>,
+        max: HashMap<String, usize>,
+        calls: usize,
+    }
+
+    impl Gauge {
+        fn enter(&mut self, keys: &[String]) {
+            self.calls += 1;
+            for k in keys {
+                let n = self.now.entry(k.clone()).or_default();
+                *n += 1;
+                let m = self.max.entry(k.clone()).or_default();
+                *m = (*m).max(*n);
+            }
+        }
+        fn leave(&mut self, keys: &[String]) {
+            for k in keys {
+                *self.now.entry(k.clone()).or_default() -= 1;
+            }
+        }
+        fn max(&self, k: &str) -> usize {
+            self.max.get(k).copied().unwrap_or(0)
+        }
+    }
+
+    struct SlowProvider {
+        name: String,
+        gauge: Arc<std::sync::Mutex<Gauge>>,
+    }
+
+    #[async_trait::async_trait]
+    impl crate::provider::Provider for SlowProvider {
+        fn kind(&self) -> crate::config::ProviderKind {
+            crate::config::ProviderKind::Fintoro
+        }
+        async fn preflight(&self, _id: &str) -> Result<(), crate::provider::ProviderError> {
+            Ok(())
+        }
+        async fn rotate(
+            &self,
+            id: &str,
+        ) -> Result<crate::secret::SecretString, crate::provider::RotateError> {
+            let keys = vec![
+                "all".to_string(),
+                self.name.clone(),
+                format!("{}/{id}", self.name),
+            ];
+            self.gauge.lock().unwrap().enter(&keys);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            self.gauge.lock().unwrap().leave(&keys);
+            Ok(crate::secret::secret(format!(
+                "whsec_{}_{id}_{}",
+                self.name,
+                uuid::Uuid::new_v4()
+            )))
+        }
+        async fn evidence(
+            &self,
+            _id: &str,
+            _since: DateTime<Utc>,
+        ) -> Result<Option<String>, crate::provider::ProviderError> {
+            Ok(Some("a delivery succeeded".into()))
+        }
+        async fn list(
+            &self,
+        ) -> Result<Vec<crate::provider::RemoteSubscription>, crate::provider::ProviderError>
+        {
+            Ok(vec![])
+        }
+    }
+
+    /// Five subscriptions due at once, two providers: `a` capped at one rotation at a
+    /// time, everything capped at two.
+    fn fleet(dir: &std::path::Path) -> Config {
+        fleet_with(dir, "every = \"30d\"\nrotate_on_adopt = true\n")
+    }
+
+    fn fleet_with(dir: &std::path::Path, policy: &str) -> Config {
+        std::fs::write(dir.join("token"), "t").unwrap();
+        let mut toml = String::from(
+            "version = 1\nstate_dir = \"state\"\n[file_store]\ndir = \"published\"\n\
+             [daemon]\nmax_concurrent = 2\n\
+             [[providers]]\nname = \"a\"\nkind = \"fintoro\"\nbase_url = \"http://127.0.0.1:9\"\ntoken_file = \"token\"\nmax_concurrent = 1\n\
+             [[providers]]\nname = \"b\"\nkind = \"fintoro\"\nbase_url = \"http://127.0.0.1:9\"\ntoken_file = \"token\"\n\
+             [[policies]]\nname = \"p\"\n",
+        );
+        toml.push_str(policy);
+        for (p, id) in [("a", 1), ("a", 2), ("a", 3), ("b", 1), ("b", 2)] {
+            toml.push_str(&format!(
+                "[[subscriptions]]\nprovider = \"{p}\"\nid = \"{id}\"\npolicy = \"p\"\nvault_path = \"w/{p}/{id}\"\n"
+            ));
+        }
+        std::fs::write(dir.join("rekey.toml"), toml).unwrap();
+        Config::load_with(
+            &dir.join("rekey.toml"),
+            &BTreeMap::<String, String>::new(),
+            false,
+        )
+        .unwrap()
+    }
+
+    type Parts = (
+        Arc<Engine>,
+        Arc<crate::state::StateDb>,
+        Arc<std::sync::Mutex<Gauge>>,
+    );
+
+    fn parts(dir: &std::path::Path, config: Arc<Config>) -> Parts {
+        let db = Arc::new(crate::state::StateDb::open(&config.state_dir).unwrap());
+        let gauge = Arc::new(std::sync::Mutex::new(Gauge::default()));
+        let providers = ["a", "b"]
+            .into_iter()
+            .map(|n| {
+                let p: Arc<dyn crate::provider::Provider> = Arc::new(SlowProvider {
+                    name: n.into(),
+                    gauge: gauge.clone(),
+                });
+                (n.to_string(), p)
+            })
+            .collect();
+        let store: Arc<dyn crate::store::SecretStore> =
+            Arc::new(crate::store::FileStore::new(dir.join("published")));
+        let engine = Arc::new(Engine::with_parts(config, db.clone(), store, providers));
+        (engine, db, gauge)
+    }
+
+    async fn until_rotations(db: &crate::state::StateDb, name: &str, n: usize) {
+        for _ in 0..500 {
+            let done = db
+                .history(Some(name))
+                .unwrap()
+                .iter()
+                .filter(|h| h.event == "retired")
+                .count();
+            if done >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{name} did not finish {n} rotations");
+    }
+
+    #[tokio::test]
+    async fn due_rotations_run_within_the_global_and_provider_caps_one_per_subscription() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Arc::new(fleet(dir.path()));
+        let (engine, db, gauge) = parts(dir.path(), config.clone());
+        let (tx, rx) = mpsc::channel(4);
+        let sched = tokio::spawn(Scheduler::new(engine, &[]).run(rx));
+        for s in &config.subscriptions {
+            until_rotations(&db, &s.name, 1).await;
+        }
+        {
+            let g = gauge.lock().unwrap();
+            assert_eq!(g.calls, 5, "each due subscription rotated once");
+            assert_eq!(g.max("all"), 2, "global cap reached, never passed");
+            assert_eq!(g.max("a"), 1, "provider cap");
+            for s in &config.subscriptions {
+                assert_eq!(g.max(&s.name), 1, "one rotation of {} at a time", s.name);
+            }
+        }
+        // Rotated: next due in 30 days. A manual request (what SIGUSR1 takes) rotates
+        // again, once, however often it is asked for.
+        db.add_request("a/2", engine::now()).unwrap();
+        db.add_request("a/2", engine::now()).unwrap();
+        tx.send(Control::Wake).await.unwrap();
+        until_rotations(&db, "a/2", 2).await;
+        tx.send(Control::Stop).await.unwrap();
+        sched.await.unwrap();
+        assert_eq!(gauge.lock().unwrap().calls, 6);
+        let rec = db.load("a/2").unwrap().unwrap();
+        assert_eq!(rec.state.phase, Phase::Idle);
+        assert!(rec.next_due_at.unwrap() > engine::now() + chrono::Duration::days(29));
+    }
+
+    #[tokio::test]
+    async fn stopping_lets_rotate_calls_in_flight_publish_and_starts_nothing_new() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Arc::new(fleet(dir.path()));
+        let (engine, db, gauge) = parts(dir.path(), config.clone());
+        let (tx, rx) = mpsc::channel(4);
+        let sched = tokio::spawn(Scheduler::new(engine, &[]).run(rx));
+        for _ in 0..500 {
+            // Both slots (a/1 and b/1) are in their rotate calls.
+            if gauge.lock().unwrap().calls == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tx.send(Control::Stop).await.unwrap();
+        sched.await.unwrap();
+        let calls = gauge.lock().unwrap().calls;
+        assert_eq!(calls, 2, "nothing new started after the stop");
+        let phases: Vec<Phase> = db
+            .load_all()
+            .unwrap()
+            .iter()
+            .map(|r| r.state.phase)
+            .collect();
+        // The rotated ones got their secret into the store and stopped before the
+        // confirmation check; the rest never started.
+        assert_eq!(
+            phases.iter().filter(|p| **p == Phase::Published).count(),
+            calls,
+            "{phases:?}"
+        );
+        assert_eq!(
+            phases.iter().filter(|p| **p == Phase::Idle).count(),
+            5 - calls,
+            "{phases:?}"
+        );
+        assert!(
+            db.load_all()
+                .unwrap()
+                .iter()
+                .all(|r| r.state.pending_secret.is_none())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_rotation_missed_while_down_runs_at_start_or_moves_on_per_catch_up() {
+        for (catch_up, rotates) in [("run", true), ("skip", false)] {
+            let dir = tempfile::tempdir().unwrap();
+            let config = Arc::new(fleet_with(
+                dir.path(),
+                &format!("every = \"30d\"\ncatch_up = \"{catch_up}\"\n"),
+            ));
+            let (engine, db, gauge) = parts(dir.path(), config);
+            // a/1 was last rotated 31 days ago: due a day ago, while rekey was down.
+            // (Microseconds: what the state database keeps.)
+            let now = chrono::SubsecRound::trunc_subsecs(engine::now(), 6);
+            let due = now - chrono::Duration::days(1);
+            let mut rec = db
+                .load_or_create("a/1", now - chrono::Duration::days(60))
+                .unwrap();
+            rec.state.last_rotated_at = Some(now - chrono::Duration::days(31));
+            rec.next_due_at = Some(due);
+            db.save(&rec, None, now).unwrap();
+
+            let (tx, rx) = mpsc::channel(4);
+            let sched = tokio::spawn(Scheduler::new(engine, &[]).run(rx));
+            if rotates {
+                until_rotations(&db, "a/1", 1).await;
+            } else {
+                for _ in 0..500 {
+                    let h = db.history(Some("a/1")).unwrap();
+                    if h.iter().any(|r| r.event == "catch-up-skipped") {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            tx.send(Control::Stop).await.unwrap();
+            sched.await.unwrap();
+            let calls = gauge.lock().unwrap().calls;
+            assert_eq!(calls, usize::from(rotates), "catch_up = {catch_up}");
+            let rec = db.load("a/1").unwrap().unwrap();
+            if !rotates {
+                assert_eq!(
+                    rec.next_due_at,
+                    Some(due + chrono::Duration::days(30)),
+                    "the next occurrence of the interval"
+                );
+                assert!(
+                    db.history(Some("a/1"))
+                        .unwrap()
+                        .iter()
+                        .any(|r| r.event == "catch-up-skipped"),
+                    "the skip is in the history"
+                );
+            }
+            // Never-seen subscriptions without rotate_on_adopt were not touched.
+            assert_eq!(db.load("b/1").unwrap().unwrap().state.phase, Phase::Idle);
+        }
+    }
+
+    #[test]
+    fn a_failed_rotation_wakes_at_its_backoff_not_at_its_overdue_schedule() {
+        let p = policy(
+            Schedule::Every(Duration::from_secs(3600)),
+            rules(Some("02:00-05:00"), 600),
+        );
+        let now = utc("2026-11-23T01:30:00Z"); // 02:30 CET, window open
+        let mut rec = Record {
+            name: "a/1".into(),
+            state: crate::rotation::RotationState::new(),
+            first_seen_at: utc("2026-11-01T00:00:00Z"),
+            next_due_at: Some(utc("2026-11-01T00:00:00Z")),
+            phase_since: now,
+        };
+        rec.state.phase = Phase::Failed;
+        rec.state.not_before = Some(utc("2026-11-23T01:35:00Z"));
+        assert_eq!(
+            wake_time(&p, "a/1", &rec, now),
+            Some(utc("2026-11-23T01:35:00Z")),
+            "no jitter on a retry, and not the long-past due time"
+        );
+        // A retry that falls outside the window waits for it.
+        rec.state.not_before = Some(utc("2026-11-23T05:00:00Z"));
+        assert_eq!(
+            wake_time(&p, "a/1", &rec, now),
+            Some(utc("2026-11-24T01:00:00Z"))
+        );
+        // In flight: its own time, window or not.
+        rec.state.phase = Phase::Confirming;
+        rec.state.not_before = Some(utc("2026-11-23T12:00:00Z"));
+        assert_eq!(
+            wake_time(&p, "a/1", &rec, now),
+            Some(utc("2026-11-23T12:00:00Z"))
+        );
+        rec.state.phase = Phase::Held;
+        assert_eq!(wake_time(&p, "a/1", &rec, now), None);
+    }
+
+    #[test]
+    fn windows_parse_and_explain_mistakes() {
+        let w = Window::parse("02:00-05:00").unwrap();
+        assert_eq!(w.length(), Duration::from_secs(3 * 3600));
+        assert_eq!(
+            Window::parse("22:00-04:00").unwrap().length(),
+            Duration::from_secs(6 * 3600)
+        );
+        assert_eq!(
+            Window::parse("22:00-24:00").unwrap().length(),
+            Duration::from_secs(2 * 3600)
+        );
+        assert!(Window::parse("02:00").unwrap_err().contains("not a window"));
+        assert!(Window::parse("2am-5am").unwrap_err().contains("HH:MM"));
+        assert!(Window::parse("25:00-05:00").unwrap_err().contains("25:00"));
+        assert!(Window::parse("03:00-03:00").unwrap_err().contains("empty"));
+    }
+
+    #[test]
+    fn a_due_time_outside_the_window_waits_for_the_opening_in_the_policy_zone() {
+        let r = rules(Some("02:00-05:00"), 0);
+        // 12:00 UTC on 23 Nov = 13:00 in Bratislava (CET): next opening 02:00 CET
+        // on 24 Nov = 01:00 UTC.
+        let due = utc("2026-11-23T12:00:00Z");
+        assert_eq!(start_time(&r, "a/1", due, due), utc("2026-11-24T01:00:00Z"));
+        // 02:30 CET is inside: starts at once.
+        let inside = utc("2026-11-24T01:30:00Z");
+        assert_eq!(start_time(&r, "a/1", inside, inside), inside);
+        // 05:00 local is the (exclusive) end.
+        let end = utc("2026-11-24T04:00:00Z");
+        assert_eq!(start_time(&r, "a/1", end, end), utc("2026-11-25T01:00:00Z"));
+        // In summer (CEST, UTC+2) the same window opens at 00:00 UTC.
+        let summer = utc("2026-07-01T12:00:00Z");
+        assert_eq!(
+            start_time(&r, "a/1", summer, summer),
+            utc("2026-07-02T00:00:00Z")
+        );
+    }
+
+    #[test]
+    fn a_window_that_wraps_midnight() {
+        let r = rules(Some("22:00-04:00"), 0);
+        let tz = bratislava();
+        let w = r.window.unwrap();
+        // 23:30 and 03:59 local are inside; 04:00 and 12:00 are not.
+        assert!(w.contains(utc("2026-11-23T22:30:00Z"), tz));
+        assert!(w.contains(utc("2026-11-24T02:59:00Z"), tz));
+        assert!(!w.contains(utc("2026-11-24T03:00:00Z"), tz));
+        assert!(!w.contains(utc("2026-11-24T11:00:00Z"), tz));
+        // From noon, the window opens at 22:00 local the same day.
+        let noon = utc("2026-11-24T11:00:00Z");
+        assert_eq!(
+            start_time(&r, "a/1", noon, noon),
+            utc("2026-11-24T21:00:00Z")
+        );
+        // Just after midnight it is open already.
+        let late = utc("2026-11-23T23:30:00Z");
+        assert_eq!(start_time(&r, "a/1", late, late), late);
+    }
+
+    #[test]
+    fn an_overdue_rotation_starts_now_if_the_window_is_open_else_at_the_opening() {
+        let r = rules(Some("02:00-05:00"), 0);
+        let due = utc("2026-11-20T01:00:00Z");
+        let now_open = utc("2026-11-23T02:00:00Z");
+        assert_eq!(start_time(&r, "a/1", due, now_open), now_open);
+        let now_closed = utc("2026-11-23T10:00:00Z");
+        assert_eq!(
+            start_time(&r, "a/1", due, now_closed),
+            utc("2026-11-24T01:00:00Z")
+        );
+    }
+
+    #[test]
+    fn spring_forward_shortens_the_window_and_a_missing_opening_moves_past_the_gap() {
+        let tz = bratislava();
+        // 2026-03-29: at 02:00 CET clocks jump to 03:00 CEST (01:00 UTC).
+        let w = Window::parse("02:00-05:00").unwrap();
+        // The window opens at the first instant after the gap: 03:00 CEST = 01:00 UTC,
+        // and holds only two hours that night.
+        assert_eq!(
+            w.next_open(utc("2026-03-28T12:00:00Z"), tz),
+            utc("2026-03-29T01:00:00Z")
+        );
+        assert!(w.contains(utc("2026-03-29T02:59:00Z"), tz));
+        assert!(!w.contains(utc("2026-03-29T03:00:00Z"), tz));
+        // A window inside the gap does not exist that night: the next night's opening.
+        let gap = Window::parse("02:15-02:45").unwrap();
+        assert_eq!(
+            gap.next_open(utc("2026-03-28T12:00:00Z"), tz),
+            utc("2026-03-30T00:15:00Z")
+        );
+        // A cron time in the gap still runs that day, right after the jump.
+        let s = Schedule::cron("30 2 * * *", tz).unwrap();
+        let next = s.next_after(utc("2026-03-28T12:00:00Z")).unwrap();
+        assert!(
+            next >= utc("2026-03-29T01:00:00Z") && next <= utc("2026-03-29T01:30:00Z"),
+            "{next}"
+        );
+        // And the day after, 02:30 CEST again.
+        assert_eq!(s.next_after(next), Some(utc("2026-03-30T00:30:00Z")));
+    }
+
+    #[test]
+    fn fall_back_runs_once_and_lengthens_the_window() {
+        let tz = bratislava();
+        // 2026-10-25: at 03:00 CEST clocks go back to 02:00 CET; 02:30 happens twice
+        // (00:30 UTC and 01:30 UTC).
+        let s = Schedule::cron("30 2 * * *", tz).unwrap();
+        let first = s.next_after(utc("2026-10-24T12:00:00Z")).unwrap();
+        assert_eq!(first, utc("2026-10-25T00:30:00Z"));
+        assert_eq!(
+            s.next_after(first),
+            Some(utc("2026-10-26T01:30:00Z")),
+            "no second run at the repeated 02:30"
+        );
+        let w = Window::parse("02:00-05:00").unwrap();
+        // Opens at the first 02:00 (CEST, 00:00 UTC); open four hours that night.
+        assert_eq!(
+            w.next_open(utc("2026-10-24T12:00:00Z"), tz),
+            utc("2026-10-25T00:00:00Z")
+        );
+        assert!(w.contains(utc("2026-10-25T03:59:00Z"), tz));
+        assert!(!w.contains(utc("2026-10-25T04:00:00Z"), tz));
+    }
+
+    #[test]
+    fn jitter_is_stable_per_name_within_bounds_and_spreads_a_fleet() {
+        let j = Duration::from_secs(600);
+        let offsets: Vec<Duration> = (0..500)
+            .map(|i| jitter_offset(&format!("acme/{i}"), j))
+            .collect();
+        assert!(offsets.iter().all(|o| *o < j));
+        assert_eq!(
+            jitter_offset("acme/7", j),
+            offsets[7],
+            "same name, same offset"
+        );
+        // Spread: every tenth of the range is used by someone.
+        for bucket in 0..10u64 {
+            let lo = Duration::from_secs(bucket * 60);
+            let hi = lo + Duration::from_secs(60);
+            assert!(
+                offsets.iter().any(|o| *o >= lo && *o < hi),
+                "no offset in [{lo:?}, {hi:?})"
+            );
+        }
+        assert_eq!(jitter_offset("acme/1", Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
+    fn jitter_offsets_the_start_and_stays_inside_the_window() {
+        let r = rules(Some("02:00-05:00"), 3600);
+        let off = jitter_offset("acme/801", r.jitter);
+        let due = utc("2026-11-23T12:00:00Z");
+        let start = start_time(&r, "acme/801", due, due);
+        assert_eq!(start, plus(utc("2026-11-24T01:00:00Z"), off));
+        assert!(r.window.unwrap().contains(start, r.tz));
+        // Without a window: due + offset.
+        let r = rules(None, 3600);
+        assert_eq!(start_time(&r, "acme/801", due, due), plus(due, off));
+    }
+
+    #[test]
+    fn catch_up_run_keeps_a_missed_rotation_and_skip_moves_it_to_the_next_occurrence() {
+        let tz = bratislava();
+        let monthly = Schedule::cron("0 3 1 * *", tz).unwrap();
+        let mut p = policy(monthly, rules(None, 0));
+        let due = utc("2026-11-01T02:00:00Z");
+        let started = utc("2026-11-23T10:00:00Z");
+        assert_eq!(catch_up(&p, due, started), None, "run: due stays, runs now");
+        assert_eq!(
+            start_time(&p.start, "a/1", due, started),
+            started,
+            "and starts at once"
+        );
+        p.start.catch_up = CatchUp::Skip;
+        assert_eq!(
+            catch_up(&p, due, started),
+            Some(utc("2026-12-01T02:00:00Z"))
+        );
+        // Not missed (due after the start): nothing to skip.
+        assert_eq!(catch_up(&p, utc("2026-12-01T02:00:00Z"), started), None);
+
+        // An interval keeps its phase: due + k·interval past the start.
+        let mut p = policy(
+            Schedule::Every(Duration::from_secs(7 * 86_400)),
+            rules(None, 0),
+        );
+        p.start.catch_up = CatchUp::Skip;
+        assert_eq!(
+            catch_up(&p, utc("2026-11-02T00:00:00Z"), started),
+            Some(utc("2026-11-30T00:00:00Z"))
+        );
+    }
+
+    #[test]
+    fn the_plan_lists_window_adjusted_starts() {
+        let tz = bratislava();
+        let p = policy(
+            Schedule::cron("0 12 * * *", tz).unwrap(),
+            rules(Some("02:00-05:00"), 0),
+        );
+        let from = utc("2026-11-23T00:00:00Z");
+        assert_eq!(
+            plan(&p, "a/1", from, 2),
+            vec![utc("2026-11-24T01:00:00Z"), utc("2026-11-25T01:00:00Z")]
+        );
+    }
+}
