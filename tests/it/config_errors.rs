@@ -393,3 +393,40 @@ async fn environment_overlay_can_fix_or_break_a_key() {
     assert_exit(&out, 0);
     assert!(String::from_utf8_lossy(&out.stdout).contains("from-env"));
 }
+
+/// The same corpus through SIGHUP: a running daemon refuses every bad config, keeps
+/// the one it runs with, and still takes a good one afterwards.
+#[tokio::test]
+async fn a_running_daemon_keeps_its_config_through_every_bad_reload() {
+    use crate::support::daemon::Daemon;
+    use rustix::process::Signal;
+
+    let r = base();
+    std::fs::write(r.path().join("empty.token"), "\n").unwrap();
+    let valid = std::fs::read_to_string(&r.config).unwrap();
+    let mut d = Daemon::start(&r, &[]).await;
+    d.notified("READY=1").await;
+    for (what, edit, _, _) in cases() {
+        std::fs::write(&r.config, edit(valid.clone())).unwrap();
+        d.signal(Signal::HUP);
+        d.notified("RELOADING=1").await;
+        let line = d
+            .log_line(&["reload refused, the running config stays"])
+            .await;
+        assert!(!line.is_empty(), "{what}");
+        d.notified("READY=1").await;
+    }
+    // Still alive, still serving its config, and a valid reload is taken.
+    std::fs::write(
+        &r.config,
+        valid.replace("confirm_poll = \"1s\"", "confirm_poll = \"2s\""),
+    )
+    .unwrap();
+    d.signal(Signal::HUP);
+    d.log_line(&["config reloaded"]).await;
+    d.notified("READY=1").await;
+    d.signal(Signal::TERM);
+    let status = d.exit(std::time::Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+    d.record(&r);
+}
