@@ -7,13 +7,15 @@
 
 pub mod fintoro;
 pub mod http;
+pub mod monite;
+pub mod storno;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::config::{ProviderKind, ProviderSettings};
+use crate::config::{KindSettings, ProviderKind, ProviderSettings};
 use crate::secret::SecretString;
 
 pub use http::{HttpClient, HttpError};
@@ -90,9 +92,25 @@ pub fn build(settings: &ProviderSettings) -> Result<Arc<dyn Provider>, HttpError
         settings.timeout,
         settings.rate_limit,
     )?;
-    Ok(match settings.kind {
-        ProviderKind::Fintoro => {
+    Ok(match &settings.settings {
+        KindSettings::Fintoro => {
             Arc::new(fintoro::FintoroClient::new(http, settings.token.clone()))
         }
+        KindSettings::Monite {
+            client_id,
+            entity_id,
+            api_version,
+        } => Arc::new(monite::MoniteClient::new(
+            http,
+            client_id.clone(),
+            settings.token.clone(),
+            entity_id.clone(),
+            api_version.clone(),
+        )),
+        KindSettings::Storno { company } => Arc::new(storno::StornoClient::new(
+            http,
+            settings.token.clone(),
+            company.clone(),
+        )),
     })
 }

@@ -187,7 +187,10 @@ async fn a_rotate_response_cut_off_on_the_wire_is_handled_as_lost() {
         "nothing unknown published"
     );
 
-    assert!(st["retry_at"].is_string(), "a daemon would retry after a backoff");
+    assert!(
+        st["retry_at"].is_string(),
+        "a daemon would retry after a backoff"
+    );
     // A one-shot run acts at once: the operator's timer is its cadence.
     assert_exit(&w.rekey.once(&[]).await, 0);
     assert_eq!(w.sim.rotation_count(w.id), 2);

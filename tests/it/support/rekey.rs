@@ -110,7 +110,6 @@ impl Rekey {
         self.dir.path().join("state")
     }
 
-
     /// The command with a clean environment: nothing from the developer's shell
     /// (VAULT_ADDR, REKEY__…) leaks into a test.
     pub fn command(&self, args: &[&str]) -> Command {
