@@ -348,9 +348,11 @@ impl Provider for MoniteClient {
         let mut failed = 0usize;
         let first = vec![
             ("limit", PAGE_LIMIT.to_string()),
+            // Full precision: truncating to the second would admit deliveries from
+            // just before the publication, which may have used the old secret.
             (
                 "created_at__gte",
-                since.to_rfc3339_opts(SecondsFormat::Secs, true),
+                since.to_rfc3339_opts(SecondsFormat::Micros, true),
             ),
         ];
         self.pages("/webhook_deliveries", first, true, |data: Vec<Delivery>| {
@@ -427,5 +429,154 @@ mod tests {
         assert!(path_id("0c8e5d7a-5a4f-4c33-9a43-7b8c3f0e6f11").is_ok());
         assert!(path_id("../auth/token").is_err());
         assert!(path_id("801").is_err());
+    }
+
+    use crate::config::RateLimit;
+    use crate::sandbox::monite::{Fault, FaultKind, MoniteSim, MoniteSimOptions, Route};
+    use crate::sandbox::receiver::{Receiver, tests::MemStore};
+    use std::sync::Arc;
+
+    fn client_for(sim: &MoniteSim) -> MoniteClient {
+        let o = sim.options();
+        let http = HttpClient::new(
+            "acme-monite",
+            &sim.base_url(),
+            Duration::from_secs(5),
+            RateLimit {
+                count: 1000,
+                per: Duration::from_secs(1),
+            },
+        )
+        .expect("http")
+        .with_retry(super::super::http::RetryPolicy {
+            attempts: 2,
+            base: Duration::from_millis(10),
+            max: Duration::from_millis(50),
+            max_retry_after: Duration::from_secs(2),
+        });
+        MoniteClient::new(
+            http,
+            o.client_id.clone(),
+            secret(o.client_secret.clone()),
+            o.entity_id.clone(),
+            "2024-01-31".into(),
+        )
+    }
+
+    #[tokio::test]
+    async fn one_token_serves_many_calls_and_a_401_renews_it_once() {
+        let sim = MoniteSim::start(MoniteSimOptions::default())
+            .await
+            .expect("sim");
+        let (id, _) = sim.add_subscription("http://127.0.0.1:9/x");
+        let c = client_for(&sim);
+        c.preflight(&id).await.expect("preflight");
+        c.preflight(&id).await.expect("preflight again");
+        assert_eq!(sim.tokens_issued(), 1, "cached");
+        sim.expire_tokens();
+        c.preflight(&id).await.expect("renewed after 401");
+        assert_eq!(sim.tokens_issued(), 2);
+        // Bad credentials: rejected, naming the call, never echoing the secret.
+        let mut bad = client_for(&sim);
+        bad.client_secret = secret("wrong-secret-value");
+        let err = bad.preflight(&id).await.unwrap_err();
+        assert!(matches!(err, ProviderError::Rejected(_)), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("POST /auth/token") && text.contains("401"),
+            "{text}"
+        );
+        assert!(!text.contains("wrong-secret-value"));
+    }
+
+    #[tokio::test]
+    async fn a_short_lived_token_is_renewed_before_it_expires() {
+        let sim = MoniteSim::start(MoniteSimOptions {
+            token_ttl: Duration::from_secs(1),
+            ..Default::default()
+        })
+        .await
+        .expect("sim");
+        let (id, _) = sim.add_subscription("http://127.0.0.1:9/x");
+        let c = client_for(&sim);
+        c.preflight(&id).await.expect("first");
+        tokio::time::sleep(Duration::from_millis(950)).await;
+        c.preflight(&id).await.expect("second");
+        assert_eq!(sim.tokens_issued(), 2, "renewed at 90 % of its life");
+        assert_eq!(sim.request_count(Route::Get), 2, "no call was refused");
+    }
+
+    #[tokio::test]
+    async fn evidence_is_a_successful_delivery_to_the_url_after_publication() {
+        let sim = MoniteSim::start(MoniteSimOptions {
+            default_page_size: 2,
+            ..Default::default()
+        })
+        .await
+        .expect("sim");
+        let store = Arc::new(MemStore::default());
+        let rx = Receiver::start(store.clone()).await.expect("rx");
+        let (other, other_secret) = sim.add_subscription(&rx.register("monite/other", "o"));
+        store.publish("o", &other_secret, None);
+        let (id, first) = sim.add_subscription(&rx.register("monite/sub", "p"));
+        store.publish("p", &first, None);
+        let c = client_for(&sim);
+        let new = c.rotate(&id).await.expect("rotate");
+        let published = Utc::now();
+        // Successes for another subscription's url and failures for ours prove
+        // nothing; the log pages by 2, so the match is on a later page.
+        for _ in 0..3 {
+            assert!(
+                sim.deliver(&other, "created")
+                    .await
+                    .expect("d")
+                    .was_successful
+            );
+        }
+        assert!(!sim.deliver(&id, "created").await.expect("d").was_successful);
+        assert_eq!(c.evidence(&id, published).await.expect("check"), None);
+        store.publish("p", new.expose_secret(), Some(&first));
+        assert!(sim.deliver(&id, "updated").await.expect("d").was_successful);
+        let ev = c
+            .evidence(&id, published)
+            .await
+            .expect("check")
+            .expect("evidence");
+        assert!(ev.contains("Monite delivery"), "{ev}");
+        // A success before the publication does not count.
+        let later = Utc::now() + chrono::Duration::seconds(5);
+        assert_eq!(c.evidence(&id, later).await.expect("check"), None);
+        let listed = c.list().await.expect("list");
+        assert_eq!(listed.len(), 2, "both pages");
+    }
+
+    #[tokio::test]
+    async fn rotate_outcomes_are_classified_for_safety() {
+        let sim = MoniteSim::start(MoniteSimOptions::default())
+            .await
+            .expect("sim");
+        let (id, first) = sim.add_subscription("http://127.0.0.1:9/x");
+        let c = client_for(&sim);
+        sim.inject(Fault {
+            route: Route::Rotate,
+            kind: FaultKind::Status(422),
+        });
+        assert!(matches!(
+            c.rotate(&id).await,
+            Err(RotateError::NotRotated(_))
+        ));
+        sim.inject(Fault {
+            route: Route::Rotate,
+            kind: FaultKind::CommitThenTruncate,
+        });
+        assert!(matches!(c.rotate(&id).await, Err(RotateError::Unknown(_))));
+        assert_ne!(sim.secret_of(&id).as_deref(), Some(first.as_str()));
+        sim.inject(Fault {
+            route: Route::Rotate,
+            kind: FaultKind::Status(500),
+        });
+        assert!(matches!(c.rotate(&id).await, Err(RotateError::Unknown(_))));
+        let s = c.rotate(&id).await.expect("rotate");
+        assert_eq!(sim.secret_of(&id).as_deref(), Some(s.expose_secret()));
     }
 }
