@@ -94,6 +94,20 @@ pub(crate) struct Delivery {
     pub(crate) triggered_at: Option<String>,
     #[serde(default)]
     pub(crate) completed_at: Option<String>,
+    #[serde(default)]
+    pub(crate) duration_ms: Option<u64>,
+}
+
+impl Delivery {
+    /// When the last attempt was sent, hence signed: its completion minus its
+    /// duration. Storno signs at send time, so only an attempt *sent* after the
+    /// publication is known to carry the new secret; one sent earlier and completed
+    /// later may have been signed with the old one.
+    fn sent_at(&self) -> Option<DateTime<Utc>> {
+        let done = parse_time(self.completed_at.as_deref())?;
+        let took = chrono::Duration::milliseconds(i64::try_from(self.duration_ms?).ok()?);
+        Some(done - took)
+    }
 }
 
 #[derive(Deserialize)]
@@ -243,13 +257,18 @@ impl StornoClient {
     }
 
     /// Failed deliveries triggered in `[from, to]`: the ones a receiver may have
-    /// rejected while it did not yet hold the new secret.
+    /// rejected while it did not yet hold the new secret. Storno's timestamps may
+    /// be coarser than rekey's clock, so the window is widened to whole seconds: a
+    /// failed delivery just outside it is redelivered too, which costs a duplicate
+    /// at worst, while one missed would be an event lost.
     pub async fn failed_between(
         &self,
         id: &str,
         from: DateTime<Utc>,
         to: DateTime<Utc>,
     ) -> Result<Vec<String>, ProviderError> {
+        let from = from - chrono::Duration::seconds(1);
+        let to = to + chrono::Duration::seconds(1);
         let mut out = Vec::new();
         self.deliveries(id, |d| {
             let t = parse_time(d.triggered_at.as_deref());
@@ -334,13 +353,13 @@ impl Provider for StornoClient {
     ) -> Result<Option<String>, ProviderError> {
         let mut found = None;
         self.deliveries(id, |d| {
-            let done = parse_time(d.completed_at.as_deref());
-            if d.status == "success" && done.is_some_and(|t| t > since) {
+            let sent = d.sent_at();
+            if d.status == "success" && sent.is_some_and(|t| t > since) {
                 found = Some(format!(
-                    "Storno delivery {} ({}) succeeded at {}, after the publication at {}",
+                    "Storno delivery {} ({}) sent at {} succeeded, after the publication at {}",
                     d.id,
                     d.event_type.as_deref().unwrap_or("?"),
-                    done.map(|t| t.to_rfc3339()).unwrap_or_default(),
+                    sent.map(|t| t.to_rfc3339()).unwrap_or_default(),
                     since.to_rfc3339()
                 ));
                 return false;
@@ -439,5 +458,146 @@ mod tests {
             serde_json::from_str(r#"{"uuid":"b","isActive":false}"#).unwrap();
         let b = b.into_inner();
         assert_eq!((b.ident(), b.is_active), (Some("b"), Some(false)));
+    }
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use crate::config::RateLimit;
+    use crate::sandbox::receiver::{Receiver, tests::MemStore};
+    use crate::sandbox::storno::{AuthSeen, StornoSim, StornoSimOptions, masked};
+
+    fn client_for(sim: &StornoSim, token: &str) -> StornoClient {
+        let http = HttpClient::new(
+            "acme-storno",
+            &sim.base_url(),
+            Duration::from_secs(5),
+            RateLimit {
+                count: 1000,
+                per: Duration::from_secs(1),
+            },
+        )
+        .expect("http");
+        StornoClient::new(http, secret(token), sim.options().company.clone())
+    }
+
+    #[tokio::test]
+    async fn api_key_and_jwt_reach_storno_in_their_own_header_forms() {
+        let sim = StornoSim::start(StornoSimOptions::default())
+            .await
+            .expect("sim");
+        let o = sim.options().clone();
+        let (id, _) = sim.add_endpoint("http://127.0.0.1:9/x");
+        client_for(&sim, &o.api_key)
+            .preflight(&id)
+            .await
+            .expect("api key");
+        client_for(&sim, &o.jwt).preflight(&id).await.expect("jwt");
+        assert_eq!(sim.auth_seen(), vec![AuthSeen::ApiKey, AuthSeen::Jwt]);
+        let err = client_for(&sim, &o.expired_jwt)
+            .preflight(&id)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ProviderError::Rejected(_)));
+        assert!(
+            err.to_string().contains("401") && err.to_string().contains("Expired JWT Token"),
+            "{err}"
+        );
+        let err = client_for(&sim, "af_revoked")
+            .preflight(&id)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("403") && err.to_string().contains("Invalid API Token"),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("af_revoked"));
+    }
+
+    #[tokio::test]
+    async fn both_rotate_response_shapes_give_the_live_secret() {
+        for unwrapped in [false, true] {
+            let sim = StornoSim::start(StornoSimOptions {
+                unwrapped,
+                ..Default::default()
+            })
+            .await
+            .expect("sim");
+            let (id, first) = sim.add_endpoint("http://127.0.0.1:9/x");
+            let c = client_for(&sim, &sim.options().api_key.clone());
+            let new = c.rotate(&id).await.expect("rotate");
+            assert_ne!(new.expose_secret(), first);
+            assert_eq!(sim.secret_of(&id).as_deref(), Some(new.expose_secret()));
+            let tail = c
+                .masked_secret_tail(&id)
+                .await
+                .expect("masked")
+                .expect("tail");
+            assert_eq!(format!("***{tail}"), masked(new.expose_secret()));
+        }
+    }
+
+    #[tokio::test]
+    async fn evidence_from_a_real_delivery_or_else_an_active_test() {
+        let sim = StornoSim::start(StornoSimOptions::default())
+            .await
+            .expect("sim");
+        let store = Arc::new(MemStore::default());
+        let rx = Receiver::start(store.clone()).await.expect("rx");
+        let (id, first) = sim.add_endpoint(&rx.register("storno/e", "p"));
+        store.publish("p", &first, None);
+        let c = client_for(&sim, &sim.options().api_key.clone());
+        let new = c.rotate(&id).await.expect("rotate");
+        // Unpublished: no real success, and the test delivery is rejected.
+        let since = Utc::now();
+        assert_eq!(c.evidence(&id, since).await.expect("check"), None);
+        assert_eq!(rx.stats("storno/e").rejected, 1);
+        store.publish("p", new.expose_secret(), Some(&first));
+        let ev = c
+            .evidence(&id, since)
+            .await
+            .expect("check")
+            .expect("evidence");
+        assert!(ev.contains("test delivery"), "{ev}");
+        // A real success after `since` is found first; no test is sent then.
+        let tests_before = sim.request_count(crate::sandbox::storno::Route::Test);
+        assert_eq!(
+            sim.deliver(&id, "invoice.created").await.expect("d").status,
+            "success"
+        );
+        let ev = c
+            .evidence(&id, since)
+            .await
+            .expect("check")
+            .expect("evidence");
+        assert!(ev.contains("invoice.created"), "{ev}");
+        assert_eq!(
+            sim.request_count(crate::sandbox::storno::Route::Test),
+            tests_before
+        );
+    }
+
+    #[tokio::test]
+    async fn failed_deliveries_in_a_window_are_found_and_retried() {
+        let sim = StornoSim::start(StornoSimOptions::default())
+            .await
+            .expect("sim");
+        let store = Arc::new(MemStore::default());
+        let rx = Receiver::start(store.clone()).await.expect("rx");
+        let (id, first) = sim.add_endpoint(&rx.register("storno/e", "p"));
+        store.publish("p", &first, None);
+        let c = client_for(&sim, &sim.options().api_key.clone());
+        let before = sim.deliver(&id, "invoice.created").await.expect("d");
+        let from = Utc::now();
+        let new = c.rotate(&id).await.expect("rotate");
+        let lost = sim.deliver(&id, "invoice.validated").await.expect("d");
+        assert_eq!(lost.status, "failed");
+        let to = Utc::now();
+        store.publish("p", new.expose_secret(), Some(&first));
+        let failed = c.failed_between(&id, from, to).await.expect("list");
+        assert_eq!(failed, vec![lost.id.clone()]);
+        assert!(!failed.contains(&before.id));
+        c.retry_delivery(&id, &lost.id).await.expect("retry");
+        assert_eq!(sim.retries(), vec![lost.id.clone()]);
     }
 }
