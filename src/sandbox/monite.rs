@@ -115,6 +115,8 @@ struct SimState {
     counts: HashMap<Route, u64>,
     window: Option<(Instant, u32)>,
     deliveries: Vec<DeliveryRecord>,
+    /// Expire every token when the next request on this route arrives.
+    expire_on: Option<Route>,
     /// Opaque cursor → (route it belongs to, offset, created_at__gte filter).
     cursors: HashMap<String, (Route, usize, Option<DateTime<Utc>>)>,
 }
@@ -227,6 +229,11 @@ impl Shared {
         }
         if let Err(retry) = self.hit(&mut st) {
             return Err(too_many(Some(retry)));
+        }
+        if st.expire_on == Some(route) {
+            st.expire_on = None;
+            let past = Instant::now();
+            st.tokens.values_mut().for_each(|exp| *exp = past);
         }
         if route != Route::Token {
             let token = headers
@@ -524,6 +531,7 @@ impl MoniteSim {
                 counts: HashMap::new(),
                 window: None,
                 deliveries: Vec::new(),
+                expire_on: None,
                 cursors: HashMap::new(),
             }),
         });
@@ -589,6 +597,15 @@ impl MoniteSim {
         self.shared().lock().subs.remove(id).is_some()
     }
 
+    /// Changes the delivery url (a PATCH in the real API); does not rotate.
+    pub fn set_url(&self, id: &str, url: &str) -> bool {
+        let mut st = self.shared().lock();
+        st.subs.get_mut(id).is_some_and(|s| {
+            s.url = url.to_string();
+            true
+        })
+    }
+
     /// The secret Monite signs with right now (test oracle).
     pub fn secret_of(&self, id: &str) -> Option<String> {
         self.shared().lock().subs.get(id).map(|s| s.secret.clone())
@@ -604,6 +621,12 @@ impl MoniteSim {
         for exp in self.shared().lock().tokens.values_mut() {
             *exp = past;
         }
+    }
+
+    /// Expires every token just before the next request on `route` is checked: a
+    /// token that runs out in the middle of a rekey run, at a chosen step.
+    pub fn expire_tokens_at(&self, route: Route) {
+        self.shared().lock().expire_on = Some(route);
     }
 
     /// Tokens issued so far.

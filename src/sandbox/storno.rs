@@ -691,6 +691,15 @@ impl StornoSim {
         Some(e.secret.clone())
     }
 
+    /// Changes the delivery url (a PUT in the real API); does not rotate.
+    pub fn set_url(&self, id: &str, url: &str) -> bool {
+        let mut st = self.shared().lock();
+        st.endpoints.get_mut(id).is_some_and(|s| {
+            s.url = url.to_string();
+            true
+        })
+    }
+
     pub fn secret_of(&self, id: &str) -> Option<String> {
         self.shared()
             .lock()
