@@ -272,6 +272,7 @@ impl Engine {
                     },
                 },
                 Action::Check { since } => {
+                    self.redeliver(sub, &rec).await?;
                     match self.provider(sub).evidence(&sub.id, since).await {
                         Ok(evidence) => Event::Checked {
                             evidence,
@@ -336,6 +337,45 @@ impl Engine {
             .preflight(&sub.id)
             .await
             .map_err(|e| e.to_string())
+    }
+
+    /// Before each confirmation check: has the provider redeliver what failed in the
+    /// exposure window (from the intent, just before the rotate call, to the
+    /// publication), and records what was redelivered in the history. Retrying a
+    /// delivery changes its status, so a later check does not send it again. A
+    /// failure here is logged, not fatal: confirmation must not wait on it.
+    async fn redeliver(&self, sub: &Subscription, rec: &Record) -> Result<(), EngineError> {
+        let s = &rec.state;
+        let (Some(from), Some(to)) = (s.intent_at, s.published_at) else {
+            return Ok(());
+        };
+        let (event, detail) = match self.provider(sub).redeliver(&sub.id, from, to).await {
+            Ok(ids) if ids.is_empty() => return Ok(()),
+            Ok(ids) => (
+                "redelivered",
+                format!(
+                    "asked the provider to redeliver {} delivery(ies) that failed between the rotation and the publication: {}",
+                    ids.len(),
+                    ids.join(", ")
+                ),
+            ),
+            Err(e) => (
+                "redeliver-failed",
+                format!(
+                    "could not redeliver what failed in the exposure window: {e}; check the provider's delivery log"
+                ),
+            ),
+        };
+        let t = rotation::Transition {
+            from: s.phase,
+            to: s.phase,
+            event,
+            detail,
+            quiet: false,
+        };
+        self.db.save(rec, Some(&t), now())?;
+        log_transition(sub, rec, &t);
+        Ok(())
     }
 
     /// Writes `current` = the minted secret, `previous` = what the store held as

@@ -82,6 +82,19 @@ pub trait Provider: Send + Sync {
 
     /// Every subscription the account has (discovery).
     async fn list(&self) -> Result<Vec<RemoteSubscription>, ProviderError>;
+
+    /// Asks the provider to deliver again what failed in `[from, to]` — the exposure
+    /// window, when deliveries were signed with a secret receivers did not have yet —
+    /// now that the new secret is published. Returns the ids redelivered. Providers
+    /// without a retry endpoint redeliver nothing (their own retries must do).
+    async fn redeliver(
+        &self,
+        _id: &str,
+        _from: DateTime<Utc>,
+        _to: DateTime<Utc>,
+    ) -> Result<Vec<String>, ProviderError> {
+        Ok(Vec::new())
+    }
 }
 
 /// Builds the client for a configured provider account.

@@ -397,6 +397,20 @@ impl Provider for StornoClient {
         }
     }
 
+    async fn redeliver(
+        &self,
+        id: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<String>, ProviderError> {
+        let mut done = Vec::new();
+        for delivery in self.failed_between(id, from, to).await? {
+            self.retry_delivery(id, &delivery).await?;
+            done.push(delivery);
+        }
+        Ok(done)
+    }
+
     async fn list(&self) -> Result<Vec<RemoteSubscription>, ProviderError> {
         let resp = self
             .send(

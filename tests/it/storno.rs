@@ -135,3 +135,46 @@ async fn an_expired_storno_jwt_stops_the_rotation_before_anything_changes() {
     assert_eq!(s(&w.entry().await, "current"), w.initial);
     w.assert_no_leak(&[&expired]);
 }
+
+#[tokio::test]
+async fn deliveries_that_failed_in_the_exposure_window_are_redelivered_once_the_secret_is_published()
+ {
+    let w = world().await;
+    // Rotated, and the process dies before publishing: the window stays open.
+    w.rekey
+        .crash_at("after:rotate-succeeded", &["--force", &w.name])
+        .await;
+    let before = w.stats().accepted_with_current;
+    let lost = w
+        .sim
+        .deliver(&w.id, "invoice.validated")
+        .await
+        .expect("attempted");
+    assert_eq!(lost.status, "failed", "the receiver cannot verify it yet");
+    assert_eq!(w.stats().rejected, 1);
+
+    assert_exit(&w.rekey.once(&[]).await, 0);
+    assert_eq!(w.sim.retries(), vec![lost.id.clone()], "redelivered once");
+    let mut redelivered = None;
+    for _ in 0..200 {
+        redelivered = w.sim.delivery(&lost.id).filter(|d| d.status == "success");
+        if redelivered.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let d = redelivered.expect("the redelivery succeeds with the new secret");
+    assert_eq!(d.attempt, 2);
+    assert!(w.stats().accepted_with_current > before);
+    let history = w.rekey.history(&w.name).await;
+    let row = history
+        .iter()
+        .find(|h| s(h, "event") == "redelivered")
+        .unwrap_or_else(|| panic!("no redelivery in the history: {history:?}"));
+    assert!(s(row, "detail").contains(&lost.id), "{row}");
+
+    // Nothing left to redeliver: a later pass asks for no more retries.
+    assert_exit(&w.rekey.force(&w.name).await, 0);
+    assert_eq!(w.sim.retries().len(), 1);
+    w.assert_no_leak(&[]);
+}
