@@ -16,7 +16,7 @@ use crate::status;
 /// Exit codes (sysexits where one fits).
 pub mod exit {
     pub const OK: u8 = 0;
-    /// A rotation failed or is held.
+    /// A rotation failed or is held, or a subscription drifted.
     pub const FAILED: u8 = 1;
     pub const USAGE: u8 = 64;
     pub const SOFTWARE: u8 = 70;
@@ -32,10 +32,10 @@ const DEFAULT_CONFIG: &str = "/etc/rekey/rekey.toml";
     name = "rekey",
     version,
     about = "Rotates webhook signing secrets at SaaS providers and publishes them to Vault without breaking delivery",
-    long_about = "Rotates webhook signing secrets at SaaS providers (Fintoro) and publishes them \
+    long_about = "Rotates webhook signing secrets at SaaS providers (Fintoro, Monite, Storno) and publishes them \
 to HashiCorp Vault so receivers always hold a secret that verifies: rotate, store durably, \
 publish old and new, confirm that deliveries with the new secret succeed, then retire the old one.\n\n\
-Exit codes: 0 ok; 1 a rotation failed or is held; 64 bad usage; 75 another rekey holds the \
+Exit codes: 0 ok; 1 a rotation failed or is held, or a subscription drifted; 64 bad usage; 75 another rekey holds the \
 state directory; 78 invalid config.",
     after_help = "Start with `rekey sandbox` to watch a whole rotation against simulated providers."
 )]
@@ -212,6 +212,10 @@ async fn pass(engine: &Engine, force: &[String], eager: bool) -> u8 {
                 }
                 match &outcome {
                     Outcome::NotDue => {}
+                    Outcome::Drifted => tracing::warn!(
+                        subscription = %sub.name,
+                        "drifted: rotated outside rekey; `rekey status` says how to recover"
+                    ),
                     Outcome::Held => tracing::warn!(
                         subscription = %sub.name,
                         "held: no evidence before the deadline; see `rekey status` and `rekey history`"
@@ -310,7 +314,7 @@ fn status_cmd(path: &Path, json: bool) -> u8 {
     }
     if rows
         .iter()
-        .any(|r| r.state == "failed" || r.state == "held")
+        .any(|r| r.state == "failed" || r.state == "held" || r.state == "drifted")
     {
         exit::FAILED
     } else {

@@ -39,6 +39,8 @@ pub enum Outcome {
     Waiting(Phase, DateTime<Utc>),
     /// Held: needs an operator.
     Held,
+    /// Rotated outside rekey: needs an operator (see the record's `last_error`).
+    Drifted,
 }
 
 impl Outcome {
@@ -46,11 +48,19 @@ impl Outcome {
     /// that is backing off after an error.
     pub fn is_problem(&self, rec: &Record) -> bool {
         match self {
-            Outcome::Held | Outcome::Rested(Phase::Failed) => true,
+            Outcome::Held | Outcome::Drifted | Outcome::Rested(Phase::Failed) => true,
             Outcome::Waiting(_, _) => rec.state.last_error.is_some(),
             _ => false,
         }
     }
+}
+
+/// Why preflight stopped a rotation.
+enum Preflight {
+    /// Something is unreachable or refused; retried after a backoff.
+    Failed(String),
+    /// The provider's secret is not the store's: wait for an operator.
+    Drifted(String),
 }
 
 pub fn now() -> DateTime<Utc> {
@@ -152,7 +162,8 @@ impl Engine {
     /// The time the engine next has something to do for `sub`, if any.
     pub fn wake_at(&self, rec: &Record) -> Option<DateTime<Utc>> {
         match rec.state.phase {
-            Phase::Held => None,
+            // Both wait for an operator; a drifted one is re-checked on every pass.
+            Phase::Held | Phase::Drifted => None,
             Phase::Idle => rec.next_due_at,
             Phase::Failed => match (rec.state.not_before, rec.next_due_at) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -179,6 +190,21 @@ impl Engine {
         let restarted = self.first_sight(&sub.name);
         let mut event = match rec.state.phase {
             Phase::Held => return Ok((Outcome::Held, rec)),
+            // Only an operator's request rotates a drifted subscription; otherwise see
+            // whether the operator has reconciled the store in the meantime.
+            Phase::Drifted if trigger.is_none() => match self.drift(sub).await {
+                Ok(None) => Event::DriftResolved { now: now0 },
+                Ok(Some(_)) => return Ok((Outcome::Drifted, rec)),
+                Err(e) => {
+                    tracing::warn!(subscription = %sub.name, error = %e, "cannot re-check drift");
+                    return Ok((Outcome::Drifted, rec));
+                }
+            },
+            Phase::Drifted => Event::Start {
+                rotation_id: uuid::Uuid::new_v4().to_string(),
+                trigger: trigger.unwrap_or(Trigger::Forced),
+                now: now0,
+            },
             p if p.in_flight() => Event::Recover {
                 now: now0,
                 restarted,
@@ -206,6 +232,9 @@ impl Engine {
             }
             _ => unreachable!("in_flight covers every other phase"),
         };
+        // The operator's answer to a drift may be to rotate to a secret rekey knows:
+        // that rotation must not stop at the drift it is meant to repair.
+        let accept_drift = rec.state.phase == Phase::Drifted;
         let timing = self.policy(sub).timing.clone();
         loop {
             let event_name = event.name();
@@ -237,9 +266,10 @@ impl Engine {
             failpoint::hit(&format!("after:{event_name}"));
 
             event = match step.action {
-                Action::Preflight => match self.preflight(sub).await {
+                Action::Preflight => match self.preflight(sub, accept_drift).await {
                     Ok(()) => Event::PreflightPassed { now: now() },
-                    Err(error) => Event::PreflightFailed { error, now: now() },
+                    Err(Preflight::Failed(error)) => Event::PreflightFailed { error, now: now() },
+                    Err(Preflight::Drifted(detail)) => Event::DriftDetected { detail, now: now() },
                 },
                 Action::Rotate if !rec.state.rotate_in_flight => Event::RotateSent { now: now() },
                 Action::Rotate => {
@@ -295,6 +325,9 @@ impl Engine {
                     },
                 },
                 Action::WaitUntil(t) => return Ok((Outcome::Waiting(rec.state.phase, t), rec)),
+                Action::AwaitOperator if rec.state.phase == Phase::Drifted => {
+                    return Ok((Outcome::Drifted, rec));
+                }
                 Action::AwaitOperator => return Ok((Outcome::Held, rec)),
                 Action::Rest => return Ok((Outcome::Rested(rec.state.phase), rec)),
             };
@@ -328,15 +361,62 @@ impl Engine {
         self.advance(sub, None, true).await
     }
 
-    async fn preflight(&self, sub: &Subscription) -> Result<(), String> {
+    async fn preflight(&self, sub: &Subscription, accept_drift: bool) -> Result<(), Preflight> {
         self.store
             .preflight(&sub.vault_path)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Preflight::Failed(e.to_string()))?;
         self.provider(sub)
             .preflight(&sub.id)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| Preflight::Failed(e.to_string()))?;
+        if accept_drift {
+            return Ok(());
+        }
+        match self.drift(sub).await {
+            Ok(None) => Ok(()),
+            Ok(Some(detail)) => Err(Preflight::Drifted(detail)),
+            Err(e) => Err(Preflight::Failed(e)),
+        }
+    }
+
+    /// Compares what the provider shows of its live secret (Storno: the last 8
+    /// characters) with the store's `current`. `Some` explains a mismatch: someone
+    /// rotated outside rekey, so receivers hold a secret that no longer verifies, and
+    /// rotating now would publish the stale one as `previous` as if it were valid.
+    /// The provider's characters are compared, never shown.
+    pub async fn drift(&self, sub: &Subscription) -> Result<Option<String>, String> {
+        let Some(tail) = self
+            .provider(sub)
+            .secret_hint(&sub.id)
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(None);
+        };
+        let Some(read) = self
+            .store
+            .read(&sub.vault_path)
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            // Nothing published yet: nothing to disagree with.
+            return Ok(None);
+        };
+        if read.entry.current.expose_secret().ends_with(&tail) {
+            return Ok(None);
+        }
+        Ok(Some(format!(
+            "drift: the secret live at the provider does not end like `current` ({}) at `{}`; \
+             it was rotated outside rekey and receivers cannot verify its deliveries. rekey \
+             changed nothing. To recover, either write the live secret into `current` at `{}` \
+             (rekey returns to idle on its next pass), or run `rekey run --once --force {}` to \
+             rotate to a new secret that rekey publishes",
+            Fingerprint::of(&read.entry.current),
+            sub.vault_path,
+            sub.vault_path,
+            sub.name
+        )))
     }
 
     /// Before each confirmation check: has the provider redeliver what failed in the

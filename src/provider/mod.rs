@@ -83,6 +83,12 @@ pub trait Provider: Send + Sync {
     /// Every subscription the account has (discovery).
     async fn list(&self) -> Result<Vec<RemoteSubscription>, ProviderError>;
 
+    /// The last characters of the live secret, where the provider shows them (Storno:
+    /// masked `***` + last 8), for drift detection; `None` where it shows nothing.
+    async fn secret_hint(&self, _id: &str) -> Result<Option<String>, ProviderError> {
+        Ok(None)
+    }
+
     /// Asks the provider to deliver again what failed in `[from, to]` — the exposure
     /// window, when deliveries were signed with a secret receivers did not have yet —
     /// now that the new secret is published. Returns the ids redelivered. Providers

@@ -397,6 +397,10 @@ impl Provider for StornoClient {
         }
     }
 
+    async fn secret_hint(&self, id: &str) -> Result<Option<String>, ProviderError> {
+        self.masked_secret_tail(id).await
+    }
+
     async fn redeliver(
         &self,
         id: &str,

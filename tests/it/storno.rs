@@ -178,3 +178,51 @@ async fn deliveries_that_failed_in_the_exposure_window_are_redelivered_once_the_
     assert_eq!(w.sim.retries().len(), 1);
     w.assert_no_leak(&[]);
 }
+
+#[tokio::test]
+async fn a_storno_webhook_rotated_outside_rekey_is_reported_as_drifted_and_not_clobbered() {
+    let w = world().await;
+    let outside = w.sim.rotate_outside(&w.id).expect("endpoint exists");
+    let tail = outside[outside.len() - 8..].to_string();
+
+    let out = w.rekey.force(&w.name).await;
+    assert_exit(&out, 1);
+    let st = w.rekey.state_of(&w.name).await;
+    assert_eq!(s(&st, "state"), "drifted", "{st}");
+    let err = s(&st, "last_error");
+    assert!(err.contains("rotated outside rekey"), "{err}");
+    assert!(
+        err.contains(&format!("--force {}", w.name)),
+        "says how: {err}"
+    );
+    assert_eq!(w.sim.rotation_count(&w.id), 0, "rekey rotated nothing");
+    assert_eq!(w.live(), outside);
+    let entry = w.entry().await;
+    assert_eq!(s(&entry, "current"), w.initial, "Vault untouched");
+    assert!(entry.get("previous").is_none());
+    assert_exit(&w.rekey.run(&["status"]).await, 1);
+    let history = w.rekey.history(&w.name).await;
+    assert!(history.iter().any(|h| s(h, "event") == "drift-detected"));
+    // Later passes neither rotate nor forget the drift.
+    assert_exit(&w.rekey.once(&[]).await, 1);
+    assert_eq!(s(&w.rekey.state_of(&w.name).await, "state"), "drifted");
+
+    // Recovery 1: the operator writes the live secret into Vault.
+    w.vault
+        .kv1_write(&w.path, serde_json::json!({ "current": outside }))
+        .await;
+    assert_exit(&w.rekey.once(&[]).await, 0);
+    assert_eq!(s(&w.rekey.state_of(&w.name).await, "state"), "idle");
+    let history = w.rekey.history(&w.name).await;
+    assert!(history.iter().any(|h| s(h, "event") == "drift-resolved"));
+
+    // Recovery 2: drifted again, the operator forces a rotation to a known secret.
+    let outside2 = w.sim.rotate_outside(&w.id).expect("endpoint exists");
+    assert_exit(&w.rekey.force(&w.name).await, 1);
+    assert_eq!(s(&w.rekey.state_of(&w.name).await, "state"), "drifted");
+    assert_exit(&w.rekey.force(&w.name).await, 0);
+    assert_eq!(s(&w.rekey.state_of(&w.name).await, "state"), "idle");
+    assert_eq!(w.sim.rotation_count(&w.id), 1);
+    assert_eq!(s(&w.entry().await, "current"), w.live());
+    w.assert_no_leak(&[&outside, &outside2, &tail]);
+}
