@@ -163,7 +163,7 @@ async fn run(path: &Path, once: bool, force: Vec<String>) -> u8 {
     };
     init_logging(&config);
     for f in &force {
-        if config.subscription(f).is_none() {
+        if config.subscription(f).is_none() && config.discovery_for(f).is_none() {
             eprintln!(
                 "rekey: --force {f}: no such subscription in {} (names are <provider>/<id>)",
                 path.display()
@@ -203,7 +203,14 @@ async fn run(path: &Path, once: bool, force: Vec<String>) -> u8 {
 /// One pass over every subscription. Returns the exit code.
 async fn pass(engine: &Engine, force: &[String], eager: bool) -> u8 {
     let mut code = exit::OK;
-    for sub in &engine.config().subscriptions {
+    let subs = engine.subscriptions().await;
+    for f in force {
+        if !subs.iter().any(|s| &s.name == f) {
+            tracing::error!(subscription = %f, "--force: the provider does not list this subscription");
+            code = exit::FAILED;
+        }
+    }
+    for sub in &subs {
         let trigger = force.contains(&sub.name).then_some(Trigger::Forced);
         match engine.advance(sub, trigger, eager).await {
             Ok((outcome, rec)) => {

@@ -133,6 +133,9 @@ pub struct Config {
     pub providers: Vec<ProviderSettings>,
     pub policies: Vec<Policy>,
     pub subscriptions: Vec<Subscription>,
+    /// `[[subscriptions]]` entries with `id = "*"`: every subscription the provider
+    /// lists, discovered on each pass.
+    pub discoveries: Vec<Discovery>,
     pub log: LogSettings,
 }
 
@@ -308,6 +311,55 @@ pub struct Subscription {
     pub vault_path: String,
 }
 
+/// Manage every subscription a provider account lists (`id = "*"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Discovery {
+    pub provider: String,
+    /// The provider's kind, for the `{kind}` placeholder.
+    pub kind: ProviderKind,
+    pub policy: String,
+    /// `vault_path` with `{id}` (required), `{provider}` and `{kind}` placeholders.
+    pub vault_path_template: String,
+}
+
+impl Discovery {
+    /// The subscription a listed id becomes.
+    pub fn subscription(&self, id: &str) -> Subscription {
+        Subscription {
+            name: format!("{}/{id}", self.provider),
+            provider: self.provider.clone(),
+            id: id.to_string(),
+            policy: self.policy.clone(),
+            vault_path: self
+                .vault_path_template
+                .replace("{provider}", &self.provider)
+                .replace("{kind}", self.kind.as_str())
+                .replace("{id}", id),
+        }
+    }
+}
+
+/// Checks a `vault_path` template: `{id}` must appear (else every subscription
+/// would share one entry) and no other placeholder than `{provider}` and `{kind}`.
+fn check_template(t: &str) -> Result<(), String> {
+    if !t.contains("{id}") {
+        return Err(format!(
+            "`{t}` must contain `{{id}}` when id = \"*\" (e.g. \"webhooks/{{provider}}/{{id}}\"), \
+             or every discovered subscription would share one entry"
+        ));
+    }
+    let rest = t
+        .replace("{id}", "")
+        .replace("{provider}", "")
+        .replace("{kind}", "");
+    if rest.contains('{') || rest.contains('}') {
+        return Err(format!(
+            "`{t}` has a placeholder other than {{id}}, {{provider}}, {{kind}}"
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -331,6 +383,14 @@ impl Config {
 
     pub fn subscription(&self, name: &str) -> Option<&Subscription> {
         self.subscriptions.iter().find(|s| s.name == name)
+    }
+
+    /// The discovery entry that could produce `name` (`<provider>/<id>`), if any.
+    pub fn discovery_for(&self, name: &str) -> Option<&Discovery> {
+        let (provider, id) = name.split_once('/')?;
+        (!id.is_empty())
+            .then(|| self.discoveries.iter().find(|d| d.provider == provider))
+            .flatten()
     }
 }
 
@@ -961,6 +1021,7 @@ fn validate(
     }
 
     let mut subscriptions: Vec<Subscription> = Vec::new();
+    let mut discoveries: Vec<Discovery> = Vec::new();
     let mut seen_paths: BTreeMap<String, String> = BTreeMap::new();
     for (i, s) in raw.subscriptions.into_iter().enumerate() {
         let k = format!("subscriptions[{i}]");
@@ -1034,6 +1095,46 @@ fn validate(
             }
             Some(p) => Some(p.to_string()),
         };
+        if let (Some(provider), Some("*"), Some(policy), Some(template)) =
+            (&provider, id.as_deref(), &policy, &vault_path)
+        {
+            if let Err(m) = check_template(template) {
+                c.problem(format!("{k}.vault_path"), m);
+                continue;
+            }
+            if discoveries
+                .iter()
+                .any(|d: &Discovery| &d.provider == provider)
+            {
+                c.problem(
+                    format!("{k}.id"),
+                    format!("provider `{provider}` already has an id = \"*\" entry"),
+                );
+                continue;
+            }
+            let kind = providers
+                .iter()
+                .find(|p| &p.name == provider)
+                .map(|p| p.kind)
+                .unwrap_or(ProviderKind::Fintoro);
+            discoveries.push(Discovery {
+                provider: provider.clone(),
+                kind,
+                policy: policy.clone(),
+                vault_path_template: template.clone(),
+            });
+            continue;
+        }
+        if let (Some(_), Some(v)) = (&id, &vault_path)
+            && id.as_deref() != Some("*")
+            && (v.contains('{') || v.contains('}'))
+        {
+            c.problem(
+                format!("{k}.vault_path"),
+                format!("`{v}` has a placeholder; placeholders only apply with id = \"*\""),
+            );
+            continue;
+        }
         if let (Some(provider), Some(id), Some(policy), Some(vault_path)) =
             (provider, id, policy, vault_path)
         {
@@ -1112,6 +1213,7 @@ fn validate(
         providers,
         policies,
         subscriptions,
+        discoveries,
         log,
     })
 }
@@ -1433,5 +1535,37 @@ company = "550e8400-e29b-41d4-a716-446655440000"
         let storno = "\n[[providers]]\nname = \"s\"\nkind = \"storno\"\ntoken_file = \"fintoro.token\"\ncompany = \"a b\"\n";
         let err = load(&format!("{GOOD}{storno}")).unwrap_err();
         assert_eq!(err.problems[0].key, "providers[1].company", "{err}");
+    }
+
+    #[test]
+    fn a_star_id_discovers_with_a_vault_path_template() {
+        let star = GOOD.replace("id = \"801\"", "id = \"*\"").replace(
+            "vault_path = \"webhooks/fintoro/801\"",
+            "vault_path = \"webhooks/{kind}/{provider}/{id}\"",
+        );
+        let c = load(&star).unwrap();
+        assert!(c.subscriptions.is_empty());
+        let d = &c.discoveries[0];
+        assert_eq!(
+            d.subscription("9").vault_path,
+            "webhooks/fintoro/acme-fintoro/9"
+        );
+        assert_eq!(d.subscription("9").name, "acme-fintoro/9");
+        assert!(c.discovery_for("acme-fintoro/12").is_some());
+        assert!(c.discovery_for("other/12").is_none());
+
+        for (path, words) in [
+            ("webhooks/all", "must contain `{id}`"),
+            ("webhooks/{name}/{id}", "placeholder other than"),
+        ] {
+            let bad = star.replace("webhooks/{kind}/{provider}/{id}", path);
+            let err = load(&bad).unwrap_err();
+            assert_eq!(err.problems[0].key, "subscriptions[0].vault_path", "{err}");
+            assert!(err.to_string().contains(words), "{err}");
+        }
+        let placeholder_without_star =
+            GOOD.replace("webhooks/fintoro/801", "webhooks/fintoro/{id}");
+        let err = load(&placeholder_without_star).unwrap_err();
+        assert!(err.to_string().contains("only apply with id"), "{err}");
     }
 }

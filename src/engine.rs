@@ -143,6 +143,146 @@ impl Engine {
             .expect("validated config: subscription provider exists")
     }
 
+    /// The subscriptions of this pass: the configured ones, then every one the
+    /// `id = "*"` entries discover. A newly listed subscription is recorded
+    /// (`discovered`) and scheduled like any other; one the provider no longer lists
+    /// is recorded (`vanished`, with a `last_error` saying so) and left alone, never
+    /// silently dropped: its state and Vault entry stay. When a list call fails, the
+    /// subscriptions discovered before carry on, so rotations in flight finish.
+    pub async fn subscriptions(&self) -> Vec<Subscription> {
+        let mut out = self.config.subscriptions.clone();
+        if self.config.discoveries.is_empty() {
+            return out;
+        }
+        for d in &self.config.discoveries {
+            let Some(provider) = self.providers.get(&d.provider) else {
+                continue;
+            };
+            match provider.list().await {
+                Ok(listed) => {
+                    if let Err(e) = self.reconcile(d, &listed) {
+                        tracing::error!(provider = %d.provider, error = %e, "cannot record discovery");
+                    }
+                }
+                Err(e) => tracing::warn!(
+                    provider = %d.provider,
+                    error = %e,
+                    "cannot list subscriptions; continuing with those discovered before"
+                ),
+            }
+        }
+        let known = match self.db.discovered() {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read discovered subscriptions");
+                return out;
+            }
+        };
+        for k in known.iter().filter(|k| k.vanished_at.is_none()) {
+            let Some(d) = self
+                .config
+                .discoveries
+                .iter()
+                .find(|d| d.provider == k.provider)
+            else {
+                continue;
+            };
+            if out.iter().any(|s| s.name == k.name) {
+                continue;
+            }
+            out.push(d.subscription(&k.id));
+        }
+        out
+    }
+
+    /// Records what one list call found: new subscriptions, and vanished ones.
+    fn reconcile(
+        &self,
+        d: &crate::config::Discovery,
+        listed: &[crate::provider::RemoteSubscription],
+    ) -> Result<(), EngineError> {
+        let now = now();
+        for r in listed {
+            let sub = d.subscription(&r.id);
+            // Explicit entries win; a templated path must not take another's entry.
+            if self.config.subscription(&sub.name).is_some() {
+                continue;
+            }
+            if let Some(other) = self
+                .config
+                .subscriptions
+                .iter()
+                .find(|s| s.vault_path == sub.vault_path)
+            {
+                tracing::warn!(
+                    subscription = %sub.name,
+                    vault_path = %sub.vault_path,
+                    other = %other.name,
+                    "discovered subscription's vault_path belongs to another; not managed"
+                );
+                continue;
+            }
+            if sub.id.contains('/') || sub.id.contains(char::is_whitespace) || sub.id.is_empty() {
+                tracing::warn!(provider = %d.provider, "a listed subscription id is unusable; skipped");
+                continue;
+            }
+            if self
+                .db
+                .saw_discovered(&sub.name, &d.provider, &sub.id, &sub.vault_path, now)?
+            {
+                let mut rec = self.record(&sub)?;
+                if rec
+                    .state
+                    .last_error
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("vanished:"))
+                {
+                    rec.state.last_error = None;
+                }
+                let t = rotation::Transition {
+                    from: rec.state.phase,
+                    to: rec.state.phase,
+                    event: "discovered",
+                    detail: format!(
+                        "listed by {} (active: {}); managed with policy `{}`, published at `{}`",
+                        d.provider, r.active, sub.policy, sub.vault_path
+                    ),
+                    quiet: false,
+                };
+                self.db.save(&rec, Some(&t), now)?;
+                log_transition(&sub, &rec, &t);
+            }
+        }
+        for k in self.db.discovered()? {
+            if k.provider != d.provider
+                || k.vanished_at.is_some()
+                || listed.iter().any(|r| r.id == k.id)
+            {
+                continue;
+            }
+            self.db.mark_vanished(&k.name, now)?;
+            let sub = d.subscription(&k.id);
+            let mut rec = self.record(&sub)?;
+            let detail = format!(
+                "vanished: {} no longer lists this subscription (deleted at the provider?); \
+                 rekey no longer rotates it. Its state and the Vault entry at `{}` are kept; \
+                 remove them when the subscription is gone for good",
+                d.provider, k.vault_path
+            );
+            rec.state.last_error = Some(detail.clone());
+            let t = rotation::Transition {
+                from: rec.state.phase,
+                to: rec.state.phase,
+                event: "vanished",
+                detail,
+                quiet: false,
+            };
+            self.db.save(&rec, Some(&t), now)?;
+            log_transition(&sub, &rec, &t);
+        }
+        Ok(())
+    }
+
     /// Loads (creating on first sight) a subscription's record with its next due time.
     pub fn record(&self, sub: &Subscription) -> Result<Record, EngineError> {
         let now = now();

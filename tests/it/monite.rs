@@ -130,3 +130,106 @@ async fn a_monite_token_that_expires_mid_run_is_renewed_and_the_rotate_sent_once
     assert_eq!(w.sim.tokens_issued(), 4);
     w.assert_no_leak(&[]);
 }
+
+/// `id = "*"`: every subscription the (paginated) list shows is managed, new ones
+/// are picked up on a later pass, and one that disappears is reported, not dropped.
+#[tokio::test]
+async fn a_star_entry_discovers_new_monite_subscriptions_and_reports_vanished_ones() {
+    use crate::support::rekey::{PROVIDER, Rekey, Setup, Store};
+    use crate::support::rvault::RustyVault;
+    use crate::support::world::{Sim, receiver_for};
+
+    let vault = RustyVault::start().await;
+    let receiver = receiver_for(&vault).await;
+    // One subscription per page: discovery must follow the cursor.
+    let sim = MoniteSim::start(MoniteSimOptions {
+        default_page_size: 1,
+        ..Default::default()
+    })
+    .await
+    .expect("sim");
+    let add = |sim: &MoniteSim| {
+        let (id, secret) = sim.add_subscription("http://127.0.0.1:9/unrouted");
+        let path = format!("webhooks/{PROVIDER}/{id}");
+        assert!(sim.set_url(&id, &receiver.register(&format!("monite/{id}"), &path)));
+        (id, secret, path)
+    };
+    let (a, a_secret, a_path) = add(&sim);
+    let (b, b_secret, b_path) = add(&sim);
+    for (path, secret) in [(&a_path, &a_secret), (&b_path, &b_secret)] {
+        vault
+            .kv1_write(path, serde_json::json!({ "current": secret }))
+            .await;
+    }
+    let rekey = Rekey::new(
+        &Setup::with_provider(
+            Store::Vault {
+                addr: vault.addr(),
+                token: vault.root_token().to_string(),
+            },
+            sim.provider_conf(),
+        )
+        .subscription("*", "webhooks/{provider}/{id}"),
+    );
+    let name = |id: &str| format!("{PROVIDER}/{id}");
+
+    assert_exit(&rekey.once(&[]).await, 0);
+    for id in [&a, &b] {
+        let st = rekey.state_of(&name(id)).await;
+        assert_eq!(s(&st, "state"), "idle", "{st}");
+        assert_eq!(st["discovered"], true);
+        assert_eq!(s(&st, "vault_path"), format!("webhooks/{PROVIDER}/{id}"));
+        assert!(
+            st["next_due_at"].is_string(),
+            "scheduled, not rotated at once"
+        );
+        let h = rekey.history(&name(id)).await;
+        assert!(h.iter().any(|r| s(r, "event") == "discovered"), "{h:?}");
+    }
+    assert_eq!(
+        sim.rotation_count(&a) + sim.rotation_count(&b),
+        0,
+        "no mass rotation"
+    );
+
+    // A subscription created later is picked up by the next pass, and can be
+    // rotated like any other, publishing at its templated path.
+    let (c, c_secret, c_path) = add(&sim);
+    vault
+        .kv1_write(&c_path, serde_json::json!({ "current": c_secret }))
+        .await;
+    assert_exit(&rekey.force(&name(&c)).await, 0);
+    assert_eq!(s(&rekey.state_of(&name(&c)).await, "state"), "confirming");
+    assert!(sim.deliver(&c, "updated").await.expect("d").was_successful);
+    assert_exit(&rekey.once(&[]).await, 0);
+    assert_eq!(s(&rekey.state_of(&name(&c)).await, "state"), "idle");
+    let entry = vault.kv1_read(&c_path).await.expect("entry");
+    assert_eq!(
+        s(&entry, "current"),
+        MoniteSim::secret_of(&sim, &c).expect("live")
+    );
+
+    // One disappears at Monite: reported once, kept in state, never rotated.
+    assert!(sim.remove_subscription(&b));
+    assert_exit(&rekey.once(&[]).await, 0);
+    assert_exit(&rekey.once(&[]).await, 0);
+    let st = rekey.state_of(&name(&b)).await;
+    assert!(st["vanished_at"].is_string(), "{st}");
+    assert!(s(&st, "last_error").starts_with("vanished:"), "{st}");
+    let h = rekey.history(&name(&b)).await;
+    assert_eq!(
+        h.iter().filter(|r| s(r, "event") == "vanished").count(),
+        1,
+        "{h:?}"
+    );
+    let table = rekey.run(&["status"]).await;
+    assert!(String::from_utf8_lossy(&table.stdout).contains(&format!("{} (vanished)", name(&b))));
+    assert_eq!(
+        s(&vault.kv1_read(&b_path).await.expect("kept"), "current"),
+        b_secret
+    );
+    let mut secrets = vec![a_secret, b_secret, c_secret, vault.root_token().to_string()];
+    secrets.extend(sim.credentials());
+    let refs: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    rekey.assert_no_leak(&refs);
+}

@@ -127,7 +127,7 @@ pub struct ProviderWorld<S: Sim> {
 pub type World = ProviderWorld<FintoroSim>;
 
 /// A Vault-backed secret store for the receiver, reading what rekey publishes.
-async fn receiver_for(vault: &RustyVault) -> Receiver {
+pub async fn receiver_for(vault: &RustyVault) -> Receiver {
     let store: Arc<dyn SecretStore> = Arc::new(
         VaultStore::connect(&VaultSettings {
             address: vault.addr(),
