@@ -579,4 +579,41 @@ mod tests {
         let s = c.rotate(&id).await.expect("rotate");
         assert_eq!(sim.secret_of(&id).as_deref(), Some(s.expose_secret()));
     }
+
+    #[tokio::test]
+    async fn token_requests_share_the_accounts_rate_limiter() {
+        let sim = MoniteSim::start(MoniteSimOptions::default())
+            .await
+            .expect("sim");
+        let (id, _) = sim.add_subscription("http://127.0.0.1:9/x");
+        let o = sim.options();
+        // One request per 300 ms, no burst beyond one.
+        let http = HttpClient::new(
+            "acme-monite",
+            &sim.base_url(),
+            Duration::from_secs(5),
+            RateLimit {
+                count: 1,
+                per: Duration::from_millis(300),
+            },
+        )
+        .expect("http");
+        let c = MoniteClient::new(
+            http,
+            o.client_id.clone(),
+            secret(o.client_secret.clone()),
+            o.entity_id.clone(),
+            "2024-01-31".into(),
+        );
+        let started = std::time::Instant::now();
+        // Token, subscription, then the subscription again: three calls, two waits.
+        c.preflight(&id).await.expect("preflight");
+        c.preflight(&id).await.expect("preflight");
+        assert!(
+            started.elapsed() >= Duration::from_millis(590),
+            "the token request counted against the limit: {:?}",
+            started.elapsed()
+        );
+        assert_eq!(sim.request_count(Route::Token), 1);
+    }
 }
