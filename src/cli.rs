@@ -403,5 +403,11 @@ fn check_config(path: &Path) -> u8 {
             s.name, s.vault_path, s.policy
         );
     }
+    for d in &config.discoveries {
+        println!(
+            "  {}/* -> {} (policy {}; every subscription the provider lists, found on each pass)",
+            d.provider, d.vault_path_template, d.policy
+        );
+    }
     exit::OK
 }

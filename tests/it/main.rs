@@ -7,5 +7,6 @@ mod config_errors;
 mod fintoro;
 mod monite;
 mod rvault_smoke;
+mod sandbox;
 mod storno;
 mod support;
