@@ -55,6 +55,18 @@ impl Outcome {
     }
 }
 
+/// A listed id becomes a name and a Vault path segment: only plain ids qualify
+/// (Fintoro integers, Monite and Storno uuids), never `..` or anything with a `/`.
+fn usable_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id != "."
+        && id != ".."
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+}
+
 /// Why preflight stopped a rotation.
 enum Preflight {
     /// Something is unreachable or refused; retried after a backoff.
@@ -178,7 +190,14 @@ impl Engine {
                 return out;
             }
         };
-        for k in known.iter().filter(|k| k.vanished_at.is_none()) {
+        for k in &known {
+            // A vanished subscription rests, except one mid-rotation: a minted secret
+            // still gets published, so nothing is stranded if the listing was wrong.
+            if k.vanished_at.is_some()
+                && !matches!(self.db.load(&k.name), Ok(Some(r)) if r.state.phase.in_flight())
+            {
+                continue;
+            }
             let Some(d) = self
                 .config
                 .discoveries
@@ -195,14 +214,15 @@ impl Engine {
         out
     }
 
-    /// Records what one list call found: new subscriptions, and vanished ones.
+    /// Records what one list call found: new subscriptions, and vanished ones. Ids
+    /// the provider lists that could not be a safe path segment are skipped.
     fn reconcile(
         &self,
         d: &crate::config::Discovery,
         listed: &[crate::provider::RemoteSubscription],
     ) -> Result<(), EngineError> {
         let now = now();
-        for r in listed {
+        for r in listed.iter().filter(|r| usable_id(&r.id)) {
             let sub = d.subscription(&r.id);
             // Explicit entries win; a templated path must not take another's entry.
             if self.config.subscription(&sub.name).is_some() {
@@ -220,10 +240,6 @@ impl Engine {
                     other = %other.name,
                     "discovered subscription's vault_path belongs to another; not managed"
                 );
-                continue;
-            }
-            if sub.id.contains('/') || sub.id.contains(char::is_whitespace) || sub.id.is_empty() {
-                tracing::warn!(provider = %d.provider, "a listed subscription id is unusable; skipped");
                 continue;
             }
             if self
@@ -696,5 +712,19 @@ fn log_transition(sub: &Subscription, rec: &Record, t: &rotation::Transition) {
         tracing::warn!(subscription = %sub.name, rotation, from = %t.from, to = %t.to, event = t.event, "{}", t.detail);
     } else {
         tracing::info!(subscription = %sub.name, rotation, from = %t.from, to = %t.to, event = t.event, "{}", t.detail);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::usable_id;
+
+    #[test]
+    fn only_plain_listed_ids_become_vault_paths() {
+        assert!(usable_id("801"));
+        assert!(usable_id("0c8e5d7a-5a4f-4c33-9a43-7b8c3f0e6f11"));
+        for bad in ["", ".", "..", "a/b", "a b", "{id}", "x\n"] {
+            assert!(!usable_id(bad), "{bad:?}");
+        }
     }
 }

@@ -688,4 +688,26 @@ mod tests {
         assert_eq!(db.take_requests().unwrap().len(), 2);
         assert!(db.take_requests().unwrap().is_empty());
     }
+
+    #[test]
+    fn discovered_subscriptions_are_new_once_and_again_after_vanishing() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).unwrap();
+        let saw = |db: &StateDb| {
+            db.saw_discovered("acme/a", "acme", "a", "w/acme/a", now())
+                .unwrap()
+        };
+        assert!(saw(&db), "first sight");
+        assert!(!saw(&db), "seen before");
+        db.mark_vanished("acme/a", now()).unwrap();
+        let d = db.discovered().unwrap();
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].vanished_at, Some(now()));
+        assert!(saw(&db), "came back");
+        assert_eq!(db.discovered().unwrap()[0].vanished_at, None);
+        // Reopening keeps the table and its rows (created IF NOT EXISTS).
+        drop(db);
+        let db = StateDb::open(dir.path()).unwrap();
+        assert_eq!(db.discovered().unwrap().len(), 1);
+    }
 }
