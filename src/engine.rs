@@ -383,6 +383,17 @@ impl Engine {
                         trigger,
                         now: now0,
                     },
+                    // Not due: still look for a rotation made outside rekey, so status
+                    // reports drift when it happens, not at the next rotation. Costs
+                    // nothing for providers that show no part of their secret.
+                    None if rec.state.phase == Phase::Idle => match self.drift(sub).await {
+                        Ok(Some(detail)) => Event::DriftDetected { detail, now: now0 },
+                        Ok(None) => return Ok((Outcome::NotDue, rec)),
+                        Err(e) => {
+                            tracing::debug!(subscription = %sub.name, error = %e, "drift check skipped");
+                            return Ok((Outcome::NotDue, rec));
+                        }
+                    },
                     None => return Ok((Outcome::NotDue, rec)),
                 }
             }

@@ -216,10 +216,12 @@ async fn a_storno_webhook_rotated_outside_rekey_is_reported_as_drifted_and_not_c
     let history = w.rekey.history(&w.name).await;
     assert!(history.iter().any(|h| s(h, "event") == "drift-resolved"));
 
-    // Recovery 2: drifted again, the operator forces a rotation to a known secret.
+    // Recovery 2: drifted again — seen by an ordinary pass, with no rotation due —
+    // and the operator forces a rotation to a known secret.
     let outside2 = w.sim.rotate_outside(&w.id).expect("endpoint exists");
-    assert_exit(&w.rekey.force(&w.name).await, 1);
+    assert_exit(&w.rekey.once(&[]).await, 1);
     assert_eq!(s(&w.rekey.state_of(&w.name).await, "state"), "drifted");
+    assert_eq!(w.sim.request_count(Route::Rotate), 0);
     assert_exit(&w.rekey.force(&w.name).await, 0);
     assert_eq!(s(&w.rekey.state_of(&w.name).await, "state"), "idle");
     assert_eq!(w.sim.rotation_count(&w.id), 1);
