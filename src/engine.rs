@@ -87,7 +87,14 @@ pub struct Engine {
     /// Subscriptions this process has already advanced: resuming any other in-flight
     /// one means resuming after a restart.
     seen: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// When each idle subscription was last checked for drift by this process.
+    drift_checked: std::sync::Mutex<HashMap<String, std::time::Instant>>,
 }
+
+/// An idle subscription is checked for drift at most this often by a long-running
+/// process: each check costs a provider call, and a fleet of them shares one rate
+/// limit. (A `--once` run is a new process, so it always checks.)
+const IDLE_DRIFT_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 impl Engine {
     pub async fn new(config: Arc<Config>, db: Arc<StateDb>) -> Result<Engine, EngineError> {
@@ -120,6 +127,19 @@ impl Engine {
             store,
             providers,
             seen: Default::default(),
+            drift_checked: Default::default(),
+        }
+    }
+
+    fn idle_drift_check_due(&self, sub: &Subscription) -> bool {
+        let mut checked = self.drift_checked.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        match checked.get(&sub.name) {
+            Some(t) if now.duration_since(*t) < IDLE_DRIFT_CHECK_EVERY => false,
+            _ => {
+                checked.insert(sub.name.clone(), now);
+                true
+            }
         }
     }
 
@@ -386,14 +406,16 @@ impl Engine {
                     // Not due: still look for a rotation made outside rekey, so status
                     // reports drift when it happens, not at the next rotation. Costs
                     // nothing for providers that show no part of their secret.
-                    None if rec.state.phase == Phase::Idle => match self.drift(sub).await {
-                        Ok(Some(detail)) => Event::DriftDetected { detail, now: now0 },
-                        Ok(None) => return Ok((Outcome::NotDue, rec)),
-                        Err(e) => {
-                            tracing::debug!(subscription = %sub.name, error = %e, "drift check skipped");
-                            return Ok((Outcome::NotDue, rec));
+                    None if rec.state.phase == Phase::Idle && self.idle_drift_check_due(sub) => {
+                        match self.drift(sub).await {
+                            Ok(Some(detail)) => Event::DriftDetected { detail, now: now0 },
+                            Ok(None) => return Ok((Outcome::NotDue, rec)),
+                            Err(e) => {
+                                tracing::debug!(subscription = %sub.name, error = %e, "drift check skipped");
+                                return Ok((Outcome::NotDue, rec));
+                            }
                         }
-                    },
+                    }
                     None => return Ok((Outcome::NotDue, rec)),
                 }
             }
