@@ -233,3 +233,36 @@ async fn a_star_entry_discovers_new_monite_subscriptions_and_reports_vanished_on
     let refs: Vec<&str> = secrets.iter().map(String::as_str).collect();
     rekey.assert_no_leak(&refs);
 }
+
+#[tokio::test]
+async fn a_monite_rotate_response_lost_on_the_wire_costs_exactly_one_extra_rotation() {
+    use rekey::sandbox::monite::{Fault, FaultKind};
+    let w = world().await;
+    w.sim.inject(Fault {
+        route: Route::Rotate,
+        kind: FaultKind::CommitThenDrop,
+    });
+    assert_exit(&w.rekey.force(&w.name).await, 1);
+    let st = w.rekey.state_of(&w.name).await;
+    assert_eq!(
+        (s(&st, "state").as_str(), &st["lost_responses"]),
+        ("rotating", &1.into())
+    );
+    let lost = w.live();
+    assert_eq!(
+        s(&w.entry().await, "current"),
+        w.initial,
+        "nothing unknown published"
+    );
+
+    assert_exit(&w.rekey.once(&[]).await, 0);
+    assert_eq!(w.sim.rotation_count(&w.id), 2);
+    let entry = w.entry().await;
+    assert_eq!(s(&entry, "current"), w.live());
+    assert_eq!(
+        s(&entry, "previous"),
+        w.initial,
+        "receivers keep the old secret"
+    );
+    w.assert_no_leak(&[&lost]);
+}

@@ -228,3 +228,18 @@ async fn a_storno_webhook_rotated_outside_rekey_is_reported_as_drifted_and_not_c
     assert_eq!(s(&w.entry().await, "current"), w.live());
     w.assert_no_leak(&[&outside, &outside2, &tail]);
 }
+
+#[tokio::test]
+async fn a_storno_crash_while_the_rotate_response_is_in_flight_costs_exactly_one_extra_rotation() {
+    let w = world().await;
+    w.rekey
+        .crash_at("after:rotate-call", &["--force", &w.name])
+        .await;
+    assert_eq!(w.sim.rotation_count(&w.id), 1);
+    let lost = w.live();
+    assert_exit(&w.rekey.once(&[]).await, 0);
+    assert_eq!(w.sim.rotation_count(&w.id), 2, "exactly one extra rotation");
+    assert_eq!(s(&w.rekey.state_of(&w.name).await, "state"), "idle");
+    assert_eq!(s(&w.entry().await, "current"), w.live());
+    w.assert_no_leak(&[&lost]);
+}
