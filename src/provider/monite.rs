@@ -70,6 +70,21 @@ struct Delivery {
     response_status_code: Option<i64>,
 }
 
+/// A failed authenticated call: before it was sent (no token) or by its answer.
+enum CallError {
+    Token(ProviderError),
+    Http(HttpError),
+}
+
+impl CallError {
+    fn into_provider(self) -> ProviderError {
+        match self {
+            CallError::Token(e) => e,
+            CallError::Http(e) => classify(e),
+        }
+    }
+}
+
 struct CachedToken {
     value: SecretString,
     renew_at: Instant,
@@ -196,18 +211,13 @@ impl MoniteClient {
         query: &[(&str, String)],
         entity: bool,
         idempotency: Idempotency,
-    ) -> Result<Response, HttpError> {
+    ) -> Result<Response, CallError> {
         let what = format!("{method} {path}");
         let url = self.http.url(path);
         let mut renewed = false;
         loop {
-            let token = self.token().await.map_err(|e| match e {
-                ProviderError::Rejected(h) | ProviderError::Unavailable(h) => h,
-                ProviderError::Malformed { detail, .. } => HttpError::Setup {
-                    provider: self.http.name().to_string(),
-                    detail: format!("cannot obtain a Monite token: {detail}"),
-                },
-            })?;
+            // Without a token the call itself was never sent.
+            let token = self.token().await.map_err(CallError::Token)?;
             let result = self
                 .http
                 .send(&what, idempotency, |c| {
@@ -228,7 +238,7 @@ impl MoniteClient {
                     self.forget_token().await;
                     renewed = true;
                 }
-                other => return other,
+                other => return other.map_err(CallError::Http),
             }
         }
     }
@@ -247,7 +257,7 @@ impl MoniteClient {
             Idempotency::Idempotent,
         )
         .await
-        .map_err(classify)
+        .map_err(CallError::into_provider)
     }
 
     async fn subscription(&self, id: &str) -> Result<Subscription, ProviderError> {
@@ -317,12 +327,12 @@ impl Provider for MoniteClient {
         let resp = self
             .call(reqwest::Method::POST, &path, &[], false, Idempotency::Once)
             .await
-            .map_err(|e| {
-                if e.certainly_not_applied() {
+            .map_err(|e| match e {
+                CallError::Token(e) => RotateError::NotRotated(e),
+                CallError::Http(e) if e.certainly_not_applied() => {
                     RotateError::NotRotated(classify(e))
-                } else {
-                    RotateError::Unknown(classify(e))
                 }
+                CallError::Http(e) => RotateError::Unknown(classify(e)),
             })?;
         // 2xx: Monite has regenerated. An unreadable body means the secret is lost.
         let rotated: Rotated = serde_json::from_slice(&resp.body).map_err(|e| {
@@ -578,6 +588,21 @@ mod tests {
         assert!(matches!(c.rotate(&id).await, Err(RotateError::Unknown(_))));
         let s = c.rotate(&id).await.expect("rotate");
         assert_eq!(sim.secret_of(&id).as_deref(), Some(s.expose_secret()));
+        // No token, no rotate call: certainly not rotated, even on a 5xx.
+        let fresh = client_for(&sim);
+        sim.inject(Fault {
+            route: Route::Token,
+            kind: FaultKind::Status(503),
+        });
+        sim.inject(Fault {
+            route: Route::Token,
+            kind: FaultKind::Status(503),
+        });
+        assert!(matches!(
+            fresh.rotate(&id).await,
+            Err(RotateError::NotRotated(_))
+        ));
+        assert_eq!(sim.request_count(Route::Rotate), 4, "the rotate was never sent");
     }
 
     #[tokio::test]

@@ -189,11 +189,12 @@ impl StornoClient {
         idempotency: Idempotency,
     ) -> Result<Response, HttpError> {
         let url = self.http.url(path);
-        let auth = authorization(self.token.expose_secret());
+        // The header value is a copy of the credential: wiped when the call ends.
+        let auth = zeroize::Zeroizing::new(authorization(self.token.expose_secret()));
         self.http
             .send(&format!("{method} {path}"), idempotency, |c| {
                 c.request(method.clone(), &url)
-                    .header(reqwest::header::AUTHORIZATION, &auth)
+                    .header(reqwest::header::AUTHORIZATION, auth.as_str())
                     .header("X-Company", &self.company)
                     .query(query)
             })
