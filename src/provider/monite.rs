@@ -602,7 +602,11 @@ mod tests {
             fresh.rotate(&id).await,
             Err(RotateError::NotRotated(_))
         ));
-        assert_eq!(sim.request_count(Route::Rotate), 4, "the rotate was never sent");
+        assert_eq!(
+            sim.request_count(Route::Rotate),
+            4,
+            "the rotate was never sent"
+        );
     }
 
     #[tokio::test]

@@ -5,6 +5,7 @@
 
 mod config_errors;
 mod fintoro;
+mod mixed;
 mod monite;
 mod rvault_smoke;
 mod sandbox;
