@@ -619,4 +619,23 @@ mod tests {
         c.retry_delivery(&id, &lost.id).await.expect("retry");
         assert_eq!(sim.retries(), vec![lost.id.clone()]);
     }
+
+    #[tokio::test]
+    async fn list_reads_every_endpoint_with_its_state() {
+        let sim = StornoSim::start(StornoSimOptions::default())
+            .await
+            .expect("sim");
+        let (a, _) = sim.add_endpoint("http://127.0.0.1:9/a");
+        let (b, _) = sim.add_endpoint("http://127.0.0.1:9/b");
+        let c = client_for(&sim, &sim.options().api_key.clone());
+        let mut listed = c.list().await.expect("list");
+        listed.sort_by(|x, y| x.id.cmp(&y.id));
+        let mut want = vec![a, b];
+        want.sort();
+        assert_eq!(
+            listed.iter().map(|r| r.id.clone()).collect::<Vec<_>>(),
+            want
+        );
+        assert!(listed.iter().all(|r| r.active && r.url.is_some()));
+    }
 }
