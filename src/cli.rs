@@ -16,7 +16,7 @@ use crate::status;
 /// Exit codes (sysexits where one fits).
 pub mod exit {
     pub const OK: u8 = 0;
-    /// A rotation failed or is held.
+    /// A rotation failed or is held, or a subscription drifted.
     pub const FAILED: u8 = 1;
     pub const USAGE: u8 = 64;
     pub const SOFTWARE: u8 = 70;
@@ -32,10 +32,10 @@ const DEFAULT_CONFIG: &str = "/etc/rekey/rekey.toml";
     name = "rekey",
     version,
     about = "Rotates webhook signing secrets at SaaS providers and publishes them to Vault without breaking delivery",
-    long_about = "Rotates webhook signing secrets at SaaS providers (Fintoro) and publishes them \
+    long_about = "Rotates webhook signing secrets at SaaS providers (Fintoro, Monite, Storno) and publishes them \
 to HashiCorp Vault so receivers always hold a secret that verifies: rotate, store durably, \
 publish old and new, confirm that deliveries with the new secret succeed, then retire the old one.\n\n\
-Exit codes: 0 ok; 1 a rotation failed or is held; 64 bad usage; 75 another rekey holds the \
+Exit codes: 0 ok; 1 a rotation failed or is held, or a subscription drifted; 64 bad usage; 75 another rekey holds the \
 state directory; 78 invalid config.",
     after_help = "Start with `rekey sandbox` to watch a whole rotation against simulated providers."
 )]
@@ -235,7 +235,7 @@ async fn run(path: &Path, once: bool, force: Vec<String>) -> u8 {
     };
     init_logging(&config);
     for f in &force {
-        if config.subscription(f).is_none() {
+        if config.subscription(f).is_none() && config.discovery_for(f).is_none() {
             eprintln!(
                 "rekey: --force {f}: no such subscription in {} (names are <provider>/<id>)",
                 path.display()
@@ -275,7 +275,14 @@ async fn run(path: &Path, once: bool, force: Vec<String>) -> u8 {
 /// One pass over every subscription. Returns the exit code.
 async fn pass(engine: &Engine, force: &[String], eager: bool) -> u8 {
     let mut code = exit::OK;
-    for sub in &engine.config().subscriptions {
+    let subs = engine.subscriptions().await;
+    for f in force {
+        if !subs.iter().any(|s| &s.name == f) {
+            tracing::error!(subscription = %f, "--force: the provider does not list this subscription");
+            code = exit::FAILED;
+        }
+    }
+    for sub in &subs {
         let trigger = force.contains(&sub.name).then_some(Trigger::Forced);
         let result = engine.advance(sub, trigger, eager).await;
         if report(sub, result) != exit::OK {
@@ -298,6 +305,10 @@ fn report(
             }
             match &outcome {
                 Outcome::NotDue => {}
+                Outcome::Drifted => tracing::warn!(
+                    subscription = %sub.name,
+                    "drifted: rotated outside rekey; `rekey status` says how to recover"
+                ),
                 Outcome::Held => tracing::warn!(
                     subscription = %sub.name,
                     "held: no evidence before the deadline; see `rekey status` and `rekey history`"
@@ -321,10 +332,18 @@ fn report(
     code
 }
 
-/// Checks that every name is a configured subscription.
+/// Checks that every name is a configured subscription, or one discovery found.
 fn known(config: &Config, names: &[String]) -> Result<(), u8> {
+    let discovered: Vec<String> = if config.discoveries.is_empty() {
+        vec![]
+    } else {
+        StateDb::open(&config.state_dir)
+            .and_then(|db| db.discovered())
+            .map(|d| d.into_iter().map(|d| d.name).collect())
+            .unwrap_or_default()
+    };
     for n in names {
-        if config.subscription(n).is_none() {
+        if config.subscription(n).is_none() && !discovered.contains(n) {
             eprintln!(
                 "rekey: {n}: no such subscription in {} (names are <provider>/<id>)",
                 config.source.display()
@@ -388,11 +407,8 @@ async fn rotate_cmd(path: &Path, names: &[String]) -> u8 {
                 }
             };
             let mut code = exit::OK;
-            for sub in config
-                .subscriptions
-                .iter()
-                .filter(|s| names.contains(&s.name))
-            {
+            let subs = engine.subscriptions().await;
+            for sub in subs.iter().filter(|s| names.contains(&s.name)) {
                 let result = engine.advance(sub, Some(Trigger::Requested), true).await;
                 if report(sub, result) != exit::OK {
                     code = exit::FAILED;
@@ -492,7 +508,9 @@ async fn decide_cmd(path: &Path, name: &str, retire: bool, yes: bool) -> u8 {
                     return exit::SOFTWARE;
                 }
             };
-            let Some(sub) = config.subscription(name) else {
+            let subs = engine.subscriptions().await;
+            let Some(sub) = subs.iter().find(|s| s.name == name) else {
+                eprintln!("rekey: {name}: neither configured nor discovered");
                 return exit::USAGE;
             };
             report(sub, engine.operator(sub, retire).await)
@@ -541,7 +559,7 @@ fn status_cmd(path: &Path, json: bool) -> u8 {
     }
     if rows
         .iter()
-        .any(|r| r.state == "failed" || r.state == "held")
+        .any(|r| r.state == "failed" || r.state == "held" || r.state == "drifted")
     {
         exit::FAILED
     } else {
@@ -650,6 +668,12 @@ async fn check_config(path: &Path, preflight: bool) -> u8 {
             s.vault_path,
             s.policy,
             starts.join(", ")
+        );
+    }
+    for d in &config.discoveries {
+        println!(
+            "  {}/* -> {} (policy {}; every subscription the provider lists, found on each pass)",
+            d.provider, d.vault_path_template, d.policy
         );
     }
     if preflight {

@@ -97,7 +97,15 @@ pub struct RawProvider {
     pub token_file: Option<PathBuf>,
     pub rate_limit: Option<String>,
     pub timeout: Option<String>,
+    /// Daemon: subscriptions of this account advanced at the same time.
     pub max_concurrent: Option<usize>,
+    // Monite only.
+    pub client_id: Option<String>,
+    pub client_secret_file: Option<PathBuf>,
+    pub entity_id: Option<String>,
+    pub api_version: Option<String>,
+    // Storno only.
+    pub company: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -146,6 +154,9 @@ pub struct Config {
     pub providers: Vec<ProviderSettings>,
     pub policies: Vec<Policy>,
     pub subscriptions: Vec<Subscription>,
+    /// `[[subscriptions]]` entries with `id = "*"`: every subscription the provider
+    /// lists, discovered on each pass.
+    pub discoveries: Vec<Discovery>,
     pub log: LogSettings,
     pub daemon: DaemonSettings,
     /// Where the daemon serves `/metrics` and `/healthz`; off when `None`.
@@ -208,14 +219,69 @@ pub enum VaultAuth {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProviderKind {
     Fintoro,
+    Monite,
+    Storno,
 }
 
 impl ProviderKind {
     pub fn as_str(self) -> &'static str {
         match self {
             ProviderKind::Fintoro => "fintoro",
+            ProviderKind::Monite => "monite",
+            ProviderKind::Storno => "storno",
         }
     }
+
+    /// The documented (or, for Storno, conservatively chosen) request budget of one
+    /// account, used when the config gives no `rate_limit`.
+    pub fn default_rate_limit(self) -> RateLimit {
+        match self {
+            // 120 requests per minute per company, shared by all its tokens.
+            ProviderKind::Fintoro => RateLimit {
+                count: 120,
+                per: Duration::from_secs(60),
+            },
+            // "About 30 requests per second."
+            ProviderKind::Monite => RateLimit {
+                count: 30,
+                per: Duration::from_secs(1),
+            },
+            // Storno documents no number; one per second keeps rekey far below any
+            // plausible limit (a rotation needs a handful of calls).
+            ProviderKind::Storno => RateLimit {
+                count: 60,
+                per: Duration::from_secs(60),
+            },
+        }
+    }
+
+    fn default_base_url(self) -> Option<&'static str> {
+        match self {
+            ProviderKind::Fintoro => Some("https://app.fintoro.sk/api/public/v1"),
+            // Sandbox, EU and NA differ: the operator must say which.
+            ProviderKind::Monite => None,
+            ProviderKind::Storno => Some("https://api.storno.ro/api/v1"),
+        }
+    }
+}
+
+/// The Monite API version rekey was written against (`x-monite-version`).
+pub const MONITE_DEFAULT_API_VERSION: &str = "2024-01-31";
+
+/// What only one provider kind needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KindSettings {
+    Fintoro,
+    Monite {
+        client_id: String,
+        /// Required by the delivery log (`x-monite-entity-id`).
+        entity_id: String,
+        api_version: String,
+    },
+    Storno {
+        /// The company uuid, sent as `X-Company`.
+        company: String,
+    },
 }
 
 impl fmt::Display for ProviderKind {
@@ -261,12 +327,15 @@ pub struct ProviderSettings {
     pub name: String,
     pub kind: ProviderKind,
     pub base_url: String,
+    /// The account's secret credential: Fintoro's and Storno's `token_file`, Monite's
+    /// `client_secret_file`.
     pub token: SecretString,
     pub rate_limit: RateLimit,
     pub timeout: Duration,
     /// Subscriptions of this provider advanced at the same time (daemon); none: only
     /// the global `[daemon] max_concurrent` applies.
     pub max_concurrent: Option<usize>,
+    pub settings: KindSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -287,6 +356,55 @@ pub struct Subscription {
     pub id: String,
     pub policy: String,
     pub vault_path: String,
+}
+
+/// Manage every subscription a provider account lists (`id = "*"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Discovery {
+    pub provider: String,
+    /// The provider's kind, for the `{kind}` placeholder.
+    pub kind: ProviderKind,
+    pub policy: String,
+    /// `vault_path` with `{id}` (required), `{provider}` and `{kind}` placeholders.
+    pub vault_path_template: String,
+}
+
+impl Discovery {
+    /// The subscription a listed id becomes.
+    pub fn subscription(&self, id: &str) -> Subscription {
+        Subscription {
+            name: format!("{}/{id}", self.provider),
+            provider: self.provider.clone(),
+            id: id.to_string(),
+            policy: self.policy.clone(),
+            vault_path: self
+                .vault_path_template
+                .replace("{provider}", &self.provider)
+                .replace("{kind}", self.kind.as_str())
+                .replace("{id}", id),
+        }
+    }
+}
+
+/// Checks a `vault_path` template: `{id}` must appear (else every subscription
+/// would share one entry) and no other placeholder than `{provider}` and `{kind}`.
+fn check_template(t: &str) -> Result<(), String> {
+    if !t.contains("{id}") {
+        return Err(format!(
+            "`{t}` must contain `{{id}}` when id = \"*\" (e.g. \"webhooks/{{provider}}/{{id}}\"), \
+             or every discovered subscription would share one entry"
+        ));
+    }
+    let rest = t
+        .replace("{id}", "")
+        .replace("{provider}", "")
+        .replace("{kind}", "");
+    if rest.contains('{') || rest.contains('}') {
+        return Err(format!(
+            "`{t}` has a placeholder other than {{id}}, {{provider}}, {{kind}}"
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -312,6 +430,14 @@ impl Config {
 
     pub fn subscription(&self, name: &str) -> Option<&Subscription> {
         self.subscriptions.iter().find(|s| s.name == name)
+    }
+
+    /// The discovery entry that could produce `name` (`<provider>/<id>`), if any.
+    pub fn discovery_for(&self, name: &str) -> Option<&Discovery> {
+        let (provider, id) = name.split_once('/')?;
+        (!id.is_empty())
+            .then(|| self.discoveries.iter().find(|d| d.provider == provider))
+            .flatten()
     }
 }
 
@@ -532,6 +658,31 @@ impl Checker {
         }
     }
 
+    /// A required, non-empty identifier that is sent in a header or path (no
+    /// whitespace or control characters, which would corrupt the request).
+    fn plain(&mut self, key: &str, v: Option<&str>) -> Option<String> {
+        match v.map(str::trim) {
+            None => {
+                self.problem(key, "is required");
+                None
+            }
+            Some("") => {
+                self.problem(key, "must not be empty");
+                None
+            }
+            Some(s)
+                if s.chars().any(|c| c.is_whitespace() || c.is_control()) || s.contains('/') =>
+            {
+                self.problem(
+                    key,
+                    format!("`{s}` must not contain spaces, control characters or `/`"),
+                );
+                None
+            }
+            Some(s) => Some(s.to_string()),
+        }
+    }
+
     fn name(&mut self, key: &str, v: Option<&String>) -> Option<String> {
         match v.map(|s| s.trim()) {
             None => {
@@ -577,6 +728,58 @@ fn is_loopback(host: &str) -> bool {
         || h.parse::<IpAddr>()
             .map(|ip| ip.is_loopback())
             .unwrap_or(false)
+}
+
+/// A provider key given for a kind that does not use it is refused rather than
+/// ignored: a `client_id` on a Storno account is a mix-up the operator must see.
+fn reject_foreign_keys(c: &mut Checker, k: &str, kind: ProviderKind, p: &RawProvider) {
+    let given: [(&str, bool, &[ProviderKind]); 6] = [
+        (
+            "token_file",
+            p.token_file.is_some(),
+            &[ProviderKind::Fintoro, ProviderKind::Storno],
+        ),
+        ("client_id", p.client_id.is_some(), &[ProviderKind::Monite]),
+        (
+            "client_secret_file",
+            p.client_secret_file.is_some(),
+            &[ProviderKind::Monite],
+        ),
+        ("entity_id", p.entity_id.is_some(), &[ProviderKind::Monite]),
+        (
+            "api_version",
+            p.api_version.is_some(),
+            &[ProviderKind::Monite],
+        ),
+        ("company", p.company.is_some(), &[ProviderKind::Storno]),
+    ];
+    for (key, present, kinds) in given {
+        if present && !kinds.contains(&kind) {
+            let owners: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+            c.problem(
+                format!("{k}.{key}"),
+                format!(
+                    "is not a {kind} setting (only for {}); remove it",
+                    owners.join(", ")
+                ),
+            );
+        }
+    }
+}
+
+fn required_secret(c: &mut Checker, key: &str, file: Option<&Path>) -> Option<SecretString> {
+    match file {
+        Some(f) => c.secret_file(key, f),
+        None => {
+            c.problem(key, "is required");
+            None
+        }
+    }
+}
+
+/// Monite versions are dates (`2024-01-31`).
+fn is_api_version(v: &str) -> bool {
+    chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d").is_ok()
 }
 
 fn validate(
@@ -644,19 +847,12 @@ fn validate(
         }
         let kind = match p.kind.as_deref() {
             Some("fintoro") => Some(ProviderKind::Fintoro),
-            Some(other @ ("monite" | "storno")) => {
-                c.problem(
-                    format!("{k}.kind"),
-                    format!(
-                        "kind `{other}` is not supported by this version of rekey (fintoro is)"
-                    ),
-                );
-                None
-            }
+            Some("monite") => Some(ProviderKind::Monite),
+            Some("storno") => Some(ProviderKind::Storno),
             Some(other) => {
                 c.problem(
                     format!("{k}.kind"),
-                    format!("`{other}` is not a provider kind; expected fintoro"),
+                    format!("`{other}` is not a provider kind; expected fintoro, monite or storno"),
                 );
                 None
             }
@@ -665,24 +861,73 @@ fn validate(
                 None
             }
         };
-        let base_url = c.url(
-            &format!("{k}.base_url"),
-            p.base_url
-                .as_deref()
-                .unwrap_or("https://app.fintoro.sk/api/public/v1"),
-        );
-        let token = match &p.token_file {
-            Some(f) => c.secret_file(&format!("{k}.token_file"), f),
-            None => {
-                c.problem(format!("{k}.token_file"), "is required");
+        if let Some(kind) = kind {
+            reject_foreign_keys(&mut c, &k, kind, &p);
+        }
+        let base_url = match (
+            p.base_url.as_deref(),
+            kind.and_then(|k| k.default_base_url()),
+        ) {
+            (Some(u), _) | (None, Some(u)) => c.url(&format!("{k}.base_url"), u),
+            (None, None) => {
+                if kind.is_some() {
+                    c.problem(
+                        format!("{k}.base_url"),
+                        "is required for monite (sandbox https://api.sandbox.monite.com/v1, \
+                         EU https://api.monite.com/v1, NA https://us.api.monite.com/v1)",
+                    );
+                }
                 None
             }
         };
+        let (token, settings) = match kind {
+            None => (None, None),
+            Some(ProviderKind::Fintoro) => (
+                required_secret(&mut c, &format!("{k}.token_file"), p.token_file.as_deref()),
+                Some(KindSettings::Fintoro),
+            ),
+            Some(ProviderKind::Monite) => {
+                let secret = required_secret(
+                    &mut c,
+                    &format!("{k}.client_secret_file"),
+                    p.client_secret_file.as_deref(),
+                );
+                let client_id = c.plain(&format!("{k}.client_id"), p.client_id.as_deref());
+                let entity_id = c.plain(&format!("{k}.entity_id"), p.entity_id.as_deref());
+                let api_version = match p.api_version.as_deref().map(str::trim) {
+                    None => Some(MONITE_DEFAULT_API_VERSION.to_string()),
+                    Some(v) if is_api_version(v) => Some(v.to_string()),
+                    Some(v) => {
+                        c.problem(
+                            format!("{k}.api_version"),
+                            format!("`{v}` is not a Monite API version (a date, e.g. \"{MONITE_DEFAULT_API_VERSION}\")"),
+                        );
+                        None
+                    }
+                };
+                let settings = match (client_id, entity_id, api_version) {
+                    (Some(client_id), Some(entity_id), Some(api_version)) => {
+                        Some(KindSettings::Monite {
+                            client_id,
+                            entity_id,
+                            api_version,
+                        })
+                    }
+                    _ => None,
+                };
+                (secret, settings)
+            }
+            Some(ProviderKind::Storno) => {
+                let token =
+                    required_secret(&mut c, &format!("{k}.token_file"), p.token_file.as_deref());
+                let company = c
+                    .plain(&format!("{k}.company"), p.company.as_deref())
+                    .map(|company| KindSettings::Storno { company });
+                (token, company)
+            }
+        };
         let rate_limit = match p.rate_limit.as_deref() {
-            None => Some(RateLimit {
-                count: 120,
-                per: Duration::from_secs(60),
-            }),
+            None => kind.map(ProviderKind::default_rate_limit),
             Some(s) => match RateLimit::parse(s) {
                 Ok(r) => Some(r),
                 Err(m) => {
@@ -702,8 +947,8 @@ fn validate(
                 "must be at least 1 (omit it for no per-provider limit)",
             );
         }
-        if let (Some(kind), Some(base_url), Some(token), Some(rate_limit)) =
-            (kind, base_url, token, rate_limit)
+        if let (Some(kind), Some(base_url), Some(token), Some(rate_limit), Some(settings)) =
+            (kind, base_url, token, rate_limit, settings)
         {
             providers.push(ProviderSettings {
                 name,
@@ -713,6 +958,7 @@ fn validate(
                 rate_limit,
                 timeout,
                 max_concurrent: p.max_concurrent,
+                settings,
             });
         }
     }
@@ -870,6 +1116,7 @@ fn validate(
     }
 
     let mut subscriptions: Vec<Subscription> = Vec::new();
+    let mut discoveries: Vec<Discovery> = Vec::new();
     let mut seen_paths: BTreeMap<String, String> = BTreeMap::new();
     for (i, s) in raw.subscriptions.into_iter().enumerate() {
         let k = format!("subscriptions[{i}]");
@@ -943,6 +1190,46 @@ fn validate(
             }
             Some(p) => Some(p.to_string()),
         };
+        if let (Some(provider), Some("*"), Some(policy), Some(template)) =
+            (&provider, id.as_deref(), &policy, &vault_path)
+        {
+            if let Err(m) = check_template(template) {
+                c.problem(format!("{k}.vault_path"), m);
+                continue;
+            }
+            if discoveries
+                .iter()
+                .any(|d: &Discovery| &d.provider == provider)
+            {
+                c.problem(
+                    format!("{k}.id"),
+                    format!("provider `{provider}` already has an id = \"*\" entry"),
+                );
+                continue;
+            }
+            let kind = providers
+                .iter()
+                .find(|p| &p.name == provider)
+                .map(|p| p.kind)
+                .unwrap_or(ProviderKind::Fintoro);
+            discoveries.push(Discovery {
+                provider: provider.clone(),
+                kind,
+                policy: policy.clone(),
+                vault_path_template: template.clone(),
+            });
+            continue;
+        }
+        if let (Some(_), Some(v)) = (&id, &vault_path)
+            && id.as_deref() != Some("*")
+            && (v.contains('{') || v.contains('}'))
+        {
+            c.problem(
+                format!("{k}.vault_path"),
+                format!("`{v}` has a placeholder; placeholders only apply with id = \"*\""),
+            );
+            continue;
+        }
         if let (Some(provider), Some(id), Some(policy), Some(vault_path)) =
             (provider, id, policy, vault_path)
         {
@@ -1049,6 +1336,7 @@ fn validate(
         providers,
         policies,
         subscriptions,
+        discoveries,
         log,
         daemon,
         metrics_listen,
@@ -1349,5 +1637,125 @@ vault_path = "webhooks/fintoro/801"
     fn key_paths_read_like_toml() {
         let p: Vec<String> = ["providers", "0", "kind"].map(String::from).to_vec();
         assert_eq!(key_path(&p), "providers[0].kind");
+    }
+
+    const MIXED: &str = r#"
+[[providers]]
+name = "acme-monite"
+kind = "monite"
+base_url = "https://api.sandbox.monite.com/v1"
+client_id = "5b4daced-6b9a-4707-83c6-dc1d6ad6ae08"
+client_secret_file = "fintoro.token"
+entity_id = "9d2b4c8f-2dfd-4a2e-b3d9-07c3b1c6a8a1"
+
+[[providers]]
+name = "acme-storno"
+kind = "storno"
+token_file = "fintoro.token"
+company = "550e8400-e29b-41d4-a716-446655440000"
+"#;
+
+    #[test]
+    fn fintoro_monite_and_storno_accounts_side_by_side() {
+        let c = load(&format!("{GOOD}{MIXED}")).unwrap();
+        let m = c.provider("acme-monite").unwrap();
+        assert_eq!(m.kind, ProviderKind::Monite);
+        assert_eq!(m.rate_limit, ProviderKind::Monite.default_rate_limit());
+        assert_eq!(m.rate_limit.count, 30);
+        assert_eq!(
+            m.settings,
+            KindSettings::Monite {
+                client_id: "5b4daced-6b9a-4707-83c6-dc1d6ad6ae08".into(),
+                entity_id: "9d2b4c8f-2dfd-4a2e-b3d9-07c3b1c6a8a1".into(),
+                api_version: MONITE_DEFAULT_API_VERSION.into(),
+            }
+        );
+        let st = c.provider("acme-storno").unwrap();
+        assert_eq!(st.base_url, "https://api.storno.ro/api/v1");
+        assert_eq!(
+            st.settings,
+            KindSettings::Storno {
+                company: "550e8400-e29b-41d4-a716-446655440000".into()
+            }
+        );
+        assert_eq!(st.rate_limit, ProviderKind::Storno.default_rate_limit());
+    }
+
+    #[test]
+    fn keys_of_another_kind_are_refused_by_name() {
+        let bad = MIXED
+            .replace(
+                "company = \"550e8400",
+                "client_id = \"x\"\ncompany = \"550e8400",
+            )
+            .replace("entity_id = ", "company = \"c\"\nentity_id = ");
+        let err = load(&format!("{GOOD}{bad}")).unwrap_err();
+        let keys: Vec<_> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            vec!["providers[1].company", "providers[2].client_id"],
+            "{err}"
+        );
+        assert!(err.to_string().contains("not a storno setting"), "{err}");
+        let fintoro_with_company = GOOD.replace(
+            "token_file = \"fintoro.token\"",
+            "token_file = \"fintoro.token\"\ncompany = \"c\"",
+        );
+        let err = load(&fintoro_with_company).unwrap_err();
+        assert_eq!(err.problems[0].key, "providers[0].company", "{err}");
+    }
+
+    #[test]
+    fn monite_needs_its_base_url_credentials_and_entity() {
+        let bare = "\n[[providers]]\nname = \"m\"\nkind = \"monite\"\napi_version = \"latest\"\n";
+        let err = load(&format!("{GOOD}{bare}")).unwrap_err();
+        let keys: Vec<_> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            vec![
+                "providers[1].base_url",
+                "providers[1].client_secret_file",
+                "providers[1].client_id",
+                "providers[1].entity_id",
+                "providers[1].api_version",
+            ],
+            "{err}"
+        );
+        assert!(err.to_string().contains("api.sandbox.monite.com"), "{err}");
+        let storno = "\n[[providers]]\nname = \"s\"\nkind = \"storno\"\ntoken_file = \"fintoro.token\"\ncompany = \"a b\"\n";
+        let err = load(&format!("{GOOD}{storno}")).unwrap_err();
+        assert_eq!(err.problems[0].key, "providers[1].company", "{err}");
+    }
+
+    #[test]
+    fn a_star_id_discovers_with_a_vault_path_template() {
+        let star = GOOD.replace("id = \"801\"", "id = \"*\"").replace(
+            "vault_path = \"webhooks/fintoro/801\"",
+            "vault_path = \"webhooks/{kind}/{provider}/{id}\"",
+        );
+        let c = load(&star).unwrap();
+        assert!(c.subscriptions.is_empty());
+        let d = &c.discoveries[0];
+        assert_eq!(
+            d.subscription("9").vault_path,
+            "webhooks/fintoro/acme-fintoro/9"
+        );
+        assert_eq!(d.subscription("9").name, "acme-fintoro/9");
+        assert!(c.discovery_for("acme-fintoro/12").is_some());
+        assert!(c.discovery_for("other/12").is_none());
+
+        for (path, words) in [
+            ("webhooks/all", "must contain `{id}`"),
+            ("webhooks/{name}/{id}", "placeholder other than"),
+        ] {
+            let bad = star.replace("webhooks/{kind}/{provider}/{id}", path);
+            let err = load(&bad).unwrap_err();
+            assert_eq!(err.problems[0].key, "subscriptions[0].vault_path", "{err}");
+            assert!(err.to_string().contains(words), "{err}");
+        }
+        let placeholder_without_star =
+            GOOD.replace("webhooks/fintoro/801", "webhooks/fintoro/{id}");
+        let err = load(&placeholder_without_star).unwrap_err();
+        assert!(err.to_string().contains("only apply with id"), "{err}");
     }
 }

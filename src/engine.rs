@@ -40,6 +40,8 @@ pub enum Outcome {
     Waiting(Phase, DateTime<Utc>),
     /// Held: needs an operator.
     Held,
+    /// Rotated outside rekey: needs an operator (see the record's `last_error`).
+    Drifted,
 }
 
 impl Outcome {
@@ -47,11 +49,31 @@ impl Outcome {
     /// that is backing off after an error.
     pub fn is_problem(&self, rec: &Record) -> bool {
         match self {
-            Outcome::Held | Outcome::Rested(Phase::Failed) => true,
+            Outcome::Held | Outcome::Drifted | Outcome::Rested(Phase::Failed) => true,
             Outcome::Waiting(_, _) => rec.state.last_error.is_some(),
             _ => false,
         }
     }
+}
+
+/// A listed id becomes a name and a Vault path segment: only plain ids qualify
+/// (Fintoro integers, Monite and Storno uuids), never `..` or anything with a `/`.
+fn usable_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id != "."
+        && id != ".."
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+}
+
+/// Why preflight stopped a rotation.
+enum Preflight {
+    /// Something is unreachable or refused; retried after a backoff.
+    Failed(String),
+    /// The provider's secret is not the store's: wait for an operator.
+    Drifted(String),
 }
 
 pub fn now() -> DateTime<Utc> {
@@ -66,7 +88,14 @@ pub struct Engine {
     /// Subscriptions this process has already advanced: resuming any other in-flight
     /// one means resuming after a restart.
     seen: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// When each idle subscription was last checked for drift by this process.
+    drift_checked: std::sync::Mutex<HashMap<String, std::time::Instant>>,
 }
+
+/// An idle subscription is checked for drift at most this often by a long-running
+/// process: each check costs a provider call, and a fleet of them shares one rate
+/// limit. (A `--once` run is a new process, so it always checks.)
+const IDLE_DRIFT_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 impl Engine {
     pub async fn new(config: Arc<Config>, db: Arc<StateDb>) -> Result<Engine, EngineError> {
@@ -99,6 +128,19 @@ impl Engine {
             store,
             providers,
             seen: Default::default(),
+            drift_checked: Default::default(),
+        }
+    }
+
+    fn idle_drift_check_due(&self, sub: &Subscription) -> bool {
+        let mut checked = self.drift_checked.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        match checked.get(&sub.name) {
+            Some(t) if now.duration_since(*t) < IDLE_DRIFT_CHECK_EVERY => false,
+            _ => {
+                checked.insert(sub.name.clone(), now);
+                true
+            }
         }
     }
 
@@ -145,6 +187,150 @@ impl Engine {
             .expect("validated config: subscription provider exists")
     }
 
+    /// The subscriptions of this pass: the configured ones, then every one the
+    /// `id = "*"` entries discover. A newly listed subscription is recorded
+    /// (`discovered`) and scheduled like any other; one the provider no longer lists
+    /// is recorded (`vanished`, with a `last_error` saying so) and left alone, never
+    /// silently dropped: its state and Vault entry stay. When a list call fails, the
+    /// subscriptions discovered before carry on, so rotations in flight finish.
+    pub async fn subscriptions(&self) -> Vec<Subscription> {
+        let mut out = self.config.subscriptions.clone();
+        if self.config.discoveries.is_empty() {
+            return out;
+        }
+        for d in &self.config.discoveries {
+            let Some(provider) = self.providers.get(&d.provider) else {
+                continue;
+            };
+            match provider.list().await {
+                Ok(listed) => {
+                    if let Err(e) = self.reconcile(d, &listed) {
+                        tracing::error!(provider = %d.provider, error = %e, "cannot record discovery");
+                    }
+                }
+                Err(e) => tracing::warn!(
+                    provider = %d.provider,
+                    error = %e,
+                    "cannot list subscriptions; continuing with those discovered before"
+                ),
+            }
+        }
+        let known = match self.db.discovered() {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read discovered subscriptions");
+                return out;
+            }
+        };
+        for k in &known {
+            // A vanished subscription rests, except one mid-rotation: a minted secret
+            // still gets published, so nothing is stranded if the listing was wrong.
+            if k.vanished_at.is_some()
+                && !matches!(self.db.load(&k.name), Ok(Some(r)) if r.state.phase.in_flight())
+            {
+                continue;
+            }
+            let Some(d) = self
+                .config
+                .discoveries
+                .iter()
+                .find(|d| d.provider == k.provider)
+            else {
+                continue;
+            };
+            if out.iter().any(|s| s.name == k.name) {
+                continue;
+            }
+            out.push(d.subscription(&k.id));
+        }
+        out
+    }
+
+    /// Records what one list call found: new subscriptions, and vanished ones. Ids
+    /// the provider lists that could not be a safe path segment are skipped.
+    fn reconcile(
+        &self,
+        d: &crate::config::Discovery,
+        listed: &[crate::provider::RemoteSubscription],
+    ) -> Result<(), EngineError> {
+        let now = now();
+        for r in listed.iter().filter(|r| usable_id(&r.id)) {
+            let sub = d.subscription(&r.id);
+            // Explicit entries win; a templated path must not take another's entry.
+            if self.config.subscription(&sub.name).is_some() {
+                continue;
+            }
+            if let Some(other) = self
+                .config
+                .subscriptions
+                .iter()
+                .find(|s| s.vault_path == sub.vault_path)
+            {
+                tracing::warn!(
+                    subscription = %sub.name,
+                    vault_path = %sub.vault_path,
+                    other = %other.name,
+                    "discovered subscription's vault_path belongs to another; not managed"
+                );
+                continue;
+            }
+            if self
+                .db
+                .saw_discovered(&sub.name, &d.provider, &sub.id, &sub.vault_path, now)?
+            {
+                let mut rec = self.record(&sub)?;
+                if rec
+                    .state
+                    .last_error
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("vanished:"))
+                {
+                    rec.state.last_error = None;
+                }
+                let t = rotation::Transition {
+                    from: rec.state.phase,
+                    to: rec.state.phase,
+                    event: "discovered",
+                    detail: format!(
+                        "listed by {} (active: {}); managed with policy `{}`, published at `{}`",
+                        d.provider, r.active, sub.policy, sub.vault_path
+                    ),
+                    quiet: false,
+                };
+                self.db.save(&rec, Some(&t), now)?;
+                log_transition(&sub, &rec, &t);
+            }
+        }
+        for k in self.db.discovered()? {
+            if k.provider != d.provider
+                || k.vanished_at.is_some()
+                || listed.iter().any(|r| r.id == k.id)
+            {
+                continue;
+            }
+            self.db.mark_vanished(&k.name, now)?;
+            let sub = d.subscription(&k.id);
+            let mut rec = self.record(&sub)?;
+            let detail = format!(
+                "vanished: {} no longer lists this subscription (deleted at the provider?); \
+                 rekey no longer rotates it. Its state and the Vault entry at `{}` are kept; \
+                 remove them when the subscription is gone for good",
+                d.provider, k.vault_path
+            );
+            rec.state.last_error = Some(detail.clone());
+            let t = rotation::Transition {
+                from: rec.state.phase,
+                to: rec.state.phase,
+                event: "vanished",
+                detail,
+                quiet: false,
+            };
+            self.db.save(&rec, Some(&t), now)?;
+            log_transition(&sub, &rec, &t);
+        }
+        Ok(())
+    }
+
     /// Loads (creating on first sight) a subscription's record with its next due time.
     pub fn record(&self, sub: &Subscription) -> Result<Record, EngineError> {
         let now = now();
@@ -164,7 +350,8 @@ impl Engine {
     /// The time the engine next has something to do for `sub`, if any.
     pub fn wake_at(&self, rec: &Record) -> Option<DateTime<Utc>> {
         match rec.state.phase {
-            Phase::Held => None,
+            // Both wait for an operator; a drifted one is re-checked on every pass.
+            Phase::Held | Phase::Drifted => None,
             Phase::Idle => rec.next_due_at,
             Phase::Failed => match (rec.state.not_before, rec.next_due_at) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -208,6 +395,21 @@ impl Engine {
         let restarted = self.first_sight(&sub.name);
         let mut event = match rec.state.phase {
             Phase::Held => return Ok((Outcome::Held, rec)),
+            // Only an operator's request rotates a drifted subscription; otherwise see
+            // whether the operator has reconciled the store in the meantime.
+            Phase::Drifted if trigger.is_none() => match self.drift(sub).await {
+                Ok(None) => Event::DriftResolved { now: now0 },
+                Ok(Some(_)) => return Ok((Outcome::Drifted, rec)),
+                Err(e) => {
+                    tracing::warn!(subscription = %sub.name, error = %e, "cannot re-check drift");
+                    return Ok((Outcome::Drifted, rec));
+                }
+            },
+            Phase::Drifted => Event::Start {
+                rotation_id: uuid::Uuid::new_v4().to_string(),
+                trigger: trigger.unwrap_or(Trigger::Forced),
+                now: now0,
+            },
             // In flight, or started but interrupted before the preflight finished.
             p if p.in_flight() || (p == Phase::Idle && rec.state.rotation_id.is_some()) => {
                 Event::Recover {
@@ -234,11 +436,27 @@ impl Engine {
                         trigger,
                         now: now0,
                     },
+                    // Not due: still look for a rotation made outside rekey, so status
+                    // reports drift when it happens, not at the next rotation. Costs
+                    // nothing for providers that show no part of their secret.
+                    None if rec.state.phase == Phase::Idle && self.idle_drift_check_due(sub) => {
+                        match self.drift(sub).await {
+                            Ok(Some(detail)) => Event::DriftDetected { detail, now: now0 },
+                            Ok(None) => return Ok((Outcome::NotDue, rec)),
+                            Err(e) => {
+                                tracing::debug!(subscription = %sub.name, error = %e, "drift check skipped");
+                                return Ok((Outcome::NotDue, rec));
+                            }
+                        }
+                    }
                     None => return Ok((Outcome::NotDue, rec)),
                 }
             }
             _ => unreachable!("in_flight covers every other phase"),
         };
+        // The operator's answer to a drift may be to rotate to a secret rekey knows:
+        // that rotation must not stop at the drift it is meant to repair.
+        let accept_drift = rec.state.phase == Phase::Drifted;
         let timing = self.policy(sub).timing.clone();
         loop {
             let event_name = event.name();
@@ -274,9 +492,10 @@ impl Engine {
             }
 
             event = match step.action {
-                Action::Preflight => match self.preflight(sub).await {
+                Action::Preflight => match self.preflight(sub, accept_drift).await {
                     Ok(()) => Event::PreflightPassed { now: now() },
-                    Err(error) => Event::PreflightFailed { error, now: now() },
+                    Err(Preflight::Failed(error)) => Event::PreflightFailed { error, now: now() },
+                    Err(Preflight::Drifted(detail)) => Event::DriftDetected { detail, now: now() },
                 },
                 Action::Rotate if !rec.state.rotate_in_flight => Event::RotateSent { now: now() },
                 Action::Rotate => {
@@ -309,6 +528,7 @@ impl Engine {
                     },
                 },
                 Action::Check { since } => {
+                    self.redeliver(sub, &rec).await?;
                     match self.provider(sub).evidence(&sub.id, since).await {
                         Ok(evidence) => Event::Checked {
                             evidence,
@@ -331,6 +551,9 @@ impl Engine {
                     },
                 },
                 Action::WaitUntil(t) => return Ok((Outcome::Waiting(rec.state.phase, t), rec)),
+                Action::AwaitOperator if rec.state.phase == Phase::Drifted => {
+                    return Ok((Outcome::Drifted, rec));
+                }
                 Action::AwaitOperator => return Ok((Outcome::Held, rec)),
                 Action::Rest => return Ok((Outcome::Rested(rec.state.phase), rec)),
             };
@@ -364,15 +587,101 @@ impl Engine {
         self.advance(sub, None, true).await
     }
 
-    async fn preflight(&self, sub: &Subscription) -> Result<(), String> {
+    async fn preflight(&self, sub: &Subscription, accept_drift: bool) -> Result<(), Preflight> {
         self.store
             .preflight(&sub.vault_path)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Preflight::Failed(e.to_string()))?;
         self.provider(sub)
             .preflight(&sub.id)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| Preflight::Failed(e.to_string()))?;
+        if accept_drift {
+            return Ok(());
+        }
+        match self.drift(sub).await {
+            Ok(None) => Ok(()),
+            Ok(Some(detail)) => Err(Preflight::Drifted(detail)),
+            Err(e) => Err(Preflight::Failed(e)),
+        }
+    }
+
+    /// Compares what the provider shows of its live secret (Storno: the last 8
+    /// characters) with the store's `current`. `Some` explains a mismatch: someone
+    /// rotated outside rekey, so receivers hold a secret that no longer verifies, and
+    /// rotating now would publish the stale one as `previous` as if it were valid.
+    /// The provider's characters are compared, never shown.
+    pub async fn drift(&self, sub: &Subscription) -> Result<Option<String>, String> {
+        let Some(tail) = self
+            .provider(sub)
+            .secret_hint(&sub.id)
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(None);
+        };
+        let Some(read) = self
+            .store
+            .read(&sub.vault_path)
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            // Nothing published yet: nothing to disagree with.
+            return Ok(None);
+        };
+        if read.entry.current.expose_secret().ends_with(&tail) {
+            return Ok(None);
+        }
+        Ok(Some(format!(
+            "drift: the secret live at the provider does not end like `current` ({}) at `{}`; \
+             it was rotated outside rekey and receivers cannot verify its deliveries. rekey \
+             changed nothing. To recover, either write the live secret into `current` at `{}` \
+             (rekey returns to idle on its next pass), or run `rekey run --once --force {}` to \
+             rotate to a new secret that rekey publishes",
+            Fingerprint::of(&read.entry.current),
+            sub.vault_path,
+            sub.vault_path,
+            sub.name
+        )))
+    }
+
+    /// Before each confirmation check: has the provider redeliver what failed in the
+    /// exposure window (from the intent, just before the rotate call, to the
+    /// publication), and records what was redelivered in the history. Retrying a
+    /// delivery changes its status, so a later check does not send it again. A
+    /// failure here is logged, not fatal: confirmation must not wait on it.
+    async fn redeliver(&self, sub: &Subscription, rec: &Record) -> Result<(), EngineError> {
+        let s = &rec.state;
+        let (Some(from), Some(to)) = (s.intent_at, s.published_at) else {
+            return Ok(());
+        };
+        let (event, detail) = match self.provider(sub).redeliver(&sub.id, from, to).await {
+            Ok(ids) if ids.is_empty() => return Ok(()),
+            Ok(ids) => (
+                "redelivered",
+                format!(
+                    "asked the provider to redeliver {} delivery(ies) that failed between the rotation and the publication: {}",
+                    ids.len(),
+                    ids.join(", ")
+                ),
+            ),
+            Err(e) => (
+                "redeliver-failed",
+                format!(
+                    "could not redeliver what failed in the exposure window: {e}; check the provider's delivery log"
+                ),
+            ),
+        };
+        let t = rotation::Transition {
+            from: s.phase,
+            to: s.phase,
+            event,
+            detail,
+            quiet: false,
+        };
+        self.db.save(rec, Some(&t), now())?;
+        log_transition(sub, rec, &t);
+        Ok(())
     }
 
     /// Writes `current` = the minted secret, `previous` = what the store held as
@@ -483,5 +792,19 @@ fn log_transition(sub: &Subscription, rec: &Record, t: &rotation::Transition) {
         tracing::warn!(subscription = %sub.name, rotation, from = %t.from, to = %t.to, event = t.event, "{}", t.detail);
     } else {
         tracing::info!(subscription = %sub.name, rotation, from = %t.from, to = %t.to, event = t.event, "{}", t.detail);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::usable_id;
+
+    #[test]
+    fn only_plain_listed_ids_become_vault_paths() {
+        assert!(usable_id("801"));
+        assert!(usable_id("0c8e5d7a-5a4f-4c33-9a43-7b8c3f0e6f11"));
+        for bad in ["", ".", "..", "a/b", "a b", "{id}", "x\n"] {
+            assert!(!usable_id(bad), "{bad:?}");
+        }
     }
 }

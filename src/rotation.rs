@@ -47,10 +47,14 @@ pub enum Phase {
     Held,
     /// The last attempt failed before anything changed at the provider; retried later.
     Failed,
+    /// The provider's live secret is not the one in the store: someone rotated outside
+    /// rekey. Nothing is rotated or overwritten until an operator reconciles the store
+    /// (rekey then returns to idle by itself) or forces a rotation.
+    Drifted,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 8] = [
+    pub const ALL: [Phase; 9] = [
         Phase::Idle,
         Phase::Rotating,
         Phase::Minted,
@@ -59,6 +63,7 @@ impl Phase {
         Phase::Retiring,
         Phase::Held,
         Phase::Failed,
+        Phase::Drifted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -71,6 +76,7 @@ impl Phase {
             Phase::Retiring => "retiring",
             Phase::Held => "held",
             Phase::Failed => "failed",
+            Phase::Drifted => "drifted",
         }
     }
 
@@ -306,6 +312,16 @@ pub enum Event {
     OperatorRetire {
         now: DateTime<Utc>,
     },
+    /// Preflight found the provider's live secret differs from the store's `current`.
+    /// `detail` says what differs (fingerprints only) and how to recover.
+    DriftDetected {
+        detail: String,
+        now: DateTime<Utc>,
+    },
+    /// A drifted subscription's store and provider agree again.
+    DriftResolved {
+        now: DateTime<Utc>,
+    },
 }
 
 impl Event {
@@ -327,6 +343,8 @@ impl Event {
             Event::Recover { .. } => "recover",
             Event::OperatorResume { .. } => "operator-resume",
             Event::OperatorRetire { .. } => "operator-retire",
+            Event::DriftDetected { .. } => "drift-detected",
+            Event::DriftResolved { .. } => "drift-resolved",
         }
     }
 
@@ -347,7 +365,9 @@ impl Event {
             | Event::RetireFailed { now, .. }
             | Event::Recover { now, .. }
             | Event::OperatorResume { now }
-            | Event::OperatorRetire { now } => *now,
+            | Event::OperatorRetire { now }
+            | Event::DriftDetected { now, .. }
+            | Event::DriftResolved { now } => *now,
         }
     }
 }
@@ -436,7 +456,7 @@ fn resume_action(s: &RotationState, now: DateTime<Utc>, eager: bool) -> Action {
             since: s.published_at.unwrap_or(now),
         },
         Phase::Retiring => Action::Retire,
-        Phase::Held => Action::AwaitOperator,
+        Phase::Held | Phase::Drifted => Action::AwaitOperator,
     }
 }
 
@@ -466,8 +486,17 @@ pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Ste
 
     let mut quiet = false;
     let (action, detail) = match (from, event) {
+        // A drifted subscription rotates only when an operator asks: rotating makes
+        // the provider's secret known again, which is one way to recover.
         (
-            Phase::Idle | Phase::Failed,
+            Phase::Drifted,
+            Event::Start {
+                trigger: Trigger::Schedule,
+                ..
+            },
+        ) => return Err(invalid()),
+        (
+            Phase::Idle | Phase::Failed | Phase::Drifted,
             Event::Start {
                 rotation_id,
                 trigger,
@@ -480,7 +509,24 @@ pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Ste
             s.rotation_id = Some(rotation_id);
             (Action::Preflight, detail)
         }
-        (Phase::Idle | Phase::Failed, Event::PreflightPassed { .. }) => {
+        (Phase::Idle | Phase::Failed | Phase::Drifted, Event::DriftDetected { detail, .. }) => {
+            // Found in preflight, before the intent: nothing was touched anywhere.
+            s.phase = Phase::Drifted;
+            s.rotation_id = None;
+            s.not_before = None;
+            s.failures = 0;
+            s.last_error = Some(detail.clone());
+            (Action::AwaitOperator, detail)
+        }
+        (Phase::Drifted, Event::DriftResolved { .. }) => {
+            s.phase = Phase::Idle;
+            s.last_error = None;
+            (
+                Action::Rest,
+                "the store's current secret matches the provider's again".into(),
+            )
+        }
+        (Phase::Idle | Phase::Failed | Phase::Drifted, Event::PreflightPassed { .. }) => {
             if s.rotation_id.is_none() {
                 return Err(invalid());
             }
@@ -497,7 +543,7 @@ pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Ste
             s.last_error = None;
             (Action::Rotate, "preflight passed; intent recorded".into())
         }
-        (Phase::Idle | Phase::Failed, Event::PreflightFailed { error, .. }) => {
+        (Phase::Idle | Phase::Failed | Phase::Drifted, Event::PreflightFailed { error, .. }) => {
             // Nothing was touched at the provider: the old secret is still the live one.
             s.phase = Phase::Failed;
             s.rotation_id = None;
@@ -1379,5 +1425,93 @@ mod tests {
             assert_eq!(Phase::parse(p.as_str()), Some(p));
         }
         assert_eq!(Phase::parse("bogus"), None);
+    }
+
+    fn drifted() -> RotationState {
+        let s = start(&RotationState::new(), 0).state;
+        step(
+            &s,
+            Event::DriftDetected {
+                detail: "rotated outside rekey".into(),
+                now: t(1),
+            },
+        )
+        .state
+    }
+
+    #[test]
+    fn drift_found_in_preflight_stops_everything_and_awaits_an_operator() {
+        let s = start(&RotationState::new(), 0).state;
+        let d = step(
+            &s,
+            Event::DriftDetected {
+                detail: "rotated outside rekey; to recover …".into(),
+                now: t(1),
+            },
+        );
+        assert_eq!(
+            (d.state.phase, &d.action),
+            (Phase::Drifted, &Action::AwaitOperator)
+        );
+        assert!(d.state.rotation_id.is_none() && d.state.intent_at.is_none());
+        assert!(
+            d.state
+                .last_error
+                .as_deref()
+                .unwrap()
+                .contains("to recover")
+        );
+        assert_eq!(d.transition.event, "drift-detected");
+        assert!(!d.transition.quiet, "recorded in the history");
+        // A restart leaves it drifted; the schedule cannot start a rotation.
+        let r = step(
+            &d.state,
+            Event::Recover {
+                now: t(99),
+                restarted: true,
+                eager: true,
+            },
+        );
+        assert_eq!(
+            (r.state.phase, &r.action),
+            (Phase::Drifted, &Action::AwaitOperator)
+        );
+        assert!(!Phase::Drifted.in_flight());
+        let scheduled = Event::Start {
+            rotation_id: "r".into(),
+            trigger: Trigger::Schedule,
+            now: t(5),
+        };
+        assert!(apply(&d.state, scheduled, &timing()).is_err());
+    }
+
+    #[test]
+    fn drift_ends_when_the_store_is_reconciled_or_an_operator_forces_a_rotation() {
+        let ok = step(&drifted(), Event::DriftResolved { now: t(5) });
+        assert_eq!((ok.state.phase, &ok.action), (Phase::Idle, &Action::Rest));
+        assert!(ok.state.last_error.is_none());
+        let forced = step(
+            &drifted(),
+            Event::Start {
+                rotation_id: "r2".into(),
+                trigger: Trigger::Forced,
+                now: t(5),
+            },
+        );
+        assert_eq!(forced.action, Action::Preflight);
+        let p = step(&forced.state, Event::PreflightPassed { now: t(6) });
+        assert_eq!(
+            (p.state.phase, &p.action),
+            (Phase::Rotating, &Action::Rotate)
+        );
+        // Resolution is only meaningful while drifted.
+        assert!(
+            apply(
+                &RotationState::new(),
+                Event::DriftResolved { now: t(5) },
+                &timing()
+            )
+            .is_err()
+        );
     }
 }

@@ -335,7 +335,15 @@ pub struct Scheduler {
     /// Subscriptions the engine found not due although [`wake_time`] said they were,
     /// held back until then so a disagreement cannot spin the loop.
     cooldown: HashMap<String, DateTime<Utc>>,
+    /// The subscriptions managed now: the configured ones plus those discovery found
+    /// (`id = "*"`), refreshed every [`DISCOVERY_INTERVAL`] and on SIGUSR1 or reload.
+    subs: Vec<Subscription>,
+    /// When the providers were last listed for discovery.
+    listed_at: Option<DateTime<Utc>>,
 }
+
+/// How often the daemon lists providers for `id = "*"` entries.
+const DISCOVERY_INTERVAL: Duration = Duration::from_secs(300);
 
 /// How long a subscription the engine refused as not due waits before the next try.
 const COOLDOWN: Duration = Duration::from_secs(60);
@@ -359,7 +367,36 @@ impl Scheduler {
             metrics: None,
             counted_seq: 0,
             cooldown: HashMap::new(),
+            subs: Vec::new(),
+            listed_at: None,
         }
+    }
+
+    /// Refreshes [`Scheduler::subs`]: the configured subscriptions at once; discovered
+    /// ones by listing the providers, when due (or `now_please`).
+    async fn refresh_subscriptions(&mut self, now_please: bool) {
+        let config = self.engine.config();
+        if config.discoveries.is_empty() {
+            self.subs = config.subscriptions.clone();
+            return;
+        }
+        let now = engine::now();
+        let due = self.listed_at.is_none_or(|t| {
+            now - t >= chrono::Duration::from_std(DISCOVERY_INTERVAL).unwrap_or_default()
+        });
+        if due || now_please {
+            self.subs = self.engine.subscriptions().await;
+            self.listed_at = Some(now);
+        }
+    }
+
+    /// When discovery next lists the providers, if any entry uses it.
+    fn next_listing(&self) -> Option<DateTime<Utc>> {
+        if self.engine.config().discoveries.is_empty() {
+            return None;
+        }
+        self.listed_at
+            .map(|t| t + chrono::Duration::from_std(DISCOVERY_INTERVAL).unwrap_or_default())
     }
 
     /// Feeds `metrics` from now on (transitions from before are not counted).
@@ -372,14 +409,12 @@ impl Scheduler {
     /// Runs until told to stop, then drains. Returns when every task finished or the
     /// drain timeout passed; either way every subscription's state is a saved one.
     pub async fn run(mut self, mut control: mpsc::Receiver<Control>) {
+        self.refresh_subscriptions(true).await;
         self.catch_up_missed();
         self.take_requests();
         let mut next = self.pass();
         notify(&[Notify::Ready]);
-        tracing::info!(
-            subscriptions = self.engine.config().subscriptions.len(),
-            "scheduler ready"
-        );
+        tracing::info!(subscriptions = self.subs.len(), "scheduler ready");
         loop {
             self.report_status(next);
             self.count_history();
@@ -403,12 +438,17 @@ impl Scheduler {
                 msg = control.recv() => match msg {
                     Some(Control::Wake) => {
                         tracing::info!("woken (SIGUSR1): taking requests and anything due");
+                        self.refresh_subscriptions(true).await;
                         self.take_requests();
                     }
-                    Some(Control::Reload(engine)) => self.reload(engine),
+                    Some(Control::Reload(engine)) => {
+                        self.reload(engine);
+                        self.refresh_subscriptions(true).await;
+                    }
                     Some(Control::Stop) | None => break,
                 },
             }
+            self.refresh_subscriptions(false).await;
             next = self.pass();
         }
         self.drain(&mut control).await;
@@ -451,7 +491,7 @@ impl Scheduler {
     /// Applies `catch_up = "skip"` to rotations that fell due while the daemon was down.
     fn catch_up_missed(&mut self) {
         let engine = self.engine.clone();
-        for sub in &engine.config().subscriptions {
+        for sub in &self.subs.clone() {
             let Some(policy) = engine.config().policy(&sub.policy) else {
                 continue;
             };
@@ -555,6 +595,7 @@ impl Scheduler {
         }
         tracing::info!(
             subscriptions = self.config().subscriptions.len(),
+            discoveries = self.config().discoveries.len(),
             "config reloaded"
         );
         notify(&[Notify::Ready]);
@@ -565,8 +606,8 @@ impl Scheduler {
     fn pass(&mut self) -> Option<DateTime<Utc>> {
         let engine = self.engine.clone();
         let now = engine::now();
-        let mut next: Option<DateTime<Utc>> = None;
-        for sub in &engine.config().subscriptions {
+        let mut next: Option<DateTime<Utc>> = self.next_listing();
+        for sub in &self.subs.clone() {
             if self.running.contains_key(&sub.name) {
                 continue;
             }
@@ -607,11 +648,11 @@ impl Scheduler {
         let unknown: Vec<String> = self
             .pending
             .keys()
-            .filter(|n| engine.config().subscription(n).is_none())
+            .filter(|n| !self.subs.iter().any(|s| &s.name == *n))
             .cloned()
             .collect();
         for n in unknown {
-            tracing::warn!(subscription = %n, "request for a subscription not in the config; dropped");
+            tracing::warn!(subscription = %n, "request for a subscription neither configured nor discovered; dropped");
             self.pending.remove(&n);
         }
         next
@@ -708,6 +749,10 @@ impl Scheduler {
                 Outcome::Held => tracing::warn!(
                     subscription = %name,
                     "held: no evidence before the deadline; see `rekey status` and `rekey history`, then `rekey resume` or `rekey retire`"
+                ),
+                Outcome::Drifted => tracing::warn!(
+                    subscription = %name,
+                    "drifted: rotated outside rekey; `rekey status` says how to recover"
                 ),
                 Outcome::Rested(p) => {
                     tracing::info!(subscription = %name, state = %p, "rotation cycle complete")

@@ -204,13 +204,21 @@ impl StateDb {
                 found: version,
             });
         }
-        // Added to v1 before it shipped; IF NOT EXISTS keeps databases made by earlier
-        // development builds working.
+        // Tables added to schema 1 with IF NOT EXISTS: existing databases pick them up
+        // and an older rekey ignores them, so no version bump.
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS operator_decisions (
                 subscription TEXT PRIMARY KEY,
                 decision TEXT NOT NULL CHECK (decision IN ('resume', 'retire')),
                 requested_at TEXT NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS discovered (
+                name TEXT PRIMARY KEY,
+                provider TEXT NOT NULL,
+                id TEXT NOT NULL,
+                vault_path TEXT NOT NULL,
+                first_seen_at TEXT NOT NULL,
+                vanished_at TEXT
              );",
         )?;
         // Fails fast on a damaged file rather than at the first rotation.
@@ -425,6 +433,85 @@ impl StateDb {
         tx.execute("DELETE FROM requests", [])?;
         tx.commit()?;
         Ok(names)
+    }
+}
+
+/// A subscription found by discovery (`id = "*"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Discovered {
+    pub name: String,
+    pub provider: String,
+    pub id: String,
+    pub vault_path: String,
+    /// When the provider stopped listing it, if it did.
+    pub vanished_at: Option<DateTime<Utc>>,
+}
+
+impl StateDb {
+    /// Records that the provider lists `name` now. Returns true when it is new or
+    /// came back after vanishing (worth a history row).
+    pub fn saw_discovered(
+        &self,
+        name: &str,
+        provider: &str,
+        id: &str,
+        vault_path: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StateError> {
+        let conn = self.conn();
+        let before: Option<Option<String>> = conn
+            .query_row(
+                "SELECT vanished_at FROM discovered WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        conn.execute(
+            "INSERT INTO discovered (name, provider, id, vault_path, first_seen_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (name) DO UPDATE SET vault_path = ?4, vanished_at = NULL",
+            params![name, provider, id, vault_path, ts1(now)],
+        )?;
+        Ok(!matches!(before, Some(None)))
+    }
+
+    /// Marks a discovered subscription as no longer listed.
+    pub fn mark_vanished(&self, name: &str, now: DateTime<Utc>) -> Result<(), StateError> {
+        self.conn().execute(
+            "UPDATE discovered SET vanished_at = ?2 WHERE name = ?1",
+            params![name, ts1(now)],
+        )?;
+        Ok(())
+    }
+
+    /// Every discovered subscription, vanished or not.
+    pub fn discovered(&self) -> Result<Vec<Discovered>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT name, provider, id, vault_path, vanished_at FROM discovered ORDER BY name",
+        )?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(|(name, provider, id, vault_path, vanished)| {
+                Ok(Discovered {
+                    vanished_at: parse_ts(&name, "discovered.vanished_at", vanished)?,
+                    name,
+                    provider,
+                    id,
+                    vault_path,
+                })
+            })
+            .collect()
     }
 }
 
@@ -680,5 +767,27 @@ mod tests {
         db.add_request("fintoro/802", now()).unwrap();
         assert_eq!(db.take_requests().unwrap().len(), 2);
         assert!(db.take_requests().unwrap().is_empty());
+    }
+
+    #[test]
+    fn discovered_subscriptions_are_new_once_and_again_after_vanishing() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).unwrap();
+        let saw = |db: &StateDb| {
+            db.saw_discovered("acme/a", "acme", "a", "w/acme/a", now())
+                .unwrap()
+        };
+        assert!(saw(&db), "first sight");
+        assert!(!saw(&db), "seen before");
+        db.mark_vanished("acme/a", now()).unwrap();
+        let d = db.discovered().unwrap();
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].vanished_at, Some(now()));
+        assert!(saw(&db), "came back");
+        assert_eq!(db.discovered().unwrap()[0].vanished_at, None);
+        // Reopening keeps the table and its rows (created IF NOT EXISTS).
+        drop(db);
+        let db = StateDb::open(dir.path()).unwrap();
+        assert_eq!(db.discovered().unwrap().len(), 1);
     }
 }

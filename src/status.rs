@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::state::{Record, StateDb, StateError};
+use crate::state::{Discovered, Record, StateDb, StateError};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct StatusRow {
@@ -29,10 +29,26 @@ pub struct StatusRow {
     pub vault_path: Option<String>,
     /// False for a subscription the state remembers but the config no longer lists.
     pub in_config: bool,
+    /// Found by an `id = "*"` entry rather than listed by id.
+    pub discovered: bool,
+    /// When the provider stopped listing this discovered subscription.
+    pub vanished_at: Option<DateTime<Utc>>,
 }
 
-fn row(rec: Option<&Record>, config: &Config, name: &str, now: DateTime<Utc>) -> StatusRow {
-    let sub = config.subscription(name);
+fn row(
+    rec: Option<&Record>,
+    config: &Config,
+    name: &str,
+    found: Option<&Discovered>,
+    now: DateTime<Utc>,
+) -> StatusRow {
+    let found = found.filter(|d| config.discovery_for(&d.name).is_some());
+    let discovered_sub = found.and_then(|d| {
+        config
+            .discovery_for(&d.name)
+            .map(|disc| disc.subscription(&d.id))
+    });
+    let sub = config.subscription(name).or(discovered_sub.as_ref());
     let policy = sub.and_then(|s| config.policy(&s.policy));
     let next_due_at = match rec {
         Some(r) => r.next_due_at,
@@ -58,6 +74,8 @@ fn row(rec: Option<&Record>, config: &Config, name: &str, now: DateTime<Utc>) ->
         policy: sub.map(|s| s.policy.clone()),
         vault_path: sub.map(|s| s.vault_path.clone()),
         in_config: sub.is_some(),
+        discovered: discovered_sub.is_some(),
+        vanished_at: found.and_then(|d| d.vanished_at),
     }
 }
 
@@ -68,6 +86,8 @@ pub fn rows(
     now: DateTime<Utc>,
 ) -> Result<Vec<StatusRow>, StateError> {
     let records = db.load_all()?;
+    let found = db.discovered()?;
+    let found_for = |name: &str| found.iter().find(|d| d.name == name);
     let mut out: Vec<StatusRow> = config
         .subscriptions
         .iter()
@@ -76,13 +96,14 @@ pub fn rows(
                 records.iter().find(|r| r.name == s.name),
                 config,
                 &s.name,
+                None,
                 now,
             )
         })
         .collect();
     for r in &records {
         if config.subscription(&r.name).is_none() {
-            out.push(row(Some(r), config, &r.name, now));
+            out.push(row(Some(r), config, &r.name, found_for(&r.name), now));
         }
     }
     Ok(out)
@@ -126,7 +147,9 @@ pub fn table(rows: &[StatusRow], now: DateTime<Utc>) -> String {
                 err = err.chars().take(77).collect::<String>() + "...";
             }
             [
-                if r.in_config {
+                if r.vanished_at.is_some() {
+                    format!("{} (vanished)", r.subscription)
+                } else if r.in_config {
                     r.subscription.clone()
                 } else {
                     format!("{} (not in config)", r.subscription)

@@ -7,13 +7,15 @@
 
 pub mod fintoro;
 pub mod http;
+pub mod monite;
+pub mod storno;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::config::{ProviderKind, ProviderSettings};
+use crate::config::{KindSettings, ProviderKind, ProviderSettings};
 use crate::secret::SecretString;
 
 pub use http::{HttpClient, HttpError};
@@ -80,6 +82,25 @@ pub trait Provider: Send + Sync {
 
     /// Every subscription the account has (discovery).
     async fn list(&self) -> Result<Vec<RemoteSubscription>, ProviderError>;
+
+    /// The last characters of the live secret, where the provider shows them (Storno:
+    /// masked `***` + last 8), for drift detection; `None` where it shows nothing.
+    async fn secret_hint(&self, _id: &str) -> Result<Option<String>, ProviderError> {
+        Ok(None)
+    }
+
+    /// Asks the provider to deliver again what failed in `[from, to]` — the exposure
+    /// window, when deliveries were signed with a secret receivers did not have yet —
+    /// now that the new secret is published. Returns the ids redelivered. Providers
+    /// without a retry endpoint redeliver nothing (their own retries must do).
+    async fn redeliver(
+        &self,
+        _id: &str,
+        _from: DateTime<Utc>,
+        _to: DateTime<Utc>,
+    ) -> Result<Vec<String>, ProviderError> {
+        Ok(Vec::new())
+    }
 }
 
 /// Builds the client for a configured provider account.
@@ -90,9 +111,25 @@ pub fn build(settings: &ProviderSettings) -> Result<Arc<dyn Provider>, HttpError
         settings.timeout,
         settings.rate_limit,
     )?;
-    Ok(match settings.kind {
-        ProviderKind::Fintoro => {
+    Ok(match &settings.settings {
+        KindSettings::Fintoro => {
             Arc::new(fintoro::FintoroClient::new(http, settings.token.clone()))
         }
+        KindSettings::Monite {
+            client_id,
+            entity_id,
+            api_version,
+        } => Arc::new(monite::MoniteClient::new(
+            http,
+            client_id.clone(),
+            settings.token.clone(),
+            entity_id.clone(),
+            api_version.clone(),
+        )),
+        KindSettings::Storno { company } => Arc::new(storno::StornoClient::new(
+            http,
+            settings.token.clone(),
+            company.clone(),
+        )),
     })
 }

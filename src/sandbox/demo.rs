@@ -1,4 +1,5 @@
-//! `rekey sandbox`: one whole rotation against the simulated Fintoro, with live,
+//! `rekey sandbox`: one whole rotation against a simulated provider (Fintoro, Monite
+//! or Storno), with live,
 //! signed webhook traffic to a receiver that verifies against what rekey publishes —
 //! the demo for anyone without provider accounts, and a smoke test of the real engine
 //! (the same [`Engine`] the daemon runs, with a real config file and state database).
@@ -14,7 +15,9 @@ use crate::config::Config;
 use crate::engine::{Engine, Outcome};
 use crate::rotation::{Phase, Trigger};
 use crate::sandbox::fintoro::{FintoroSim, FintoroSimOptions};
+use crate::sandbox::monite::{MoniteSim, MoniteSimOptions};
 use crate::sandbox::receiver::Receiver;
+use crate::sandbox::storno::{StornoSim, StornoSimOptions};
 use crate::secret::{Fingerprint, secret};
 use crate::state::StateDb;
 use crate::store::{Entry, Expect, SecretStore};
@@ -37,12 +40,159 @@ pub struct SandboxArgs {
     /// How long to wait for a confirming delivery before giving up.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// Which simulated provider to rotate at.
+    #[arg(long, value_enum, default_value = "fintoro")]
+    pub provider: DemoProvider,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoProvider {
+    Fintoro,
+    Monite,
+    Storno,
 }
 
 const TOKEN: &str = "sandbox-fintoro-token";
 
 /// `config/sandbox.toml`, with placeholders the demo fills in.
 const TEMPLATE: &str = include_str!("../../config/sandbox.toml");
+
+/// The simulator the demo runs, behind the few operations the demo needs.
+enum DemoSim {
+    Fintoro(FintoroSim),
+    Monite(MoniteSim),
+    Storno(StornoSim),
+}
+
+impl DemoSim {
+    async fn start(which: DemoProvider) -> std::io::Result<DemoSim> {
+        Ok(match which {
+            DemoProvider::Fintoro => DemoSim::Fintoro(
+                FintoroSim::start(FintoroSimOptions {
+                    token: TOKEN.into(),
+                    ..Default::default()
+                })
+                .await?,
+            ),
+            DemoProvider::Monite => {
+                DemoSim::Monite(MoniteSim::start(MoniteSimOptions::default()).await?)
+            }
+            DemoProvider::Storno => {
+                DemoSim::Storno(StornoSim::start(StornoSimOptions::default()).await?)
+            }
+        })
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            DemoSim::Fintoro(_) => "fintoro",
+            DemoSim::Monite(_) => "monite",
+            DemoSim::Storno(_) => "storno",
+        }
+    }
+
+    fn base_url(&self) -> String {
+        match self {
+            DemoSim::Fintoro(s) => s.base_url(),
+            DemoSim::Monite(s) => s.base_url(),
+            DemoSim::Storno(s) => s.base_url(),
+        }
+    }
+
+    /// Writes the credential file and returns the kind's `[[providers]]` key lines.
+    fn credentials(&self, dir: &std::path::Path) -> std::io::Result<String> {
+        Ok(match self {
+            DemoSim::Fintoro(_) => {
+                std::fs::write(dir.join("fintoro.token"), TOKEN)?;
+                "token_file = \"fintoro.token\"\n".into()
+            }
+            DemoSim::Monite(s) => {
+                let o = s.options();
+                std::fs::write(dir.join("monite.secret"), &o.client_secret)?;
+                format!(
+                    "client_id = \"{}\"\nclient_secret_file = \"monite.secret\"\nentity_id = \"{}\"\n",
+                    o.client_id, o.entity_id
+                )
+            }
+            DemoSim::Storno(s) => {
+                let o = s.options();
+                std::fs::write(dir.join("storno.token"), &o.api_key)?;
+                format!(
+                    "token_file = \"storno.token\"\ncompany = \"{}\"\n",
+                    o.company
+                )
+            }
+        })
+    }
+
+    /// Creates the subscription (its url is set once the receiver listens).
+    fn add(&self) -> (String, String) {
+        const UNROUTED: &str = "http://127.0.0.1:9/unrouted";
+        match self {
+            DemoSim::Fintoro(s) => {
+                let (id, secret) = s.add_subscription(UNROUTED);
+                (id.to_string(), secret)
+            }
+            DemoSim::Monite(s) => s.add_subscription(UNROUTED),
+            DemoSim::Storno(s) => s.add_endpoint(UNROUTED),
+        }
+    }
+
+    fn set_url(&self, id: &str, url: &str) -> bool {
+        match self {
+            DemoSim::Fintoro(s) => id.parse().is_ok_and(|id| s.set_url(id, url)),
+            DemoSim::Monite(s) => s.set_url(id, url),
+            DemoSim::Storno(s) => s.set_url(id, url),
+        }
+    }
+
+    fn secret_of(&self, id: &str) -> Option<String> {
+        match self {
+            DemoSim::Fintoro(s) => id.parse().ok().and_then(|id| s.secret_of(id)),
+            DemoSim::Monite(s) => s.secret_of(id),
+            DemoSim::Storno(s) => s.secret_of(id),
+        }
+    }
+
+    /// Signed webhooks every `every` until the returned task is aborted (Fintoro's
+    /// simulator has its own traffic, with retries; stopped in `stop_traffic`).
+    fn start_traffic(&self, id: &str, every: Duration) -> Option<tokio::task::JoinHandle<()>> {
+        let id = id.to_string();
+        match self {
+            DemoSim::Fintoro(s) => {
+                s.start_traffic(every);
+                None
+            }
+            DemoSim::Monite(s) => {
+                let s = s.clone();
+                Some(tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(every).await;
+                        let _ = s.deliver(&id, "updated").await;
+                    }
+                }))
+            }
+            DemoSim::Storno(s) => {
+                let s = s.clone();
+                Some(tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(every).await;
+                        let _ = s.deliver(&id, "invoice.created").await;
+                    }
+                }))
+            }
+        }
+    }
+
+    fn stop_traffic(&self, task: Option<tokio::task::JoinHandle<()>>) {
+        if let DemoSim::Fintoro(s) = self {
+            s.stop_traffic();
+        }
+        if let Some(t) = task {
+            t.abort();
+        }
+    }
+}
 
 fn step(msg: impl AsRef<str>) {
     println!("{} {}", Utc::now().format("%H:%M:%S%.3f"), msg.as_ref());
@@ -70,14 +220,10 @@ async fn demo(args: SandboxArgs) -> anyhow::Result<u8> {
             temp.path().to_path_buf()
         }
     };
-    println!("rekey sandbox: one rotation of a simulated Fintoro subscription, end to end\n");
-
-    let sim = FintoroSim::start(FintoroSimOptions {
-        token: TOKEN.into(),
-        ..Default::default()
-    })
-    .await?;
-    step(format!("Fintoro simulator listening at {}", sim.base_url()));
+    let sim = DemoSim::start(args.provider).await?;
+    let kind = sim.kind();
+    println!("rekey sandbox: one rotation of a simulated {kind} subscription, end to end\n");
+    step(format!("{kind} simulator listening at {}", sim.base_url()));
 
     let store_section = match (&args.vault_addr, &args.vault_token_file) {
         (Some(addr), Some(token)) => format!(
@@ -87,14 +233,17 @@ async fn demo(args: SandboxArgs) -> anyhow::Result<u8> {
         ),
         _ => "[file_store]\ndir = \"published\"\n".to_string(),
     };
-    std::fs::write(dir.join("fintoro.token"), TOKEN)?;
+    let credentials = sim.credentials(&dir)?;
+    // The provider assigns the id, so the subscription exists before the config.
+    let (id, initial) = sim.add();
     let config_path = dir.join("rekey.toml");
-    let id = crate::sandbox::fintoro::FIRST_SUBSCRIPTION_ID.to_string();
     std::fs::write(
         &config_path,
         TEMPLATE
             .replace("{{STORE}}", &store_section)
+            .replace("{{KIND}}", kind)
             .replace("{{BASE_URL}}", &sim.base_url())
+            .replace("{{CREDENTIALS}}", credentials.trim_end())
             .replace(
                 "{{CONFIRM_TIMEOUT}}",
                 &humantime::format_duration(args.timeout).to_string(),
@@ -110,12 +259,11 @@ async fn demo(args: SandboxArgs) -> anyhow::Result<u8> {
 
     let receiver = Receiver::start(store.clone()).await?;
     let sub = config.subscriptions[0].clone();
-    let url = receiver.register(&format!("fintoro/{}", sub.id), &sub.vault_path);
-    let (id, initial) = sim.add_subscription(&url);
+    let route = format!("{kind}/{}", sub.id);
+    let url = receiver.register(&route, &sub.vault_path);
     anyhow::ensure!(
-        id.to_string() == sub.id,
-        "simulator assigned id {id}, expected {}",
-        sub.id
+        sim.set_url(&id, &url),
+        "the simulator lost subscription {id}"
     );
     step(format!(
         "subscription {} delivers to the receiver at {url}; its secret is {}",
@@ -123,9 +271,7 @@ async fn demo(args: SandboxArgs) -> anyhow::Result<u8> {
         Fingerprint::of_str(&initial)
     ));
     // A receiver that already verifies today: its secret is published before rekey
-    // takes over, as in any real deployment. A fresh simulator has a fresh secret, so
-    // whatever an earlier sandbox run left in the store is replaced.
-    let existing = store.read(&sub.vault_path).await?;
+    // takes over, as in any real deployment.
     store
         .write(
             &sub.vault_path,
@@ -134,21 +280,25 @@ async fn demo(args: SandboxArgs) -> anyhow::Result<u8> {
                 previous: None,
                 rotated_at: Utc::now(),
                 rotation_id: "initial".into(),
-                provider: "fintoro".into(),
+                provider: kind.into(),
                 subscription: sub.id.clone(),
             },
-            Expect::from_read(&existing),
+            Expect::Absent,
         )
-        .await?;
+        .await
+        .or_else(|e| match e {
+            crate::store::StoreError::Conflict { .. } => Ok(()),
+            e => Err(e),
+        })?;
     step(format!(
         "published the current secret at `{}`",
         sub.vault_path
     ));
 
-    sim.start_traffic(Duration::from_millis(250));
-    step("Fintoro is sending signed webhooks every 250 ms");
+    let traffic = sim.start_traffic(&id, Duration::from_millis(250));
+    step(format!("{kind} is sending signed webhooks every 250 ms"));
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let before = receiver.stats(&format!("fintoro/{}", sub.id));
+    let before = receiver.stats(&route);
     step(format!(
         "receiver so far: {} accepted, {} rejected",
         before.accepted_with_current + before.accepted_with_previous,
@@ -188,12 +338,12 @@ async fn demo(args: SandboxArgs) -> anyhow::Result<u8> {
             other => break other,
         }
     };
-    sim.stop_traffic();
+    sim.stop_traffic(traffic);
     println!();
 
-    let after = receiver.stats(&format!("fintoro/{}", sub.id));
+    let after = receiver.stats(&route);
     let live = sim
-        .secret_of(id)
+        .secret_of(&id)
         .ok_or_else(|| anyhow::anyhow!("the simulator lost subscription {id}"))?;
     let published = store
         .read(&sub.vault_path)
@@ -201,7 +351,7 @@ async fn demo(args: SandboxArgs) -> anyhow::Result<u8> {
         .ok_or_else(|| anyhow::anyhow!("nothing published at {}", sub.vault_path))?;
     let matches = Fingerprint::of(&published.entry.current) == Fingerprint::of_str(&live);
     step(format!(
-        "Fintoro's live secret {} {} the published current {}; previous: {}",
+        "{kind}'s live secret {} {} the published current {}; previous: {}",
         Fingerprint::of_str(&live),
         if matches { "equals" } else { "DIFFERS FROM" },
         Fingerprint::of(&published.entry.current),

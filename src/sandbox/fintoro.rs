@@ -17,7 +17,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -27,6 +26,8 @@ use rand::Rng;
 use serde_json::{Value, json};
 use tokio::task::{JoinHandle, JoinSet};
 
+pub use super::faults::FaultKind;
+use super::faults::{closed_response, cut_point, dropped_response};
 use super::signing;
 use crate::secret::Fingerprint;
 
@@ -34,6 +35,8 @@ use crate::secret::Fingerprint;
 pub const SECRET_PREFIX: &str = "whsec_fintoro_";
 /// First id handed out by [`FintoroSim::add_subscription`] (Fintoro's docs use 801).
 pub const FIRST_SUBSCRIPTION_ID: u64 = 801;
+/// The response field that carries the new secret (cut before it by faults).
+const SECRET_FIELD: &str = "plainTextSecret";
 
 /// How the simulator is set up. `Default` mimics production with retry waits scaled
 /// from 10 s / 100 s / 1000 s / 10000 s down to milliseconds.
@@ -82,32 +85,6 @@ pub enum Route {
 pub struct Fault {
     pub route: Route,
     pub kind: FaultKind,
-}
-
-#[derive(Debug, Clone)]
-pub enum FaultKind {
-    /// Answer with this status and the provider's JSON error body for it. Nothing is
-    /// committed.
-    Status(u16),
-    /// 429 `Too Many Attempts.`, with `Retry-After` only when given.
-    TooManyRequests { retry_after: Option<u64> },
-    /// Do the work (a rotate IS committed), then answer only after this delay: the
-    /// client that times out has lost the response of a committed change.
-    Delay(Duration),
-    /// 200 with an HTML page instead of JSON, as a proxy in front would send. The
-    /// request never reached the application, so nothing is committed.
-    Garbage,
-    /// Rotate: 200 with the subscription but no `plainTextSecret`; NOT committed.
-    MissingSecret,
-    /// The change is committed, the status line, headers and part of the body go
-    /// out, then the connection is cut: the client sees 200 and then a body error,
-    /// never the secret.
-    CommitThenDrop,
-    /// The change is committed, then the connection is closed before any byte of the
-    /// response: the client's send itself fails (incomplete message).
-    CommitThenClose,
-    /// The change is committed, the body is truncated JSON (well-framed, unparsable).
-    CommitThenTruncate,
 }
 
 /// What one delivery (with or without retries) came to.
@@ -252,71 +229,6 @@ fn too_many(limit: u32, retry_after: Option<u64>) -> Response {
     res
 }
 
-/// Where a partial body is cut: before `plainTextSecret` (so no fragment of the
-/// secret ever reaches the client) and at most half way.
-fn cut_point(body: &str) -> usize {
-    let half = body.len() / 2;
-    body.find("\"plainTextSecret\"")
-        .map_or(half, |p| p.min(half))
-}
-
-/// A 200 that announces the full length but ends early; hyper then closes the
-/// connection. Its body is ready at once, so hyper gives up before flushing
-/// anything: the client's request fails before it sees a status. (The body reports
-/// an unknown size, so hyper takes our `Content-Length`; routing it through a data
-/// stream does that.)
-fn closed_response(body: &str) -> Response {
-    let partial = body[..cut_point(body)].to_string();
-    let stream = Body::from(partial).into_data_stream();
-    let mut res = Response::new(Body::from_stream(stream));
-    let h = res.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-    res
-}
-
-/// A 200 whose body stalls after a prefix and then fails, so hyper flushes the head
-/// and the prefix before it aborts the connection: the client sees the status, then
-/// a body error. The only pausable, failing body at hand (no `futures` dependency)
-/// is a streamed upstream response, so a one-shot raw TCP peer plays upstream:
-/// it sends the prefix, pauses, and hangs up short of its `Content-Length`.
-async fn dropped_response(http: &reqwest::Client, body: &str) -> Response {
-    let upstream = async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.ok()?;
-        let addr = listener.local_addr().ok()?;
-        let partial = body.as_bytes()[..cut_point(body)].to_vec();
-        let head = format!(
-            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-            body.len()
-        );
-        tokio::spawn(async move {
-            use tokio::io::AsyncWriteExt;
-            if let Ok((mut sock, _)) = listener.accept().await {
-                let _ = sock.write_all(head.as_bytes()).await;
-                let _ = sock.write_all(&partial).await;
-                let _ = sock.flush().await;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        });
-        http.get(format!("http://{addr}/")).send().await.ok()
-    };
-    match upstream.await {
-        Some(up) => {
-            let mut res = Response::new(Body::new(reqwest::Body::from(up)));
-            res.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            res
-        }
-        // Could not stage the stall: still cut the connection, just earlier.
-        None => closed_response(body),
-    }
-}
-
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, SimState> {
         self.state.lock().expect("fintoro sim state mutex poisoned")
@@ -406,10 +318,12 @@ impl Shared {
         };
         match fault {
             Some(FaultKind::Delay(d)) => tokio::time::sleep(d).await,
-            Some(FaultKind::CommitThenDrop) => return dropped_response(&self.http, &body).await,
-            Some(FaultKind::CommitThenClose) => return closed_response(&body),
+            Some(FaultKind::CommitThenDrop) => {
+                return dropped_response(&self.http, &body, SECRET_FIELD).await;
+            }
+            Some(FaultKind::CommitThenClose) => return closed_response(&body, SECRET_FIELD),
             Some(FaultKind::CommitThenTruncate) => {
-                let cut = body[..cut_point(&body)].to_string();
+                let cut = body[..cut_point(&body, SECRET_FIELD)].to_string();
                 return (
                     StatusCode::OK,
                     [(header::CONTENT_TYPE, "application/json")],

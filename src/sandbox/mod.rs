@@ -9,9 +9,12 @@
 //! provider whose response never arrives).
 
 pub mod demo;
+pub mod faults;
 pub mod fintoro;
+pub mod monite;
 pub mod receiver;
 pub mod signing;
+pub mod storno;
 
 use tokio::sync::oneshot;
 

@@ -56,6 +56,23 @@ struct RouteState {
     stats: ReceiverStats,
 }
 
+/// A delivery's signature, by the provider scheme that produced it.
+enum Scheme {
+    Fintoro(String),
+    Monite(String),
+    Storno(String),
+}
+
+impl Scheme {
+    fn verify(&self, secret: &str, body: &[u8]) -> bool {
+        match self {
+            Scheme::Fintoro(sig) => signing::verify_fintoro(secret, body, sig),
+            Scheme::Monite(header) => signing::verify_monite(secret, body, header),
+            Scheme::Storno(sig) => signing::verify_storno(secret, body, sig),
+        }
+    }
+}
+
 enum Verdict {
     Current,
     Previous,
@@ -76,22 +93,39 @@ impl Shared {
         body: &[u8],
     ) -> Verdict {
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        // The provider kind is the route's first segment; only Fintoro signs this way
-        // so far. Monite and Storno get their own arm when their simulators exist.
-        if route.split('/').next() != Some("fintoro") {
-            return Verdict::Rejected("no verifier for this provider");
-        }
-        let Some(signature) = header(signing::FINTORO_SIGNATURE_HEADER) else {
-            return Verdict::Rejected("missing signature");
+        // The provider kind is the route's first segment and picks the scheme.
+        let fresh = |t: Option<i64>, tolerance: i64| {
+            t.is_some_and(|t| (Utc::now().timestamp() - t).abs() <= tolerance)
         };
-        let fresh = header(signing::FINTORO_TIMESTAMP_HEADER)
-            .and_then(|t| t.trim().parse::<i64>().ok())
-            .is_some_and(|t| {
-                (Utc::now().timestamp() - t).abs() <= signing::FINTORO_TIMESTAMP_TOLERANCE_SECS
-            });
-        if !fresh {
-            return Verdict::Rejected("timestamp missing or outside tolerance");
-        }
+        let scheme = match route.split('/').next() {
+            Some("fintoro") => {
+                let Some(signature) = header(signing::FINTORO_SIGNATURE_HEADER) else {
+                    return Verdict::Rejected("missing signature");
+                };
+                let t = header(signing::FINTORO_TIMESTAMP_HEADER)
+                    .and_then(|t| t.trim().parse::<i64>().ok());
+                if !fresh(t, signing::FINTORO_TIMESTAMP_TOLERANCE_SECS) {
+                    return Verdict::Rejected("timestamp missing or outside tolerance");
+                }
+                Scheme::Fintoro(signature.to_string())
+            }
+            Some("monite") => {
+                let Some(h) = header(signing::MONITE_SIGNATURE_HEADER) else {
+                    return Verdict::Rejected("missing signature");
+                };
+                let t = signing::parse_monite_header(h).map(|(t, _)| t);
+                if !fresh(t, signing::MONITE_TIMESTAMP_TOLERANCE_SECS) {
+                    return Verdict::Rejected("timestamp missing or outside tolerance");
+                }
+                Scheme::Monite(h.to_string())
+            }
+            Some("storno") => match header(signing::STORNO_SIGNATURE_HEADER) {
+                // Storno signs no timestamp: nothing to check for freshness.
+                Some(sig) => Scheme::Storno(sig.to_string()),
+                None => return Verdict::Rejected("missing signature"),
+            },
+            _ => return Verdict::Rejected("no verifier for this provider"),
+        };
         // Fresh read every time: no cache that could hold a retired secret.
         let entry = match self.store.read(vault_path).await {
             Ok(Some(v)) => v.entry,
@@ -100,13 +134,13 @@ impl Shared {
             }
             Err(e) => return Verdict::Unavailable(e.to_string()),
         };
-        if signing::verify_fintoro(entry.current.expose_secret(), body, signature) {
+        if scheme.verify(entry.current.expose_secret(), body) {
             return Verdict::Current;
         }
         let prev_ok = entry
             .previous
             .as_ref()
-            .is_some_and(|p| signing::verify_fintoro(p.expose_secret(), body, signature));
+            .is_some_and(|p| scheme.verify(p.expose_secret(), body));
         if prev_ok {
             Verdict::Previous
         } else {
@@ -352,5 +386,85 @@ pub(crate) mod tests {
         assert_eq!(rx.stats("fintoro/801").unavailable, 2);
         assert_eq!(post(&rx.url("fintoro/999"), "whsec_s", now).await, 404);
         assert_eq!(rx.stats("fintoro/999"), ReceiverStats::default());
+    }
+
+    async fn post_with(url: &str, headers: &[(&str, String)], body: &[u8]) -> u16 {
+        let mut req = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client")
+            .post(url);
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        req.body(body.to_vec())
+            .send()
+            .await
+            .expect("send")
+            .status()
+            .as_u16()
+    }
+
+    #[tokio::test]
+    async fn monite_and_storno_routes_verify_their_own_schemes() {
+        let store = Arc::new(MemStore::default());
+        let rx = Receiver::start(store.clone()).await.expect("receiver");
+        let m = rx.register("monite/0c8e5d7a", "m");
+        let st = rx.register("storno/9b1c", "s");
+        store.publish("m", "whsec_new_m", Some("whsec_old_m"));
+        store.publish("s", "aa11", Some("bb22"));
+        let body = br#"{"id":"e"}"#;
+        let now = Utc::now().timestamp();
+        let monite = |secret: &str, t: i64| {
+            vec![(
+                "Monite-Signature",
+                signing::monite_signature_header(secret, t, body),
+            )]
+        };
+        assert_eq!(post_with(&m, &monite("whsec_new_m", now), body).await, 204);
+        assert_eq!(post_with(&m, &monite("whsec_old_m", now), body).await, 204);
+        assert_eq!(post_with(&m, &monite("whsec_x", now), body).await, 401);
+        assert_eq!(
+            post_with(&m, &monite("whsec_new_m", now - 900), body).await,
+            401
+        );
+        // A Fintoro-style signature on a Monite route does not verify.
+        let fintoro = vec![
+            (
+                "webhook-signature",
+                signing::fintoro_signature("whsec_new_m", body),
+            ),
+            ("webhook-timestamp", now.to_string()),
+        ];
+        assert_eq!(post_with(&m, &fintoro, body).await, 401);
+        let stats = rx.stats("monite/0c8e5d7a");
+        assert_eq!(
+            (
+                stats.accepted_with_current,
+                stats.accepted_with_previous,
+                stats.rejected
+            ),
+            (1, 1, 3)
+        );
+
+        let storno = |secret: &str| {
+            vec![(
+                "X-Webhook-Signature",
+                signing::storno_signature(secret, body),
+            )]
+        };
+        assert_eq!(post_with(&st, &storno("aa11"), body).await, 204);
+        assert_eq!(post_with(&st, &storno("bb22"), body).await, 204);
+        assert_eq!(post_with(&st, &storno("cc33"), body).await, 401);
+        assert_eq!(post_with(&st, &[], body).await, 401);
+        let stats = rx.stats("storno/9b1c");
+        assert_eq!(
+            (
+                stats.accepted_with_current,
+                stats.accepted_with_previous,
+                stats.rejected
+            ),
+            (1, 1, 2)
+        );
     }
 }

@@ -1,14 +1,18 @@
 //! rekey's integration tests: one test binary (each extra binary costs link time),
 //! grouped by feature. Each test starts what it needs — a real RustyVault server, the
-//! simulated Fintoro, a verifying receiver — and runs the real `rekey` binary.
+//! simulated provider (Fintoro, Monite or Storno), a verifying receiver — and runs
+//! the real `rekey` binary.
 
 mod config_errors;
 mod crash_matrix;
 mod daemon;
 mod faults;
 mod fintoro;
+mod mixed;
+mod monite;
 mod rvault_smoke;
 mod sandbox;
 mod state_damage;
+mod storno;
 mod support;
 mod vault_auth;

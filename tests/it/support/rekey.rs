@@ -18,22 +18,77 @@ pub enum Store {
     Files,
 }
 
+/// The `[[providers]]` entry of a scenario, named [`PROVIDER`]: its kind, base url,
+/// the kind's own keys, and the credential files those keys point at.
+pub struct ProviderConf {
+    pub kind: &'static str,
+    pub base_url: String,
+    /// Extra `key = value` lines (e.g. `company = "…"`).
+    pub lines: Vec<String>,
+    /// `(file name, content)` written next to the config.
+    pub files: Vec<(String, String)>,
+}
+
+impl ProviderConf {
+    pub fn fintoro(base_url: &str, token: &str) -> ProviderConf {
+        ProviderConf {
+            kind: "fintoro",
+            base_url: base_url.to_string(),
+            lines: vec!["token_file = \"fintoro.token\"".into()],
+            files: vec![("fintoro.token".into(), token.to_string())],
+        }
+    }
+
+    pub fn monite(
+        base_url: &str,
+        client_id: &str,
+        client_secret: &str,
+        entity: &str,
+    ) -> ProviderConf {
+        ProviderConf {
+            kind: "monite",
+            base_url: base_url.to_string(),
+            lines: vec![
+                format!("client_id = \"{client_id}\""),
+                "client_secret_file = \"monite.secret\"".into(),
+                format!("entity_id = \"{entity}\""),
+            ],
+            files: vec![("monite.secret".into(), client_secret.to_string())],
+        }
+    }
+
+    pub fn storno(base_url: &str, token: &str, company: &str) -> ProviderConf {
+        ProviderConf {
+            kind: "storno",
+            base_url: base_url.to_string(),
+            lines: vec![
+                "token_file = \"storno.token\"".into(),
+                format!("company = \"{company}\""),
+            ],
+            files: vec![("storno.token".into(), token.to_string())],
+        }
+    }
+}
+
 /// The knobs the scenarios turn; the rest is the documented example config.
 pub struct Setup {
     pub store: Store,
-    pub fintoro_url: String,
-    pub fintoro_token: String,
+    pub provider: ProviderConf,
     /// `(id, vault_path)` pairs.
     pub subscriptions: Vec<(String, String)>,
     pub policy: String,
 }
 
 impl Setup {
+    /// A Fintoro account (the first provider rekey had; most scenarios use it).
     pub fn new(store: Store, fintoro_url: &str, fintoro_token: &str) -> Setup {
+        Self::with_provider(store, ProviderConf::fintoro(fintoro_url, fintoro_token))
+    }
+
+    pub fn with_provider(store: Store, provider: ProviderConf) -> Setup {
         Setup {
             store,
-            fintoro_url: fintoro_url.to_string(),
-            fintoro_token: fintoro_token.to_string(),
+            provider,
             subscriptions: vec![],
             policy: r#"schedule = "0 3 1 * *"
 timezone = "Europe/Bratislava"
@@ -72,7 +127,9 @@ impl Rekey {
     pub fn new(setup: &Setup) -> Rekey {
         let dir = tempfile::tempdir().expect("temp dir");
         let d = dir.path();
-        std::fs::write(d.join("fintoro.token"), &setup.fintoro_token).expect("token file");
+        for (name, content) in &setup.provider.files {
+            std::fs::write(d.join(name), content).expect("credential file");
+        }
         let store = match &setup.store {
             Store::Vault { addr, token } => {
                 std::fs::write(d.join("vault.token"), token).expect("vault token file");
@@ -82,11 +139,15 @@ impl Rekey {
             }
             Store::Files => "[file_store]\ndir = \"published\"\n".to_string(),
         };
+        let p = &setup.provider;
         let mut toml = format!(
             "version = 1\nstate_dir = \"state\"\n\n{store}\n[log]\nlevel = \"debug\"\n\n\
-             [[providers]]\nname = \"{PROVIDER}\"\nkind = \"fintoro\"\nbase_url = \"{}\"\n\
-             token_file = \"fintoro.token\"\ntimeout = \"2s\"\n\n[[policies]]\nname = \"p\"\n{}\n",
-            setup.fintoro_url, setup.policy
+             [[providers]]\nname = \"{PROVIDER}\"\nkind = \"{}\"\nbase_url = \"{}\"\n\
+             {}\ntimeout = \"2s\"\n\n[[policies]]\nname = \"p\"\n{}\n",
+            p.kind,
+            p.base_url,
+            p.lines.join("\n"),
+            setup.policy
         );
         for (id, path) in &setup.subscriptions {
             toml.push_str(&format!(

@@ -1,33 +1,149 @@
-//! One scenario's world: a RustyVault, the Fintoro simulator with one subscription
+//! One scenario's world: a RustyVault, a provider simulator with one subscription
 //! whose secret is already published (as in any real deployment), a receiver that
 //! verifies deliveries against Vault, and a rekey config pointing at all of them.
+//!
+//! The world is generic over the simulator ([`Sim`]), so each provider's scenarios
+//! get the same Vault, receiver and leak checks; [`World`] is the Fintoro one.
 
+use std::fmt::Display;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rekey::config::{KvVersion, VaultAuth, VaultSettings};
 use rekey::sandbox::fintoro::{FintoroSim, FintoroSimOptions};
+use rekey::sandbox::monite::{MoniteSim, MoniteSimOptions};
 use rekey::sandbox::receiver::{Receiver, ReceiverStats};
+use rekey::sandbox::storno::{StornoSim, StornoSimOptions};
 use rekey::secret::secret;
 use rekey::store::{SecretStore, VaultStore};
 use serde_json::json;
 
-use super::rekey::{PROVIDER, Rekey, Setup, Store};
+use super::rekey::{PROVIDER, ProviderConf, Rekey, Setup, Store};
 use super::rvault::RustyVault;
 
 pub const FINTORO_TOKEN: &str = "fintoro-company-token-0123456789";
 
-pub struct World {
+/// What a scenario needs from a provider simulator.
+pub trait Sim: Sized {
+    type Id: Clone + Display;
+    /// The route prefix (and Vault path segment) naming the signing scheme.
+    const KIND: &'static str;
+    /// Creates a subscription delivering to `url`: its id and initial secret.
+    fn add(&self, url: &str) -> (Self::Id, String);
+    /// Points the subscription at `url` (no rotation).
+    fn set_url(&self, id: &Self::Id, url: &str) -> bool;
+    /// The live secret at the provider: the test oracle.
+    fn secret_of(&self, id: &Self::Id) -> Option<String>;
+    /// The `[[providers]]` entry that points rekey at this simulator.
+    fn provider_conf(&self) -> ProviderConf;
+    /// Credentials that must never appear in rekey's output.
+    fn credentials(&self) -> Vec<String>;
+}
+
+impl Sim for FintoroSim {
+    type Id = u64;
+    const KIND: &'static str = "fintoro";
+    fn add(&self, url: &str) -> (u64, String) {
+        self.add_subscription(url)
+    }
+    fn set_url(&self, id: &u64, url: &str) -> bool {
+        FintoroSim::set_url(self, *id, url)
+    }
+    fn secret_of(&self, id: &u64) -> Option<String> {
+        FintoroSim::secret_of(self, *id)
+    }
+    fn provider_conf(&self) -> ProviderConf {
+        ProviderConf::fintoro(&self.base_url(), FINTORO_TOKEN)
+    }
+    fn credentials(&self) -> Vec<String> {
+        vec![FINTORO_TOKEN.to_string()]
+    }
+}
+
+impl Sim for MoniteSim {
+    type Id = String;
+    const KIND: &'static str = "monite";
+    fn add(&self, url: &str) -> (String, String) {
+        self.add_subscription(url)
+    }
+    fn set_url(&self, id: &String, url: &str) -> bool {
+        MoniteSim::set_url(self, id, url)
+    }
+    fn secret_of(&self, id: &String) -> Option<String> {
+        MoniteSim::secret_of(self, id)
+    }
+    fn provider_conf(&self) -> ProviderConf {
+        let o = self.options();
+        ProviderConf::monite(
+            &self.base_url(),
+            &o.client_id,
+            &o.client_secret,
+            &o.entity_id,
+        )
+    }
+    fn credentials(&self) -> Vec<String> {
+        vec![self.options().client_secret.clone()]
+    }
+}
+
+impl Sim for StornoSim {
+    type Id = String;
+    const KIND: &'static str = "storno";
+    fn add(&self, url: &str) -> (String, String) {
+        self.add_endpoint(url)
+    }
+    fn set_url(&self, id: &String, url: &str) -> bool {
+        StornoSim::set_url(self, id, url)
+    }
+    fn secret_of(&self, id: &String) -> Option<String> {
+        StornoSim::secret_of(self, id)
+    }
+    fn provider_conf(&self) -> ProviderConf {
+        let o = self.options();
+        ProviderConf::storno(&self.base_url(), &o.api_key, &o.company)
+    }
+    fn credentials(&self) -> Vec<String> {
+        let o = self.options();
+        vec![o.api_key.clone(), o.jwt.clone()]
+    }
+}
+
+pub struct ProviderWorld<S: Sim> {
     pub vault: RustyVault,
-    pub sim: FintoroSim,
+    pub sim: S,
     pub receiver: Receiver,
     pub rekey: Rekey,
-    pub id: u64,
+    pub id: S::Id,
     /// `<provider>/<id>`.
     pub name: String,
     pub path: String,
+    /// The receiver route (`<kind>/<id>`).
+    pub route: String,
     /// The secret the subscription had before rekey touched it.
     pub initial: String,
+}
+
+/// The Fintoro world most scenarios use.
+pub type World = ProviderWorld<FintoroSim>;
+
+/// A Vault-backed secret store for the receiver, reading what rekey publishes.
+pub async fn receiver_for(vault: &RustyVault) -> Receiver {
+    let store: Arc<dyn SecretStore> = Arc::new(
+        VaultStore::connect(&VaultSettings {
+            address: vault.addr(),
+            auth: VaultAuth::Token(secret(vault.root_token().to_string())),
+            mount: "secret".into(),
+            kv_version: KvVersion::V1,
+            ca_cert: None,
+            timeout: Duration::from_secs(5),
+            namespace: None,
+            destroy_old_versions: false,
+            min_token_ttl: Duration::from_secs(60),
+        })
+        .await
+        .expect("receiver's vault client"),
+    );
+    Receiver::start(store).await.expect("start the receiver")
 }
 
 impl World {
@@ -37,62 +153,81 @@ impl World {
 
     /// `policy`: the body of the `[[policies]]` entry, if not the default.
     pub async fn with_policy(policy: Option<&str>) -> World {
-        let vault = RustyVault::start().await;
         let sim = FintoroSim::start(FintoroSimOptions {
             token: FINTORO_TOKEN.into(),
             ..Default::default()
         })
         .await
         .expect("start the Fintoro simulator");
-        let store: Arc<dyn SecretStore> = Arc::new(
-            VaultStore::connect(&VaultSettings {
-                address: vault.addr(),
-                auth: VaultAuth::Token(secret(vault.root_token().to_string())),
-                mount: "secret".into(),
-                kv_version: KvVersion::V1,
-                ca_cert: None,
-                timeout: Duration::from_secs(5),
-                namespace: None,
-                destroy_old_versions: false,
-                min_token_ttl: Duration::from_secs(60),
-            })
+        ProviderWorld::build(sim, policy, |c| c).await
+    }
+}
+
+impl ProviderWorld<MoniteSim> {
+    pub async fn monite(opts: MoniteSimOptions, policy: Option<&str>) -> Self {
+        let sim = MoniteSim::start(opts)
             .await
-            .expect("receiver's vault client"),
-        );
-        let receiver = Receiver::start(store).await.expect("start the receiver");
-        let path = "webhooks/fintoro/801".to_string();
-        let url = receiver.register("fintoro/801", &path);
-        let (id, initial) = sim.add_subscription(&url);
-        assert_eq!(id, 801);
+            .expect("start the Monite simulator");
+        ProviderWorld::build(sim, policy, |c| c).await
+    }
+}
+
+impl ProviderWorld<StornoSim> {
+    /// `conf` may change the provider entry (e.g. give a JWT instead of the key).
+    pub async fn storno(
+        opts: StornoSimOptions,
+        policy: Option<&str>,
+        conf: impl FnOnce(ProviderConf) -> ProviderConf,
+    ) -> Self {
+        let sim = StornoSim::start(opts)
+            .await
+            .expect("start the Storno simulator");
+        ProviderWorld::build(sim, policy, conf).await
+    }
+}
+
+impl<S: Sim> ProviderWorld<S> {
+    pub async fn build(
+        sim: S,
+        policy: Option<&str>,
+        conf: impl FnOnce(ProviderConf) -> ProviderConf,
+    ) -> Self {
+        let vault = RustyVault::start().await;
+        let receiver = receiver_for(&vault).await;
+        // Ids are the provider's to assign, so the subscription is created first and
+        // then pointed at its receiver route (as an operator would PATCH it).
+        let (id, initial) = sim.add("http://127.0.0.1:9/unrouted");
+        let route = format!("{}/{id}", S::KIND);
+        let path = format!("webhooks/{}/{id}", S::KIND);
+        assert!(sim.set_url(&id, &receiver.register(&route, &path)));
         vault.kv1_write(&path, json!({ "current": initial })).await;
-        let mut setup = Setup::new(
+        let mut setup = Setup::with_provider(
             Store::Vault {
                 addr: vault.addr(),
                 token: vault.root_token().to_string(),
             },
-            &sim.base_url(),
-            FINTORO_TOKEN,
+            conf(sim.provider_conf()),
         )
-        .subscription(id, &path);
+        .subscription(&id, &path);
         if let Some(p) = policy {
             setup = setup.policy(p);
         }
         let rekey = Rekey::new(&setup);
-        World {
+        ProviderWorld {
             vault,
             sim,
             receiver,
             rekey,
-            id,
             name: format!("{PROVIDER}/{id}"),
+            id,
             path,
+            route,
             initial,
         }
     }
 
-    /// The live secret at the provider: the test oracle.
     pub fn live(&self) -> String {
-        self.sim.secret_of(self.id).expect("subscription exists")
+        self.sim.secret_of(&self.id).expect("subscription exists")
     }
 
     /// Vault's entry for the subscription.
@@ -104,17 +239,18 @@ impl World {
     }
 
     pub fn stats(&self) -> ReceiverStats {
-        self.receiver.stats("fintoro/801")
+        self.receiver.stats(&self.route)
     }
 
     /// Every secret that passed through, for the leak check.
     pub fn secrets(&self) -> Vec<String> {
-        vec![
+        let mut all = vec![
             self.initial.clone(),
             self.live(),
-            FINTORO_TOKEN.to_string(),
             self.vault.root_token().to_string(),
-        ]
+        ];
+        all.extend(self.sim.credentials());
+        all
     }
 
     pub fn assert_no_leak(&self, extra: &[&str]) {
