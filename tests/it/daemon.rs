@@ -397,3 +397,67 @@ async fn a_rotate_call_slower_than_the_drain_timeout_cannot_hold_sigterm_and_is_
     assert_eq!(s(&entry, "previous"), w.initial);
     w.assert_no_leak(&[]);
 }
+
+#[tokio::test]
+async fn the_daemon_adopts_a_subscription_the_provider_starts_listing() {
+    let w = World::with_policy(Some(
+        "every = \"30d\"\nrotate_on_adopt = true\nconfirm_timeout = \"1h\"\nconfirm_poll = \"1s\"",
+    ))
+    .await;
+    // Manage everything the account lists, besides the explicit 801.
+    let text = std::fs::read_to_string(&w.rekey.config).unwrap();
+    std::fs::write(
+        &w.rekey.config,
+        format!(
+            "{text}\n[[subscriptions]]\nprovider = \"acme\"\nid = \"*\"\npolicy = \"p\"\nvault_path = \"webhooks/{{provider}}/{{id}}\"\n"
+        ),
+    )
+    .unwrap();
+    let mut d = Daemon::start(&w.rekey, &[]).await;
+    d.notified("READY=1").await;
+
+    // A new subscription appears at the provider while the daemon runs.
+    let url = w.receiver.register("fintoro/802", "webhooks/acme/802");
+    let (id, initial) = w.sim.add_subscription(&url);
+    assert_eq!(id, 802);
+    d.signal(Signal::USR1);
+    // Not in the status until the daemon has listed it: poll, bounded.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let rows = w.rekey.status().await;
+        if rows
+            .iter()
+            .any(|r| r["subscription"] == "acme/802" && r["state"] == "confirming")
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "acme/802 never reached confirming: {rows:?}\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        w.sim.rotation_count(802),
+        1,
+        "adopted and rotated (rotate_on_adopt)"
+    );
+    let entry = w
+        .vault
+        .kv1_read("webhooks/acme/802")
+        .await
+        .expect("published");
+    assert_eq!(s(&entry, "current"), w.sim.secret_of(802).unwrap());
+    let history = w.rekey.history("acme/802").await;
+    assert!(
+        history.iter().any(|h| s(h, "event") == "discovered"),
+        "{history:?}"
+    );
+
+    d.signal(Signal::TERM);
+    let status = d.exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+    d.record(&w.rekey);
+    w.assert_no_leak(&[&initial]);
+}
