@@ -547,12 +547,8 @@ fn status_cmd(path: &Path, json: bool) -> u8 {
         }
     };
     if json {
-        match serde_json::to_string_pretty(&rows) {
-            Ok(s) => println!("{s}"),
-            Err(e) => {
-                eprintln!("rekey: {e}");
-                return exit::SOFTWARE;
-            }
+        if let Err(code) = print_json(&rows) {
+            return code;
         }
     } else {
         print!("{}", status::table(&rows, now));
@@ -565,6 +561,16 @@ fn status_cmd(path: &Path, json: bool) -> u8 {
     } else {
         exit::OK
     }
+}
+
+/// Prints `value` as pretty JSON on stdout.
+fn print_json<T: serde::Serialize>(value: &T) -> Result<(), u8> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| {
+        eprintln!("rekey: {e}");
+        exit::SOFTWARE
+    })?;
+    println!("{text}");
+    Ok(())
 }
 
 fn history_cmd(path: &Path, subscription: Option<&str>, json: bool) -> u8 {
@@ -584,12 +590,8 @@ fn history_cmd(path: &Path, subscription: Option<&str>, json: bool) -> u8 {
         }
     };
     if json {
-        match serde_json::to_string_pretty(&rows) {
-            Ok(s) => println!("{s}"),
-            Err(e) => {
-                eprintln!("rekey: {e}");
-                return exit::SOFTWARE;
-            }
+        if let Err(code) = print_json(&rows) {
+            return code;
         }
     } else {
         for r in &rows {

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod engine;
+pub mod errors;
 pub mod failpoint;
 pub mod journal;
 pub mod lock;

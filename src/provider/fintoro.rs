@@ -72,7 +72,7 @@ impl FintoroClient {
 
     async fn subscription(&self, id: &str) -> Result<WebhookSubscription, ProviderError> {
         let path = format!("/webhook-subscriptions/{}", path_id(id)?);
-        let resp = self.get(&path).await.map_err(classify)?;
+        let resp = self.get(&path).await.map_err(ProviderError::from)?;
         serde_json::from_slice(&resp.body)
             .map_err(|e| self.malformed(&format!("GET {path}"), e.to_string()))
     }
@@ -88,14 +88,6 @@ fn path_id(id: &str) -> Result<&str, ProviderError> {
             what: "subscription id".into(),
             detail: format!("`{id}` is not a Fintoro subscription id (an integer)"),
         })
-    }
-}
-
-fn classify(e: HttpError) -> ProviderError {
-    if e.is_transient() {
-        ProviderError::Unavailable(e)
-    } else {
-        ProviderError::Rejected(e)
     }
 }
 
@@ -116,7 +108,7 @@ impl Provider for FintoroClient {
     }
 
     async fn preflight(&self, id: &str) -> Result<(), ProviderError> {
-        self.get("/whoami").await.map_err(classify)?;
+        self.get("/whoami").await.map_err(ProviderError::from)?;
         let sub = self.subscription(id).await?;
         if sub.disabled_at.is_some() || sub.is_active == Some(false) {
             // Rotating is harmless, but confirmation can never come: say so up front.
@@ -141,13 +133,7 @@ impl Provider for FintoroClient {
                 c.post(&url).bearer_auth(self.token.expose_secret())
             })
             .await
-            .map_err(|e| {
-                if e.certainly_not_applied() {
-                    RotateError::NotRotated(classify(e))
-                } else {
-                    RotateError::Unknown(classify(e))
-                }
-            })?;
+            .map_err(RotateError::from_http)?;
         // From here on the provider has rotated: a body we cannot read means the secret
         // is lost, never "not rotated".
         let rotated: Rotated = serde_json::from_slice(&resp.body).map_err(|e| {
@@ -194,7 +180,10 @@ impl Provider for FintoroClient {
     }
 
     async fn list(&self) -> Result<Vec<RemoteSubscription>, ProviderError> {
-        let resp = self.get("/webhook-subscriptions").await.map_err(classify)?;
+        let resp = self
+            .get("/webhook-subscriptions")
+            .await
+            .map_err(ProviderError::from)?;
         let list: List = serde_json::from_slice(&resp.body)
             .map_err(|e| self.malformed("GET /webhook-subscriptions", e.to_string()))?;
         Ok(list

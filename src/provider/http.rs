@@ -333,10 +333,10 @@ impl HttpClient {
                 HttpError::Connect {
                     provider: self.name.clone(),
                     what: what.to_string(),
-                    detail: error_chain(&e),
+                    detail: crate::errors::chain(&e),
                 }
             } else {
-                err_transport(error_chain(&e))
+                err_transport(crate::errors::chain(&e))
             }
         })?;
         let status = resp.status();
@@ -357,7 +357,10 @@ impl HttpClient {
                     timeout: self.timeout,
                 }
             } else {
-                err_transport(format!("reading the response body: {}", error_chain(&e)))
+                err_transport(format!(
+                    "reading the response body: {}",
+                    crate::errors::chain(&e)
+                ))
             }
         })?;
         if status.is_success() {
@@ -431,20 +434,6 @@ pub fn error_message(body: &[u8]) -> String {
     };
     let msg = pick(&v).unwrap_or_else(|| "(no message)".into());
     msg.chars().take(200).collect()
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        let t = inner.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        src = inner.source();
-    }
-    s
 }
 
 #[cfg(test)]

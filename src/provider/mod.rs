@@ -40,6 +40,18 @@ pub enum ProviderError {
     },
 }
 
+impl From<HttpError> for ProviderError {
+    /// Transient failures (5xx, 429, timeouts, connection trouble) may heal; anything
+    /// else the provider refused.
+    fn from(e: HttpError) -> Self {
+        if e.is_transient() {
+            ProviderError::Unavailable(e)
+        } else {
+            ProviderError::Rejected(e)
+        }
+    }
+}
+
 /// The outcome of a rotate call. The distinction matters because the response is the
 /// only copy of the new secret.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +62,33 @@ pub enum RotateError {
     /// The provider may have rotated and the response with the secret was lost.
     #[error("{0}")]
     Unknown(ProviderError),
+}
+
+impl RotateError {
+    /// A rotate call that failed on the wire: "not rotated" only where the provider
+    /// certainly did not act (it refused, or the connection never opened); anything
+    /// else may have rotated, and the secret would then be lost.
+    pub fn from_http(e: HttpError) -> Self {
+        if e.certainly_not_applied() {
+            RotateError::NotRotated(e.into())
+        } else {
+            RotateError::Unknown(e.into())
+        }
+    }
+}
+
+/// Checks that a subscription id is a uuid (Monite, Storno), which also keeps anything
+/// else out of request paths.
+pub(crate) fn uuid_id<'a>(kind: &str, id: &'a str) -> Result<&'a str, ProviderError> {
+    if uuid::Uuid::parse_str(id).is_ok() {
+        Ok(id)
+    } else {
+        Err(ProviderError::Malformed {
+            provider: kind.to_string(),
+            what: "subscription id".into(),
+            detail: format!("`{id}` is not a {kind} subscription id (a uuid)"),
+        })
+    }
 }
 
 /// What a provider knows about one of its subscriptions, for discovery and status.

@@ -80,7 +80,7 @@ impl CallError {
     fn into_provider(self) -> ProviderError {
         match self {
             CallError::Token(e) => e,
-            CallError::Http(e) => classify(e),
+            CallError::Http(e) => e.into(),
         }
     }
 }
@@ -99,27 +99,6 @@ pub struct MoniteClient {
     /// One token for the account, shared by every call; the lock also makes
     /// concurrent callers wait for one renewal instead of each asking for a token.
     token: Mutex<Option<CachedToken>>,
-}
-
-fn classify(e: HttpError) -> ProviderError {
-    if e.is_transient() {
-        ProviderError::Unavailable(e)
-    } else {
-        ProviderError::Rejected(e)
-    }
-}
-
-/// Monite ids are uuids; checking keeps anything else out of the request path.
-fn path_id(id: &str) -> Result<&str, ProviderError> {
-    if uuid::Uuid::parse_str(id).is_ok() {
-        Ok(id)
-    } else {
-        Err(ProviderError::Malformed {
-            provider: "monite".into(),
-            what: "subscription id".into(),
-            detail: format!("`{id}` is not a Monite webhook subscription id (a uuid)"),
-        })
-    }
 }
 
 /// How long before expiry to renew: a minute, or a tenth of a short lifetime.
@@ -177,7 +156,7 @@ impl MoniteClient {
                     .json(&body)
             })
             .await
-            .map_err(classify)?;
+            .map_err(ProviderError::from)?;
         let t: TokenResponse = serde_json::from_slice(&resp.body)
             .map_err(|e| self.malformed(what, format!("body is not a token response: {e}")))?;
         if t.access_token.trim().is_empty() || t.expires_in == 0 {
@@ -261,7 +240,7 @@ impl MoniteClient {
     }
 
     async fn subscription(&self, id: &str) -> Result<Subscription, ProviderError> {
-        let path = format!("/webhook_subscriptions/{}", path_id(id)?);
+        let path = format!("/webhook_subscriptions/{}", crate::provider::uuid_id("Monite", id)?);
         let resp = self.get(&path, &[], false).await?;
         serde_json::from_slice(&resp.body)
             .map_err(|e| self.malformed(&format!("GET {path}"), e.to_string()))
@@ -321,7 +300,7 @@ impl Provider for MoniteClient {
     async fn rotate(&self, id: &str) -> Result<SecretString, RotateError> {
         let path = format!(
             "/webhook_subscriptions/{}/regenerate_secret",
-            path_id(id).map_err(RotateError::NotRotated)?
+            crate::provider::uuid_id("Monite", id).map_err(RotateError::NotRotated)?
         );
         let what = format!("POST {path}");
         let resp = self
@@ -329,10 +308,7 @@ impl Provider for MoniteClient {
             .await
             .map_err(|e| match e {
                 CallError::Token(e) => RotateError::NotRotated(e),
-                CallError::Http(e) if e.certainly_not_applied() => {
-                    RotateError::NotRotated(classify(e))
-                }
-                CallError::Http(e) => RotateError::Unknown(classify(e)),
+                CallError::Http(e) => RotateError::from_http(e),
             })?;
         // 2xx: Monite has regenerated. An unreadable body means the secret is lost.
         let rotated: Rotated = serde_json::from_slice(&resp.body).map_err(|e| {
@@ -436,9 +412,9 @@ mod tests {
 
     #[test]
     fn only_uuids_reach_the_request_path() {
-        assert!(path_id("0c8e5d7a-5a4f-4c33-9a43-7b8c3f0e6f11").is_ok());
-        assert!(path_id("../auth/token").is_err());
-        assert!(path_id("801").is_err());
+        assert!(crate::provider::uuid_id("Monite", "0c8e5d7a-5a4f-4c33-9a43-7b8c3f0e6f11").is_ok());
+        assert!(crate::provider::uuid_id("Monite", "../auth/token").is_err());
+        assert!(crate::provider::uuid_id("Monite", "801").is_err());
     }
 
     use crate::config::RateLimit;

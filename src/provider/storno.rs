@@ -129,27 +129,6 @@ pub struct StornoClient {
     company: String,
 }
 
-fn classify(e: HttpError) -> ProviderError {
-    if e.is_transient() {
-        ProviderError::Unavailable(e)
-    } else {
-        ProviderError::Rejected(e)
-    }
-}
-
-/// Storno ids are uuids; checking keeps anything else out of the request path.
-fn path_id(id: &str) -> Result<&str, ProviderError> {
-    if uuid::Uuid::parse_str(id).is_ok() {
-        Ok(id)
-    } else {
-        Err(ProviderError::Malformed {
-            provider: "storno".into(),
-            what: "subscription id".into(),
-            detail: format!("`{id}` is not a Storno webhook id (a uuid)"),
-        })
-    }
-}
-
 /// The `Authorization` value for a credential: API keys go bare, JWTs as bearer.
 pub fn authorization(token: &str) -> String {
     if token.starts_with(API_KEY_PREFIX) {
@@ -202,11 +181,11 @@ impl StornoClient {
     }
 
     async fn endpoint(&self, id: &str) -> Result<Endpoint, ProviderError> {
-        let path = format!("/webhooks/{}", path_id(id)?);
+        let path = format!("/webhooks/{}", crate::provider::uuid_id("Storno", id)?);
         let resp = self
             .send(reqwest::Method::GET, &path, &[], Idempotency::Idempotent)
             .await
-            .map_err(classify)?;
+            .map_err(ProviderError::from)?;
         serde_json::from_slice::<Wrapped<Endpoint>>(&resp.body)
             .map(Wrapped::into_inner)
             .map_err(|e| self.malformed(&format!("GET {path}"), e.to_string()))
@@ -230,7 +209,7 @@ impl StornoClient {
         id: &str,
         mut keep: impl FnMut(&Delivery) -> bool,
     ) -> Result<(), ProviderError> {
-        let path = format!("/webhooks/{}/deliveries", path_id(id)?);
+        let path = format!("/webhooks/{}/deliveries", crate::provider::uuid_id("Storno", id)?);
         let what = format!("GET {path}");
         for page in 1..=MAX_PAGES {
             let query = [
@@ -240,7 +219,7 @@ impl StornoClient {
             let resp = self
                 .send(reqwest::Method::GET, &path, &query, Idempotency::Idempotent)
                 .await
-                .map_err(classify)?;
+                .map_err(ProviderError::from)?;
             let p: DeliveryPage = serde_json::from_slice(&resp.body)
                 .map_err(|e| self.malformed(&what, e.to_string()))?;
             let n = p.data.len() as u64;
@@ -284,13 +263,16 @@ impl StornoClient {
 
     /// Asks Storno to deliver a failed delivery again (signed with the live secret).
     pub async fn retry_delivery(&self, id: &str, delivery: &str) -> Result<(), ProviderError> {
-        let delivery = path_id(delivery)?;
-        let path = format!("/webhooks/{}/deliveries/{delivery}/retry", path_id(id)?);
+        let delivery = crate::provider::uuid_id("Storno", delivery)?;
+        let path = format!(
+            "/webhooks/{}/deliveries/{delivery}/retry",
+            crate::provider::uuid_id("Storno", id)?
+        );
         // A duplicate retry only means a duplicate delivery, which receivers must
         // tolerate anyway (providers retry); but do not multiply them on timeouts.
         self.send(reqwest::Method::POST, &path, &[], Idempotency::Once)
             .await
-            .map_err(classify)?;
+            .map_err(ProviderError::from)?;
         Ok(())
     }
 }
@@ -315,19 +297,13 @@ impl Provider for StornoClient {
     async fn rotate(&self, id: &str) -> Result<SecretString, RotateError> {
         let path = format!(
             "/webhooks/{}/regenerate-secret",
-            path_id(id).map_err(RotateError::NotRotated)?
+            crate::provider::uuid_id("Storno", id).map_err(RotateError::NotRotated)?
         );
         let what = format!("POST {path}");
         let resp = self
             .send(reqwest::Method::POST, &path, &[], Idempotency::Once)
             .await
-            .map_err(|e| {
-                if e.certainly_not_applied() {
-                    RotateError::NotRotated(classify(e))
-                } else {
-                    RotateError::Unknown(classify(e))
-                }
-            })?;
+            .map_err(RotateError::from_http)?;
         let rotated: Rotated = serde_json::from_slice(&resp.body).map_err(|e| {
             RotateError::Unknown(
                 self.malformed(&what, format!("body is not the expected JSON: {e}")),
@@ -373,12 +349,12 @@ impl Provider for StornoClient {
         }
         // No real delivery yet: probe. The test is signed with the live (new) secret
         // and sent now, after the publication, so success means the receiver holds it.
-        let path = format!("/webhooks/{}/test", path_id(id)?);
+        let path = format!("/webhooks/{}/test", crate::provider::uuid_id("Storno", id)?);
         let what = format!("POST {path}");
         let resp = self
             .send(reqwest::Method::POST, &path, &[], Idempotency::Idempotent)
             .await
-            .map_err(classify)?;
+            .map_err(ProviderError::from)?;
         let t: TestResult =
             serde_json::from_slice(&resp.body).map_err(|e| self.malformed(&what, e.to_string()))?;
         if t.success {
@@ -425,7 +401,7 @@ impl Provider for StornoClient {
                 Idempotency::Idempotent,
             )
             .await
-            .map_err(classify)?;
+            .map_err(ProviderError::from)?;
         let list: Wrapped<Vec<Endpoint>> = serde_json::from_slice(&resp.body)
             .map_err(|e| self.malformed("GET /webhooks", e.to_string()))?;
         list.into_inner()

@@ -108,12 +108,12 @@ impl VaultStore {
         }
         let resp = req.send().await.map_err(|e| StoreError::Unreachable {
             store: self.describe(),
-            detail: chain(&e),
+            detail: crate::errors::chain(&e),
         })?;
         let status = resp.status();
         let bytes = resp.bytes().await.map_err(|e| StoreError::Unreachable {
             store: self.describe(),
-            detail: format!("reading the answer: {}", chain(&e)),
+            detail: format!("reading the answer: {}", crate::errors::chain(&e)),
         })?;
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         Ok(Answer { status, body })
@@ -164,7 +164,7 @@ impl VaultStore {
         }
         let resp = req.send().await.map_err(|e| StoreError::Unreachable {
             store: self.describe(),
-            detail: chain(&e),
+            detail: crate::errors::chain(&e),
         })?;
         let status = resp.status();
         let body: Value = resp.json().await.unwrap_or(Value::Null);
@@ -316,20 +316,6 @@ fn vault_errors(body: &Value) -> String {
         .chars()
         .take(200)
         .collect()
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        let t = inner.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        src = inner.source();
-    }
-    s
 }
 
 #[async_trait]
