@@ -240,7 +240,10 @@ impl MoniteClient {
     }
 
     async fn subscription(&self, id: &str) -> Result<Subscription, ProviderError> {
-        let path = format!("/webhook_subscriptions/{}", crate::provider::uuid_id("Monite", id)?);
+        let path = format!(
+            "/webhook_subscriptions/{}",
+            crate::provider::uuid_id("Monite", id)?
+        );
         let resp = self.get(&path, &[], false).await?;
         serde_json::from_slice(&resp.body)
             .map_err(|e| self.malformed(&format!("GET {path}"), e.to_string()))

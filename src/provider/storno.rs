@@ -209,7 +209,10 @@ impl StornoClient {
         id: &str,
         mut keep: impl FnMut(&Delivery) -> bool,
     ) -> Result<(), ProviderError> {
-        let path = format!("/webhooks/{}/deliveries", crate::provider::uuid_id("Storno", id)?);
+        let path = format!(
+            "/webhooks/{}/deliveries",
+            crate::provider::uuid_id("Storno", id)?
+        );
         let what = format!("GET {path}");
         for page in 1..=MAX_PAGES {
             let query = [
