@@ -10,6 +10,7 @@ mod faults;
 mod fintoro;
 mod mixed;
 mod monite;
+mod provider_faults;
 mod rvault_smoke;
 mod sandbox;
 mod state_damage;

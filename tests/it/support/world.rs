@@ -6,14 +6,16 @@
 //! get the same Vault, receiver and leak checks; [`World`] is the Fintoro one.
 
 use std::fmt::Display;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rekey::config::{KvVersion, VaultAuth, VaultSettings};
-use rekey::sandbox::fintoro::{FintoroSim, FintoroSimOptions};
-use rekey::sandbox::monite::{MoniteSim, MoniteSimOptions};
+use rekey::sandbox::faults::FaultKind;
+use rekey::sandbox::fintoro::{self, FintoroSim, FintoroSimOptions};
+use rekey::sandbox::monite::{self, MoniteSim, MoniteSimOptions};
 use rekey::sandbox::receiver::{Receiver, ReceiverStats};
-use rekey::sandbox::storno::{StornoSim, StornoSimOptions};
+use rekey::sandbox::storno::{self, StornoSim, StornoSimOptions};
 use rekey::secret::secret;
 use rekey::store::{SecretStore, VaultStore};
 use serde_json::json;
@@ -23,11 +25,16 @@ use super::rvault::RustyVault;
 
 pub const FINTORO_TOKEN: &str = "fintoro-company-token-0123456789";
 
-/// What a scenario needs from a provider simulator.
-pub trait Sim: Sized {
-    type Id: Clone + Display;
+/// What a scenario needs from a provider simulator. `Send + Sync + 'static`, so a
+/// generic scenario can run on its own task (the crash matrix runs several at once).
+pub trait Sim: Sized + Send + Sync + 'static {
+    type Id: Clone + Display + Send + Sync + 'static;
+    /// The simulator's API routes, for fault injection and request counts.
+    type Route: Copy + std::fmt::Debug + Send + Sync + 'static;
     /// The route prefix (and Vault path segment) naming the signing scheme.
     const KIND: &'static str;
+    /// The rotate call's route.
+    const ROTATE: Self::Route;
     /// Creates a subscription delivering to `url`: its id and initial secret.
     fn add(&self, url: &str) -> (Self::Id, String);
     /// Points the subscription at `url` (no rotation).
@@ -38,11 +45,28 @@ pub trait Sim: Sized {
     fn provider_conf(&self) -> ProviderConf;
     /// Credentials that must never appear in rekey's output.
     fn credentials(&self) -> Vec<String>;
+    /// One signed delivery of an ordinary event now, a single attempt: whether the
+    /// receiver accepted it. (Each provider logs it where rekey looks for evidence.)
+    fn deliver_event(&self, id: &Self::Id) -> impl Future<Output = bool> + Send;
+    /// Rotations the provider committed for the subscription (whether or not their
+    /// response reached rekey).
+    fn rotations(&self, id: &Self::Id) -> u32;
+    /// Logged deliveries that failed and were not delivered since; `None` where
+    /// rekey cannot ask the provider to redeliver (only Storno has a retry endpoint).
+    fn undelivered(&self, _id: &Self::Id) -> Option<usize> {
+        None
+    }
+    /// Queues `kind` for the next request on `route`.
+    fn inject_fault(&self, route: Self::Route, kind: FaultKind);
+    /// Requests received on `route` so far.
+    fn requests(&self, route: Self::Route) -> u64;
 }
 
 impl Sim for FintoroSim {
     type Id = u64;
+    type Route = fintoro::Route;
     const KIND: &'static str = "fintoro";
+    const ROTATE: fintoro::Route = fintoro::Route::Rotate;
     fn add(&self, url: &str) -> (u64, String) {
         self.add_subscription(url)
     }
@@ -58,11 +82,25 @@ impl Sim for FintoroSim {
     fn credentials(&self) -> Vec<String> {
         vec![FINTORO_TOKEN.to_string()]
     }
+    async fn deliver_event(&self, id: &u64) -> bool {
+        self.deliver(*id, "clients.updated").await.success
+    }
+    fn rotations(&self, id: &u64) -> u32 {
+        self.rotation_count(*id)
+    }
+    fn inject_fault(&self, route: fintoro::Route, kind: FaultKind) {
+        self.inject(fintoro::Fault { route, kind });
+    }
+    fn requests(&self, route: fintoro::Route) -> u64 {
+        self.request_count(route)
+    }
 }
 
 impl Sim for MoniteSim {
     type Id = String;
+    type Route = monite::Route;
     const KIND: &'static str = "monite";
+    const ROTATE: monite::Route = monite::Route::Rotate;
     fn add(&self, url: &str) -> (String, String) {
         self.add_subscription(url)
     }
@@ -84,11 +122,27 @@ impl Sim for MoniteSim {
     fn credentials(&self) -> Vec<String> {
         vec![self.options().client_secret.clone()]
     }
+    async fn deliver_event(&self, id: &String) -> bool {
+        self.deliver(id, "updated")
+            .await
+            .is_some_and(|d| d.was_successful)
+    }
+    fn rotations(&self, id: &String) -> u32 {
+        self.rotation_count(id)
+    }
+    fn inject_fault(&self, route: monite::Route, kind: FaultKind) {
+        self.inject(monite::Fault { route, kind });
+    }
+    fn requests(&self, route: monite::Route) -> u64 {
+        self.request_count(route)
+    }
 }
 
 impl Sim for StornoSim {
     type Id = String;
+    type Route = storno::Route;
     const KIND: &'static str = "storno";
+    const ROTATE: storno::Route = storno::Route::Rotate;
     fn add(&self, url: &str) -> (String, String) {
         self.add_endpoint(url)
     }
@@ -105,6 +159,28 @@ impl Sim for StornoSim {
     fn credentials(&self) -> Vec<String> {
         let o = self.options();
         vec![o.api_key.clone(), o.jwt.clone()]
+    }
+    async fn deliver_event(&self, id: &String) -> bool {
+        self.deliver(id, "invoice.created")
+            .await
+            .is_some_and(|d| d.status == "success")
+    }
+    fn rotations(&self, id: &String) -> u32 {
+        self.rotation_count(id)
+    }
+    fn undelivered(&self, id: &String) -> Option<usize> {
+        Some(
+            self.deliveries()
+                .iter()
+                .filter(|d| d.webhook_id == *id && d.status != "success")
+                .count(),
+        )
+    }
+    fn inject_fault(&self, route: storno::Route, kind: FaultKind) {
+        self.inject(storno::Fault { route, kind });
+    }
+    fn requests(&self, route: storno::Route) -> u64 {
+        self.request_count(route)
     }
 }
 
