@@ -655,32 +655,50 @@ impl Engine {
         let (Some(from), Some(to)) = (s.intent_at, s.published_at) else {
             return Ok(());
         };
-        let (event, detail) = match self.provider(sub).redeliver(&sub.id, from, to).await {
-            Ok(ids) if ids.is_empty() => return Ok(()),
-            Ok(ids) => (
-                "redelivered",
-                format!(
-                    "asked the provider to redeliver {} delivery(ies) that failed between the rotation and the publication: {}",
-                    ids.len(),
-                    ids.join(", ")
-                ),
-            ),
-            Err(e) => (
+        let mut rows: Vec<(&'static str, String)> = Vec::new();
+        match self.provider(sub).redeliver(&sub.id, from, to).await {
+            Ok(r) => {
+                if !r.done.is_empty() {
+                    rows.push((
+                        "redelivered",
+                        format!(
+                            "asked the provider to redeliver {} delivery(ies) that failed between the rotation and the publication: {}",
+                            r.done.len(),
+                            r.done.join(", ")
+                        ),
+                    ));
+                }
+                if !r.failed.is_empty() {
+                    let list: Vec<String> =
+                        r.failed.iter().map(|(id, e)| format!("{id} ({e})")).collect();
+                    rows.push((
+                        "redeliver-failed",
+                        format!(
+                            "the provider did not redeliver {} delivery(ies) that failed in the exposure window: {}; retry them from the provider's delivery log",
+                            r.failed.len(),
+                            list.join("; ")
+                        ),
+                    ));
+                }
+            }
+            Err(e) => rows.push((
                 "redeliver-failed",
                 format!(
                     "could not redeliver what failed in the exposure window: {e}; check the provider's delivery log"
                 ),
-            ),
-        };
-        let t = rotation::Transition {
-            from: s.phase,
-            to: s.phase,
-            event,
-            detail,
-            quiet: false,
-        };
-        self.db.save(rec, Some(&t), now())?;
-        log_transition(sub, rec, &t);
+            )),
+        }
+        for (event, detail) in rows {
+            let t = rotation::Transition {
+                from: s.phase,
+                to: s.phase,
+                event,
+                detail,
+                quiet: false,
+            };
+            self.db.save(rec, Some(&t), now())?;
+            log_transition(sub, rec, &t);
+        }
         Ok(())
     }
 

@@ -91,6 +91,14 @@ pub(crate) fn uuid_id<'a>(kind: &str, id: &'a str) -> Result<&'a str, ProviderEr
     }
 }
 
+/// What a redelivery pass did: the deliveries the provider queued again, and those
+/// it would not, with why.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Redelivery {
+    pub done: Vec<String>,
+    pub failed: Vec<(String, String)>,
+}
+
 /// What a provider knows about one of its subscriptions, for discovery and status.
 #[derive(Debug, Clone)]
 pub struct RemoteSubscription {
@@ -130,15 +138,17 @@ pub trait Provider: Send + Sync {
 
     /// Asks the provider to deliver again what failed in `[from, to]` — the exposure
     /// window, when deliveries were signed with a secret receivers did not have yet —
-    /// now that the new secret is published. Returns the ids redelivered. Providers
-    /// without a retry endpoint redeliver nothing (their own retries must do).
+    /// now that the new secret is published. Every failed delivery is tried, whatever
+    /// happened to the others; an error means the failed deliveries could not even be
+    /// listed. Providers without a retry endpoint redeliver nothing (their own retries
+    /// must do).
     async fn redeliver(
         &self,
         _id: &str,
         _from: DateTime<Utc>,
         _to: DateTime<Utc>,
-    ) -> Result<Vec<String>, ProviderError> {
-        Ok(Vec::new())
+    ) -> Result<Redelivery, ProviderError> {
+        Ok(Redelivery::default())
     }
 }
 
