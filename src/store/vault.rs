@@ -452,6 +452,8 @@ mod kv2_contract {
         ttl: u64,
         renewable: bool,
         renewals: u32,
+        /// Answers reads only after this long (a slow or overloaded Vault).
+        delay: Duration,
     }
 
     type S = Arc<Mutex<Kv>>;
@@ -469,6 +471,8 @@ mod kv2_contract {
         h: HeaderMap,
         Path(p): Path<String>,
     ) -> (StatusCode, Json<Value>) {
+        let delay = s.lock().unwrap().delay;
+        tokio::time::sleep(delay).await;
         let kv = s.lock().unwrap();
         if kv.sealed {
             return errors(StatusCode::SERVICE_UNAVAILABLE, "Vault is sealed");
@@ -721,6 +725,20 @@ mod kv2_contract {
             v.preflight("p").await.unwrap_err(),
             StoreError::Sealed { .. }
         ));
+    }
+
+    #[tokio::test]
+    async fn a_vault_slower_than_the_timeout_is_reported_not_waited_on() {
+        let (addr, kv) = fake().await;
+        kv.lock().unwrap().delay = Duration::from_secs(3);
+        let mut s = settings(&addr, "root", false);
+        s.timeout = Duration::from_millis(300);
+        let v = VaultStore::connect(&s).await.unwrap();
+        let t0 = std::time::Instant::now();
+        let err = v.read("p").await.unwrap_err();
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        assert!(matches!(err, StoreError::Unreachable { .. }), "{err}");
+        assert!(err.to_string().contains("timed out"), "{err}");
     }
 
     #[tokio::test]
