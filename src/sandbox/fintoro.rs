@@ -491,23 +491,10 @@ async fn rotate(State(s): State<Arc<Shared>>, Path(id): Path<String>, h: HeaderM
     s.serve(Route::Rotate, &h, Some(&id)).await
 }
 
-async fn add_request_id(mut res: Response) -> Response {
-    let id = format!("req_{}", uuid::Uuid::new_v4().simple());
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        res.headers_mut().insert("x-request-id", v);
-    }
-    res
-}
-
 impl FintoroSim {
     /// Binds 127.0.0.1 on a free port and starts serving.
     pub async fn start(opts: FintoroSimOptions) -> std::io::Result<FintoroSim> {
-        let http = reqwest::Client::builder()
-            .timeout(opts.delivery_timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .build()
-            .map_err(std::io::Error::other)?;
+        let http = super::delivery_client(opts.delivery_timeout)?;
         let shared = Arc::new(Shared {
             opts,
             http,
@@ -528,7 +515,7 @@ impl FintoroSim {
         let app = Router::new()
             .nest("/api/public/v1", api)
             .fallback(|| async { error_response(404) })
-            .layer(axum::middleware::map_response(add_request_id))
+            .layer(axum::middleware::map_response(super::add_request_id))
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;

@@ -53,3 +53,24 @@ pub(crate) fn serve_until_dropped(
     });
     ServerGuard(Some(tx))
 }
+
+/// Axum middleware: every simulated provider answers with an `X-Request-Id`, as the
+/// real ones do (rekey logs it).
+pub(crate) async fn add_request_id(mut res: axum::response::Response) -> axum::response::Response {
+    let id = format!("req_{}", uuid::Uuid::new_v4().simple());
+    if let Ok(v) = axum::http::HeaderValue::from_str(&id) {
+        res.headers_mut().insert("x-request-id", v);
+    }
+    res
+}
+
+/// The client a simulator delivers webhooks with: the provider's delivery timeout, no
+/// redirects followed, no proxy (receivers are on loopback).
+pub(crate) fn delivery_client(timeout: std::time::Duration) -> std::io::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+        .map_err(std::io::Error::other)
+}

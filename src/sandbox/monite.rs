@@ -505,22 +505,9 @@ async fn deliveries(
     s.finish(body, fault).await
 }
 
-async fn add_request_id(mut res: Response) -> Response {
-    let id = format!("req_{}", uuid::Uuid::new_v4().simple());
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        res.headers_mut().insert("x-request-id", v);
-    }
-    res
-}
-
 impl MoniteSim {
     pub async fn start(opts: MoniteSimOptions) -> std::io::Result<MoniteSim> {
-        let http = reqwest::Client::builder()
-            .timeout(opts.delivery_timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .build()
-            .map_err(std::io::Error::other)?;
+        let http = super::delivery_client(opts.delivery_timeout)?;
         let shared = Arc::new(Shared {
             opts,
             http,
@@ -547,7 +534,7 @@ impl MoniteSim {
         let app = Router::new()
             .nest("/v1", api)
             .fallback(|| async { error_response(404, default_message(404)) })
-            .layer(axum::middleware::map_response(add_request_id))
+            .layer(axum::middleware::map_response(super::add_request_id))
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;

@@ -591,22 +591,9 @@ async fn retry(
     json_response(StatusCode::ACCEPTED, &json!({ "status": "queued" }))
 }
 
-async fn add_request_id(mut res: Response) -> Response {
-    let id = format!("req_{}", uuid::Uuid::new_v4().simple());
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        res.headers_mut().insert("x-request-id", v);
-    }
-    res
-}
-
 impl StornoSim {
     pub async fn start(opts: StornoSimOptions) -> std::io::Result<StornoSim> {
-        let http = reqwest::Client::builder()
-            .timeout(opts.delivery_timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .build()
-            .map_err(std::io::Error::other)?;
+        let http = super::delivery_client(opts.delivery_timeout)?;
         let shared = Arc::new(Shared {
             opts,
             http,
@@ -630,7 +617,7 @@ impl StornoSim {
         let app = Router::new()
             .nest("/api/v1", api)
             .fallback(|| async { error(404, "Not found.") })
-            .layer(axum::middleware::map_response(add_request_id))
+            .layer(axum::middleware::map_response(super::add_request_id))
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
