@@ -104,3 +104,30 @@ pub(crate) async fn dropped_response(
         None => closed_response(body, secret_field),
     }
 }
+
+/// Sends a successful (already committed) answer the way `fault` says: late, cut off
+/// mid-body, closed before any byte, truncated — or plainly. `secret_field` is where
+/// a cut must fall so the secret never reaches the client.
+pub(crate) async fn committed_response(
+    http: &reqwest::Client,
+    status: axum::http::StatusCode,
+    body: String,
+    fault: Option<FaultKind>,
+    secret_field: &str,
+) -> Response {
+    use axum::response::IntoResponse;
+    let json = [(header::CONTENT_TYPE, "application/json")];
+    match fault {
+        Some(FaultKind::Delay(d)) => tokio::time::sleep(d).await,
+        Some(FaultKind::CommitThenDrop) => {
+            return dropped_response(http, &body, secret_field).await;
+        }
+        Some(FaultKind::CommitThenClose) => return closed_response(&body, secret_field),
+        Some(FaultKind::CommitThenTruncate) => {
+            let cut = body[..cut_point(&body, secret_field)].to_string();
+            return (axum::http::StatusCode::OK, json, cut).into_response();
+        }
+        _ => {}
+    }
+    (status, json, body).into_response()
+}

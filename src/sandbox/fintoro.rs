@@ -27,7 +27,6 @@ use serde_json::{Value, json};
 use tokio::task::{JoinHandle, JoinSet};
 
 pub use super::faults::FaultKind;
-use super::faults::{closed_response, cut_point, dropped_response};
 use super::signing;
 use crate::secret::Fingerprint;
 
@@ -316,29 +315,8 @@ impl Shared {
             Some(v) => v.to_string(),
             None => return error_response(404),
         };
-        match fault {
-            Some(FaultKind::Delay(d)) => tokio::time::sleep(d).await,
-            Some(FaultKind::CommitThenDrop) => {
-                return dropped_response(&self.http, &body, SECRET_FIELD).await;
-            }
-            Some(FaultKind::CommitThenClose) => return closed_response(&body, SECRET_FIELD),
-            Some(FaultKind::CommitThenTruncate) => {
-                let cut = body[..cut_point(&body, SECRET_FIELD)].to_string();
-                return (
-                    StatusCode::OK,
-                    [(header::CONTENT_TYPE, "application/json")],
-                    cut,
-                )
-                    .into_response();
-            }
-            _ => {}
-        }
-        (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/json")],
-            body,
-        )
-            .into_response()
+        super::faults::committed_response(&self.http, StatusCode::OK, body, fault, SECRET_FIELD)
+            .await
     }
 
     /// The API's actual behaviour; `None` means 404.

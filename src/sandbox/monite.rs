@@ -30,7 +30,6 @@ use rand::Rng;
 use serde_json::{Value, json};
 
 pub use super::faults::FaultKind;
-use super::faults::{closed_response, cut_point, dropped_response};
 use super::signing;
 use crate::secret::Fingerprint;
 
@@ -276,29 +275,8 @@ impl Shared {
     /// Shapes a successful body per the fault (delay, cut connection, truncation).
     async fn finish(&self, body: Value, fault: Option<FaultKind>) -> Response {
         let body = body.to_string();
-        match fault {
-            Some(FaultKind::Delay(d)) => tokio::time::sleep(d).await,
-            Some(FaultKind::CommitThenDrop) => {
-                return dropped_response(&self.http, &body, SECRET_FIELD).await;
-            }
-            Some(FaultKind::CommitThenClose) => return closed_response(&body, SECRET_FIELD),
-            Some(FaultKind::CommitThenTruncate) => {
-                let cut = body[..cut_point(&body, SECRET_FIELD)].to_string();
-                return (
-                    StatusCode::OK,
-                    [(header::CONTENT_TYPE, "application/json")],
-                    cut,
-                )
-                    .into_response();
-            }
-            _ => {}
-        }
-        (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/json")],
-            body,
-        )
-            .into_response()
+        super::faults::committed_response(&self.http, StatusCode::OK, body, fault, SECRET_FIELD)
+            .await
     }
 
     fn page_size(&self, q: &HashMap<String, String>) -> Result<usize, Response> {
