@@ -12,7 +12,7 @@ use serde::Deserialize;
 use super::http::{HttpClient, HttpError, Idempotency, Response};
 use super::{Provider, ProviderError, RemoteSubscription, RotateError};
 use crate::config::ProviderKind;
-use crate::secret::{ExposeSecret, SecretString, secret};
+use crate::secret::{ExposeSecret, SecretString};
 
 /// The fields rekey reads from a `WebhookSubscription`.
 #[derive(Debug, Deserialize)]
@@ -134,19 +134,13 @@ impl Provider for FintoroClient {
             })
             .await
             .map_err(RotateError::from_http)?;
-        // From here on the provider has rotated: a body we cannot read means the secret
-        // is lost, never "not rotated".
-        let rotated: Rotated = serde_json::from_slice(&resp.body).map_err(|e| {
-            RotateError::Unknown(
-                self.malformed(&what, format!("body is not the expected JSON: {e}")),
-            )
-        })?;
-        match rotated.plain_text_secret {
-            Some(s) if !s.trim().is_empty() => Ok(secret(s)),
-            _ => Err(RotateError::Unknown(
-                self.malformed(&what, "200 without `plainTextSecret`"),
-            )),
-        }
+        super::secret_from_rotate_answer(
+            self.http.name(),
+            &what,
+            &resp.body,
+            "`plainTextSecret`",
+            |r: Rotated| r.plain_text_secret,
+        )
     }
 
     async fn evidence(

@@ -77,6 +77,35 @@ impl RotateError {
     }
 }
 
+/// Reads the new secret from a 2xx rotate answer. The provider has rotated by then, so
+/// an answer rekey cannot use — not the expected JSON, or no (unmasked) secret in it —
+/// means the secret is lost ([`RotateError::Unknown`]), never "not rotated".
+#[allow(
+    clippy::result_large_err,
+    reason = "the error `Provider::rotate` returns; it is built once per rotation, not on a hot path"
+)]
+pub(crate) fn secret_from_rotate_answer<T: serde::de::DeserializeOwned>(
+    provider: &str,
+    what: &str,
+    body: &[u8],
+    missing: &str,
+    pick: impl FnOnce(T) -> Option<String>,
+) -> Result<SecretString, RotateError> {
+    let unusable = |detail: String| {
+        RotateError::Unknown(ProviderError::Malformed {
+            provider: provider.to_string(),
+            what: what.to_string(),
+            detail,
+        })
+    };
+    let answer: T = serde_json::from_slice(body)
+        .map_err(|e| unusable(format!("body is not the expected JSON: {e}")))?;
+    pick(answer)
+        .filter(|s| !s.trim().is_empty() && !s.starts_with("***"))
+        .map(crate::secret::secret)
+        .ok_or_else(|| unusable(format!("2xx without {missing}")))
+}
+
 /// Checks that a subscription id is a uuid (Monite, Storno), which also keeps anything
 /// else out of request paths.
 pub(crate) fn uuid_id<'a>(kind: &str, id: &'a str) -> Result<&'a str, ProviderError> {

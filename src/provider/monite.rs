@@ -314,17 +314,13 @@ impl Provider for MoniteClient {
                 CallError::Http(e) => RotateError::from_http(e),
             })?;
         // 2xx: Monite has regenerated. An unreadable body means the secret is lost.
-        let rotated: Rotated = serde_json::from_slice(&resp.body).map_err(|e| {
-            RotateError::Unknown(
-                self.malformed(&what, format!("body is not the expected JSON: {e}")),
-            )
-        })?;
-        match rotated.secret {
-            Some(s) if !s.trim().is_empty() => Ok(secret(s)),
-            _ => Err(RotateError::Unknown(
-                self.malformed(&what, "2xx without `secret`"),
-            )),
-        }
+        super::secret_from_rotate_answer(
+            self.http.name(),
+            &what,
+            &resp.body,
+            "`secret`",
+            |r: Rotated| r.secret,
+        )
     }
 
     async fn evidence(

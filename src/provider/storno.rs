@@ -17,7 +17,7 @@ use serde::Deserialize;
 use super::http::{HttpClient, HttpError, Idempotency, Response};
 use super::{Provider, ProviderError, Redelivery, RemoteSubscription, RotateError};
 use crate::config::ProviderKind;
-use crate::secret::{ExposeSecret, SecretString, secret};
+use crate::secret::{ExposeSecret, SecretString};
 
 /// Storno caps `limit` at 100.
 const PAGE_LIMIT: u64 = 100;
@@ -320,23 +320,15 @@ impl Provider for StornoClient {
             .send(reqwest::Method::POST, &path, &[], Idempotency::Once)
             .await
             .map_err(RotateError::from_http)?;
-        let rotated: Rotated = serde_json::from_slice(&resp.body).map_err(|e| {
-            RotateError::Unknown(
-                self.malformed(&what, format!("body is not the expected JSON: {e}")),
-            )
-        })?;
         // The top-level `secret` is the backend's; `data.secret` is full there too,
         // and the only place in the unwrapped shape is top level.
-        let full = rotated
-            .secret
-            .or_else(|| rotated.data.and_then(|d| d.secret))
-            .filter(|s| !s.trim().is_empty() && !s.starts_with("***"));
-        match full {
-            Some(s) => Ok(secret(s)),
-            None => Err(RotateError::Unknown(
-                self.malformed(&what, "2xx without an unmasked `secret`"),
-            )),
-        }
+        super::secret_from_rotate_answer(
+            self.http.name(),
+            &what,
+            &resp.body,
+            "an unmasked `secret`",
+            |r: Rotated| r.secret.or_else(|| r.data.and_then(|d| d.secret)),
+        )
     }
 
     async fn evidence(
@@ -498,7 +490,11 @@ mod tests {
             },
         )
         .expect("http");
-        StornoClient::new(http, secret(token), sim.options().company.clone())
+        StornoClient::new(
+            http,
+            crate::secret::secret(token),
+            sim.options().company.clone(),
+        )
     }
 
     #[tokio::test]
