@@ -51,6 +51,19 @@ pub struct ConfigArg {
     pub config: PathBuf,
 }
 
+/// What `resume` and `retire` take: one held subscription.
+#[derive(Debug, clap::Args)]
+pub struct DecideArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// `<provider>/<id>`.
+    #[arg(value_name = "PROVIDER/ID")]
+    pub subscription: String,
+    /// Do not ask for confirmation (needed without a terminal).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Rotate what is due. With --once: one pass, then exit; without: run as a daemon.
@@ -106,28 +119,10 @@ pub enum Command {
     },
     /// Held subscription: keep both secrets published and wait another
     /// confirm_timeout for evidence.
-    Resume {
-        #[command(flatten)]
-        config: ConfigArg,
-        /// `<provider>/<id>`.
-        #[arg(value_name = "PROVIDER/ID")]
-        subscription: String,
-        /// Do not ask for confirmation (needed without a terminal).
-        #[arg(long, short = 'y')]
-        yes: bool,
-    },
+    Resume(DecideArgs),
     /// Held subscription: retire the old secret without evidence that deliveries
     /// signed with the new one succeed.
-    Retire {
-        #[command(flatten)]
-        config: ConfigArg,
-        /// `<provider>/<id>`.
-        #[arg(value_name = "PROVIDER/ID")]
-        subscription: String,
-        /// Do not ask for confirmation (needed without a terminal).
-        #[arg(long, short = 'y')]
-        yes: bool,
-    },
+    Retire(DecideArgs),
     /// Run a whole rotation against in-process simulated providers and a local secret
     /// store (or a Vault given with --vault-addr), printing each step.
     Sandbox(crate::sandbox::demo::SandboxArgs),
@@ -170,16 +165,8 @@ async fn dispatch(cli: Cli) -> u8 {
             config,
             subscriptions,
         } => rotate_cmd(&config.config, &subscriptions).await,
-        Command::Resume {
-            config,
-            subscription,
-            yes,
-        } => decide_cmd(&config.config, &subscription, false, yes).await,
-        Command::Retire {
-            config,
-            subscription,
-            yes,
-        } => decide_cmd(&config.config, &subscription, true, yes).await,
+        Command::Resume(a) => decide_cmd(&a.config.config, &a.subscription, false, a.yes).await,
+        Command::Retire(a) => decide_cmd(&a.config.config, &a.subscription, true, a.yes).await,
         Command::Sandbox(args) => crate::sandbox::demo::run(args).await,
     }
 }

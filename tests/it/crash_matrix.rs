@@ -17,16 +17,8 @@ use rekey::sandbox::storno::StornoSimOptions;
 use rekey::secret::Fingerprint;
 use serde_json::Value;
 
+use crate::support::util::{next_second, panic_text, s};
 use crate::support::world::{ProviderWorld, Sim, World};
-
-fn s(v: &Value, key: &str) -> String {
-    v[key].as_str().unwrap_or_default().to_string()
-}
-
-async fn next_second() {
-    let into = chrono::Utc::now().timestamp_subsec_nanos() as u64;
-    tokio::time::sleep(Duration::from_nanos(1_000_000_000 - into)).await;
-}
 
 /// The crash points at which the provider holds a secret that is only in rekey's
 /// memory or local state: between the rotate call and the publication.
@@ -231,18 +223,6 @@ async fn crash_and_recover<S: Sim>(w: ProviderWorld<S>, point: &str) -> Run {
     let extra: Vec<&str> = live_seen.iter().map(String::as_str).collect();
     w.assert_no_leak(&extra);
     out
-}
-
-fn panic_text(e: tokio::task::JoinError) -> String {
-    let text = match e.try_into_panic() {
-        Ok(p) => p
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "(non-text panic)".into()),
-        Err(e) => e.to_string(),
-    };
-    format!("panicked: {}", text.chars().take(2000).collect::<String>())
 }
 
 #[tokio::test]

@@ -10,11 +10,8 @@ use serde_json::Value;
 
 use crate::support::daemon::{Daemon, PATIENCE};
 use crate::support::rekey::{Rekey, assert_exit, stderr};
+use crate::support::util::{next_second, s};
 use crate::support::world::World;
-
-fn s(v: &Value, key: &str) -> String {
-    v[key].as_str().unwrap_or_default().to_string()
-}
 
 /// Polls `rekey status --json` (each poll is a short process run) until `sub` is in
 /// `state`; a bounded wait on a state change, not a sleep.
@@ -31,13 +28,6 @@ async fn until_state(rekey: &Rekey, sub: &str, state: &str) -> Value {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// Fintoro's `lastSuccessAt` has whole seconds: a delivery proves anything only in a
-/// later second than the publication.
-async fn next_second() {
-    let into = chrono::Utc::now().timestamp_subsec_nanos() as u64;
-    tokio::time::sleep(Duration::from_nanos(1_000_000_000 - into)).await;
 }
 
 fn free_port() -> u16 {

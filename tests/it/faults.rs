@@ -5,19 +5,10 @@
 use std::time::{Duration, Instant};
 
 use rekey::sandbox::fintoro::{Fault, FaultKind, Route};
-use serde_json::Value;
 
 use crate::support::rekey::assert_exit;
+use crate::support::util::{next_second, s};
 use crate::support::world::World;
-
-fn s(v: &Value, key: &str) -> String {
-    v[key].as_str().unwrap_or_default().to_string()
-}
-
-async fn next_second() {
-    let into = chrono::Utc::now().timestamp_subsec_nanos() as u64;
-    tokio::time::sleep(Duration::from_nanos(1_000_000_000 - into)).await;
-}
 
 /// Finishes the rotation in flight: deliver with the live secret, run once, expect idle
 /// with Vault's `current` equal to the provider's live secret and no `previous`.

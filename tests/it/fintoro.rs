@@ -5,19 +5,8 @@ use rekey::sandbox::fintoro::{Fault, FaultKind, Route};
 use serde_json::Value;
 
 use crate::support::rekey::{assert_exit, stderr};
+use crate::support::util::{next_second, s};
 use crate::support::world::World;
-
-fn s(v: &Value, key: &str) -> String {
-    v[key].as_str().unwrap_or_default().to_string()
-}
-
-/// Fintoro's `lastSuccessAt` has whole-second precision, so only a delivery in a later
-/// second than the publication can prove anything; this waits for that second.
-async fn next_second() {
-    let now = chrono::Utc::now();
-    let into = now.timestamp_subsec_nanos() as u64;
-    tokio::time::sleep(std::time::Duration::from_nanos(1_000_000_000 - into)).await;
-}
 
 fn events(history: &[Value]) -> Vec<String> {
     history.iter().map(|h| s(h, "event")).collect()

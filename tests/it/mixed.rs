@@ -4,15 +4,12 @@
 use rekey::sandbox::fintoro::{FintoroSim, FintoroSimOptions};
 use rekey::sandbox::monite::{MoniteSim, MoniteSimOptions};
 use rekey::sandbox::storno::{StornoSim, StornoSimOptions};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::support::rekey::{ProviderConf, Rekey, Setup, Store, assert_exit};
 use crate::support::rvault::RustyVault;
+use crate::support::util::s;
 use crate::support::world::{FINTORO_TOKEN, Sim, receiver_for};
-
-fn s(v: &Value, key: &str) -> String {
-    v[key].as_str().unwrap_or_default().to_string()
-}
 
 /// The `[[providers]]` block for `conf`, named `name`, and its credential files.
 fn block(rekey: &Rekey, name: &str, conf: ProviderConf) -> String {

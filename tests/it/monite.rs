@@ -2,16 +2,12 @@
 //! real `rekey` binary, confirmed from Monite's delivery log.
 
 use rekey::sandbox::monite::{MoniteSim, MoniteSimOptions, Route};
-use serde_json::Value;
 
 use crate::support::rekey::assert_exit;
+use crate::support::util::s;
 use crate::support::world::ProviderWorld;
 
 type World = ProviderWorld<MoniteSim>;
-
-fn s(v: &Value, key: &str) -> String {
-    v[key].as_str().unwrap_or_default().to_string()
-}
 
 async fn world() -> World {
     World::monite(MoniteSimOptions::default(), None).await

@@ -18,6 +18,7 @@ use rekey::sandbox::monite::{self, MoniteSim, MoniteSimOptions};
 use rekey::sandbox::storno::{self, StornoSim, StornoSimOptions};
 use serde_json::Value;
 
+use crate::support::util::{next_second, panic_text, s};
 use crate::support::world::{ProviderWorld, Sim};
 
 type MoniteWorld = ProviderWorld<MoniteSim>;
@@ -30,15 +31,6 @@ const PARALLEL: usize = 3;
 /// adds to it), and before the second, third and fourth (0.5 + 1 + 2 s).
 const ONE_RETRY: Duration = Duration::from_millis(500);
 const THREE_RETRIES: Duration = Duration::from_millis(3500);
-
-fn s(v: &Value, key: &str) -> String {
-    v[key].as_str().unwrap_or_default().to_string()
-}
-
-async fn next_second() {
-    let into = chrono::Utc::now().timestamp_subsec_nanos() as u64;
-    tokio::time::sleep(Duration::from_nanos(1_000_000_000 - into)).await;
-}
 
 async fn monite_world() -> MoniteWorld {
     ProviderWorld::monite(MoniteSimOptions::default(), None).await
@@ -90,18 +82,6 @@ async fn run_table(table: &str, cases: Vec<(String, Scenario)>) {
     );
     let lines: Vec<String> = failures.into_iter().map(|(_, f)| f).collect();
     assert!(lines.is_empty(), "{table}:\n{}", lines.join("\n"));
-}
-
-fn panic_text(e: tokio::task::JoinError) -> String {
-    let text = match e.try_into_panic() {
-        Ok(p) => p
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "(non-text panic)".into()),
-        Err(e) => e.to_string(),
-    };
-    format!("panicked: {}", text.chars().take(2000).collect::<String>())
 }
 
 /// Vault must hold only secrets rekey was given: never one whose rotate response

@@ -3,16 +3,12 @@
 //! delivery on demand, so a healthy rotation retires within one run.
 
 use rekey::sandbox::storno::{AuthSeen, Route, StornoSim, StornoSimOptions};
-use serde_json::Value;
 
 use crate::support::rekey::{ProviderConf, assert_exit};
+use crate::support::util::s;
 use crate::support::world::ProviderWorld;
 
 type World = ProviderWorld<StornoSim>;
-
-fn s(v: &Value, key: &str) -> String {
-    v[key].as_str().unwrap_or_default().to_string()
-}
 
 async fn world() -> World {
     World::storno(StornoSimOptions::default(), None, |c| c).await
