@@ -7,7 +7,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 use crate::config::{Config, LogFormat, StoreSettings};
-use crate::engine::{self, Engine, Outcome};
+use crate::engine::{Engine, Outcome};
 use crate::lock::{LockError, StateLock};
 use crate::rotation::Trigger;
 use crate::state::StateDb;
@@ -282,7 +282,7 @@ async fn pass(engine: &Engine, force: &[String], eager: bool) -> u8 {
 /// Logs where one subscription got to; returns its exit code.
 fn report(
     sub: &crate::config::Subscription,
-    result: Result<(Outcome, crate::state::Record), engine::EngineError>,
+    result: Result<(Outcome, crate::state::Record), crate::engine::EngineError>,
 ) -> u8 {
     let mut code = exit::OK;
     match result {
@@ -291,7 +291,7 @@ fn report(
                 code = exit::FAILED;
             }
             match &outcome {
-                Outcome::NotDue => {}
+                Outcome::NotDue | Outcome::Checked => {}
                 Outcome::Drifted => tracing::warn!(
                     subscription = %sub.name,
                     "drifted: rotated outside rekey; `rekey status` says how to recover"
@@ -409,7 +409,7 @@ async fn rotate_cmd(path: &Path, names: &[String]) -> u8 {
                 Err(code) => return code,
             };
             for n in names {
-                if let Err(e) = db.add_request(n, engine::now()) {
+                if let Err(e) = db.add_request(n, chrono::Utc::now()) {
                     eprintln!("rekey: {e}");
                     return exit::SOFTWARE;
                 }
@@ -503,7 +503,7 @@ async fn decide_cmd(path: &Path, name: &str, retire: bool, yes: bool) -> u8 {
             report(sub, engine.operator(sub, retire).await)
         }
         Err(LockError::Held { pid, .. }) => {
-            if let Err(e) = db.add_decision(name, retire, engine::now()) {
+            if let Err(e) = db.add_decision(name, retire, chrono::Utc::now()) {
                 eprintln!("rekey: {e}");
                 return exit::SOFTWARE;
             }
@@ -525,7 +525,7 @@ fn status_cmd(path: &Path, json: bool) -> u8 {
         Ok(db) => db,
         Err(code) => return code,
     };
-    let now = engine::now();
+    let now = chrono::Utc::now();
     let rows = match status::rows(&config, &db, now) {
         Ok(r) => r,
         Err(e) => {
@@ -615,7 +615,7 @@ async fn check_config(path: &Path, preflight: bool) -> u8 {
         ),
         StoreSettings::File { dir } => println!("  store: files in {}", dir.display()),
     }
-    let now = engine::now();
+    let now = chrono::Utc::now();
     println!(
         "  daemon: max_concurrent {}, drain_timeout {}",
         config.daemon.max_concurrent,

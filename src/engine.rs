@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use chrono::{DateTime, Utc};
 
+use crate::clock::Clock;
+
 use crate::config::{Config, Policy, StoreSettings, Subscription};
 use crate::failpoint;
 use crate::provider::{self, Provider, RotateError};
@@ -42,6 +44,8 @@ pub enum Outcome {
     Held,
     /// Rotated outside rekey: needs an operator (see the record's `last_error`).
     Drifted,
+    /// Not due; a paced check for drift ran and found none.
+    Checked,
 }
 
 impl Outcome {
@@ -76,26 +80,30 @@ enum Preflight {
     Drifted(String),
 }
 
-pub fn now() -> DateTime<Utc> {
-    Utc::now()
-}
-
 pub struct Engine {
     config: Arc<Config>,
     db: Arc<StateDb>,
     store: Arc<dyn SecretStore>,
     providers: HashMap<String, Arc<dyn Provider>>,
+    clock: Arc<dyn Clock>,
     /// Subscriptions this process has already advanced: resuming any other in-flight
     /// one means resuming after a restart.
     seen: std::sync::Mutex<std::collections::HashSet<String>>,
-    /// When each idle subscription was last checked for drift by this process.
-    drift_checked: std::sync::Mutex<HashMap<String, std::time::Instant>>,
+    /// When each subscription is next checked for drift by this process.
+    drift_next: std::sync::Mutex<HashMap<String, DateTime<Utc>>>,
+    /// Subscriptions per provider account, for pacing drift checks.
+    account_sizes: std::sync::Mutex<HashMap<String, usize>>,
 }
 
-/// An idle subscription is checked for drift at most this often by a long-running
-/// process: each check costs a provider call, and a fleet of them shares one rate
-/// limit. (A `--once` run is a new process, so it always checks.)
-const IDLE_DRIFT_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+/// An idle or drifted subscription is checked for drift at most this often by a
+/// long-running process: each check is a provider call. (A `--once` run is a new
+/// process: it always checks.)
+pub const DRIFT_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+/// The share of an account's rate limit that drift checks may use: a fleet too large
+/// to check every [`DRIFT_CHECK_EVERY`] is checked more slowly, never faster than this
+/// share allows, so rotations and confirmations keep the rest.
+const DRIFT_SHARE_OF_RATE_LIMIT: f64 = 0.1;
 
 impl Engine {
     pub async fn new(config: Arc<Config>, db: Arc<StateDb>) -> Result<Engine, EngineError> {
@@ -127,21 +135,88 @@ impl Engine {
             db,
             store,
             providers,
+            clock: crate::clock::system(),
             seen: Default::default(),
-            drift_checked: Default::default(),
+            drift_next: Default::default(),
+            account_sizes: Default::default(),
         }
     }
 
-    fn idle_drift_check_due(&self, sub: &Subscription) -> bool {
-        let mut checked = self.drift_checked.lock().unwrap_or_else(|p| p.into_inner());
-        let now = std::time::Instant::now();
-        match checked.get(&sub.name) {
-            Some(t) if now.duration_since(*t) < IDLE_DRIFT_CHECK_EVERY => false,
-            _ => {
-                checked.insert(sub.name.clone(), now);
-                true
-            }
+    /// Runs this engine on `clock` instead of the system clock (the simulation).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Engine {
+        self.clock = clock;
+        self
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// Wall time now, by this engine's clock.
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
+    /// How often `sub` is checked for drift: [`DRIFT_CHECK_EVERY`], or slower when
+    /// its account's fleet would otherwise take more than its share of the rate limit.
+    fn drift_interval(&self, sub: &Subscription) -> std::time::Duration {
+        let n = self
+            .account_sizes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&sub.provider)
+            .copied()
+            .unwrap_or(1)
+            .max(1);
+        let Some(p) = self.config.provider(&sub.provider) else {
+            return DRIFT_CHECK_EVERY;
+        };
+        let per_request = p.rate_limit.per.as_secs_f64() / f64::from(p.rate_limit.count.max(1));
+        let fleet = std::time::Duration::from_secs_f64(
+            (n as f64 * per_request / DRIFT_SHARE_OF_RATE_LIMIT).min(86_400.0 * 7.0),
+        );
+        fleet.max(DRIFT_CHECK_EVERY)
+    }
+
+    /// When `sub` is next checked for a rotation made outside rekey, for providers
+    /// that show part of their live secret; `None` for the others. A fleet's first
+    /// checks are spread over one interval (by a hash of the name), not made at once.
+    pub fn drift_check_at(&self, sub: &Subscription) -> Option<DateTime<Utc>> {
+        if !self.providers.get(&sub.provider)?.shows_secret_hint() {
+            return None;
         }
+        let mut next = self.drift_next.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = next.get(&sub.name) {
+            return Some(*t);
+        }
+        let every = self.drift_interval(sub);
+        let t = self.now() + to_chrono(crate::schedule::jitter_offset(&sub.name, every));
+        next.insert(sub.name.clone(), t);
+        Some(t)
+    }
+
+    /// Whether a drift check of `sub` is due now (`eager`: always); if so, the next one
+    /// is booked an interval later.
+    fn take_drift_check(&self, sub: &Subscription, eager: bool) -> bool {
+        let now = self.now();
+        let due = eager || self.drift_check_at(sub).is_some_and(|t| t <= now);
+        if due {
+            let next = now + to_chrono(self.drift_interval(sub));
+            self.drift_next
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(sub.name.clone(), next);
+        }
+        due
+    }
+
+    /// Records how many subscriptions each account has (drift checks are paced by it).
+    pub fn set_account_sizes(&self, subs: &[Subscription]) {
+        let mut sizes: HashMap<String, usize> = HashMap::new();
+        for s in subs {
+            *sizes.entry(s.provider.clone()).or_default() += 1;
+        }
+        *self.account_sizes.lock().unwrap_or_else(|p| p.into_inner()) = sizes;
     }
 
     /// Carries over which subscriptions this process already advanced, so an engine
@@ -153,6 +228,15 @@ impl Engine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .extend(theirs);
+        let drift = from
+            .drift_next
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.drift_next
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(drift);
     }
 
     fn first_sight(&self, name: &str) -> bool {
@@ -253,7 +337,7 @@ impl Engine {
         d: &crate::config::Discovery,
         listed: &[crate::provider::RemoteSubscription],
     ) -> Result<(), EngineError> {
-        let now = now();
+        let now = self.now();
         for r in listed.iter().filter(|r| usable_id(&r.id)) {
             let sub = d.subscription(&r.id);
             // Explicit entries win; a templated path must not take another's entry.
@@ -333,7 +417,7 @@ impl Engine {
 
     /// Loads (creating on first sight) a subscription's record with its next due time.
     pub fn record(&self, sub: &Subscription) -> Result<Record, EngineError> {
-        let now = now();
+        let now = self.now();
         let mut rec = self.db.load_or_create(&sub.name, now)?;
         if rec.next_due_at.is_none() && !rec.state.phase.in_flight() {
             let p = self.policy(sub);
@@ -357,7 +441,7 @@ impl Engine {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             },
-            _ => Some(rec.state.not_before.unwrap_or_else(now)),
+            _ => Some(rec.state.not_before.unwrap_or_else(|| self.now())),
         }
     }
 
@@ -389,7 +473,7 @@ impl Engine {
         stop: &AtomicBool,
     ) -> Result<(Outcome, Record), EngineError> {
         let mut rec = self.record(sub)?;
-        let now0 = now();
+        let now0 = self.now();
         let due = rec.next_due_at.is_some_and(|t| t <= now0);
         let retry_due = eager || rec.state.not_before.is_none_or(|t| t <= now0);
         let restarted = self.first_sight(&sub.name);
@@ -397,6 +481,9 @@ impl Engine {
             Phase::Held => return Ok((Outcome::Held, rec)),
             // Only an operator's request rotates a drifted subscription; otherwise see
             // whether the operator has reconciled the store in the meantime.
+            Phase::Drifted if trigger.is_none() && !self.take_drift_check(sub, eager) => {
+                return Ok((Outcome::Drifted, rec));
+            }
             Phase::Drifted if trigger.is_none() => match self.drift(sub).await {
                 Ok(None) => Event::DriftResolved { now: now0 },
                 Ok(Some(_)) => return Ok((Outcome::Drifted, rec)),
@@ -439,13 +526,13 @@ impl Engine {
                     // Not due: still look for a rotation made outside rekey, so status
                     // reports drift when it happens, not at the next rotation. Costs
                     // nothing for providers that show no part of their secret.
-                    None if rec.state.phase == Phase::Idle && self.idle_drift_check_due(sub) => {
+                    None if rec.state.phase == Phase::Idle && self.take_drift_check(sub, eager) => {
                         match self.drift(sub).await {
                             Ok(Some(detail)) => Event::DriftDetected { detail, now: now0 },
-                            Ok(None) => return Ok((Outcome::NotDue, rec)),
+                            Ok(None) => return Ok((Outcome::Checked, rec)),
                             Err(e) => {
                                 tracing::debug!(subscription = %sub.name, error = %e, "drift check skipped");
-                                return Ok((Outcome::NotDue, rec));
+                                return Ok((Outcome::Checked, rec));
                             }
                         }
                     }
@@ -466,7 +553,7 @@ impl Engine {
                     source,
                 }
             })?;
-            let t = now();
+            let t = self.now();
             if step.state.phase != rec.state.phase {
                 rec.phase_since = t;
             }
@@ -488,29 +575,40 @@ impl Engine {
             failpoint::hit(&format!("after:{event_name}"));
             if stop.load(Ordering::SeqCst) && can_wait(&step.action, &rec.state) {
                 tracing::info!(subscription = %sub.name, state = %rec.state.phase, "stopping at a saved step; the next start continues from here");
-                return Ok((Outcome::Waiting(rec.state.phase, now()), rec));
+                return Ok((Outcome::Waiting(rec.state.phase, self.now()), rec));
             }
 
             event = match step.action {
                 Action::Preflight => match self.preflight(sub, accept_drift).await {
-                    Ok(()) => Event::PreflightPassed { now: now() },
-                    Err(Preflight::Failed(error)) => Event::PreflightFailed { error, now: now() },
-                    Err(Preflight::Drifted(detail)) => Event::DriftDetected { detail, now: now() },
+                    Ok(()) => Event::PreflightPassed { now: self.now() },
+                    Err(Preflight::Failed(error)) => Event::PreflightFailed {
+                        error,
+                        now: self.now(),
+                    },
+                    Err(Preflight::Drifted(detail)) => Event::DriftDetected {
+                        detail,
+                        now: self.now(),
+                    },
                 },
-                Action::Rotate if !rec.state.rotate_in_flight => Event::RotateSent { now: now() },
+                Action::Rotate if !rec.state.rotate_in_flight => {
+                    Event::RotateSent { now: self.now() }
+                }
                 Action::Rotate => {
                     failpoint::hit("before:rotate-call");
                     let result = self.provider(sub).rotate(&sub.id).await;
                     failpoint::hit("after:rotate-call");
                     match result {
-                        Ok(secret) => Event::RotateSucceeded { secret, now: now() },
+                        Ok(secret) => Event::RotateSucceeded {
+                            secret,
+                            now: self.now(),
+                        },
                         Err(RotateError::NotRotated(e)) => Event::RotateRejected {
                             error: e.to_string(),
-                            now: now(),
+                            now: self.now(),
                         },
                         Err(RotateError::Unknown(e)) => Event::RotateOutcomeUnknown {
                             error: e.to_string(),
-                            now: now(),
+                            now: self.now(),
                         },
                     }
                 }
@@ -519,12 +617,12 @@ impl Engine {
                         failpoint::hit("after:publish-write");
                         Event::Published {
                             previous,
-                            now: now(),
+                            now: self.now(),
                         }
                     }
                     Err(e) => Event::PublishFailed {
                         error: e.to_string(),
-                        now: now(),
+                        now: self.now(),
                     },
                 },
                 Action::Check { since } => {
@@ -532,22 +630,22 @@ impl Engine {
                     match self.provider(sub).evidence(&sub.id, since).await {
                         Ok(evidence) => Event::Checked {
                             evidence,
-                            now: now(),
+                            now: self.now(),
                         },
                         Err(e) => Event::CheckFailed {
                             error: e.to_string(),
-                            now: now(),
+                            now: self.now(),
                         },
                     }
                 }
                 Action::Retire => match self.retire(sub, &rec).await {
                     Ok(()) => {
                         failpoint::hit("after:retire-write");
-                        Event::Retired { now: now() }
+                        Event::Retired { now: self.now() }
                     }
                     Err(e) => Event::RetireFailed {
                         error: e.to_string(),
-                        now: now(),
+                        now: self.now(),
                     },
                 },
                 Action::WaitUntil(t) => return Ok((Outcome::Waiting(rec.state.phase, t), rec)),
@@ -569,7 +667,7 @@ impl Engine {
     ) -> Result<(Outcome, Record), EngineError> {
         let mut rec = self.record(sub)?;
         let timing = self.policy(sub).timing.clone();
-        let t = now();
+        let t = self.now();
         let event = if retire {
             Event::OperatorRetire { now: t }
         } else {
@@ -696,7 +794,7 @@ impl Engine {
                 detail,
                 quiet: false,
             };
-            self.db.save(rec, Some(&t), now())?;
+            self.db.save(rec, Some(&t), self.now())?;
             log_transition(sub, rec, &t);
         }
         Ok(())
@@ -729,7 +827,7 @@ impl Engine {
         let entry = Entry {
             current: new.clone(),
             previous: previous.clone(),
-            rotated_at: s.rotated_at.unwrap_or_else(now),
+            rotated_at: s.rotated_at.unwrap_or_else(|| self.now()),
             rotation_id: rotation_id.clone(),
             provider: self.provider(sub).kind().as_str().to_string(),
             subscription: sub.id.clone(),
@@ -789,6 +887,10 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+fn to_chrono(d: std::time::Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
 }
 
 /// Whether `action` may be left for the next start when the daemon is stopping.

@@ -13,6 +13,21 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use croner::Cron;
 use croner::parser::{CronParser, Seconds};
+use sha2::{Digest, Sha256};
+
+/// A subscription's offset in `[0, jitter)`: derived from a hash of its name, so it is
+/// the same on every run and every machine (restarts do not reshuffle the fleet), and
+/// spread evenly so a fleet does not hit a provider in the same second.
+pub fn jitter_offset(name: &str, jitter: Duration) -> Duration {
+    let ms = u64::try_from(jitter.as_millis()).unwrap_or(u64::MAX);
+    if ms == 0 {
+        return Duration::ZERO;
+    }
+    let digest = Sha256::digest(name.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    Duration::from_millis(u64::from_be_bytes(first) % ms)
+}
 
 #[derive(Debug, Clone)]
 pub enum Schedule {

@@ -19,16 +19,16 @@ use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, NaiveTime, TimeZone, Utc};
 use chrono_tz::Tz;
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::config::{Config, Policy, Subscription};
 use crate::daemon::{Notify, notify};
-use crate::engine::{self, Engine, EngineError, Outcome};
+use crate::engine::{Engine, EngineError, Outcome};
 use crate::metrics::Metrics;
 use crate::rotation::{Phase, Transition, Trigger};
 use crate::schedule::Schedule;
+pub use crate::schedule::jitter_offset;
 use crate::state::Record;
 
 // ---------------------------------------------------------------------------------
@@ -152,20 +152,6 @@ impl Default for StartRules {
     }
 }
 
-/// A subscription's offset in `[0, jitter)`: derived from a hash of its name, so it is
-/// the same on every run and every machine (restarts do not reshuffle the fleet), and
-/// spread evenly so a fleet does not hit a provider in the same second.
-pub fn jitter_offset(name: &str, jitter: Duration) -> Duration {
-    let ms = u64::try_from(jitter.as_millis()).unwrap_or(u64::MAX);
-    if ms == 0 {
-        return Duration::ZERO;
-    }
-    let digest = Sha256::digest(name.as_bytes());
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&digest[..8]);
-    Duration::from_millis(u64::from_be_bytes(first) % ms)
-}
-
 fn plus(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
     t + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
 }
@@ -241,17 +227,31 @@ pub fn catch_up(
 /// A new rotation (idle, or failed and retrying) starts only per the policy's start
 /// rules; steps of a rotation in flight run at their own time. Each time agrees with
 /// what [`Engine::advance`] will accept as due, or the loop would wake for nothing.
+///
+/// `drift_check` is when the engine next looks for a rotation made outside rekey
+/// ([`Engine::drift_check_at`]): an idle subscription wakes for it as well as for its
+/// rotation, and a drifted one only for it, so a drift is re-checked at that pace and
+/// never in a loop.
 pub fn wake_time(
     policy: &Policy,
     name: &str,
     rec: &Record,
     now: DateTime<Utc>,
+    drift_check: Option<DateTime<Utc>>,
 ) -> Option<DateTime<Utc>> {
+    let earliest = |a: Option<DateTime<Utc>>, b: Option<DateTime<Utc>>| match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
     match rec.state.phase {
         Phase::Held => None,
-        Phase::Idle => rec
-            .next_due_at
-            .map(|due| start_time(&policy.start, name, due, now)),
+        Phase::Drifted => drift_check.map(|t| t.max(now)),
+        Phase::Idle if rec.state.rotation_id.is_none() => earliest(
+            rec.next_due_at
+                .map(|due| start_time(&policy.start, name, due, now)),
+            drift_check.map(|t| t.max(now)),
+        ),
+        Phase::Idle => Some(now),
         // After a failure the engine retries only once the backoff has passed, even
         // if the schedule says the rotation is (over)due.
         Phase::Failed => rec
@@ -351,9 +351,10 @@ const COOLDOWN: Duration = Duration::from_secs(60);
 impl Scheduler {
     /// `force`: subscriptions to rotate now (`rekey run --force` without `--once`).
     pub fn new(engine: Arc<Engine>, force: &[String]) -> Scheduler {
+        let started_at = engine.now();
         Scheduler {
             engine,
-            started_at: engine::now(),
+            started_at,
             running: HashMap::new(),
             pending: force
                 .iter()
@@ -378,14 +379,16 @@ impl Scheduler {
         let config = self.engine.config();
         if config.discoveries.is_empty() {
             self.subs = config.subscriptions.clone();
+            self.engine.set_account_sizes(&self.subs);
             return;
         }
-        let now = engine::now();
+        let now = self.engine.now();
         let due = self.listed_at.is_none_or(|t| {
             now - t >= chrono::Duration::from_std(DISCOVERY_INTERVAL).unwrap_or_default()
         });
         if due || now_please {
             self.subs = self.engine.subscriptions().await;
+            self.engine.set_account_sizes(&self.subs);
             self.listed_at = Some(now);
         }
     }
@@ -421,7 +424,7 @@ impl Scheduler {
             if self.watchdog.is_some() {
                 notify(&[Notify::Watchdog]);
             }
-            let now = engine::now();
+            let now = self.engine.now();
             let mut sleep = next.map_or(MAX_SLEEP, |t| (t - now).to_std().unwrap_or_default());
             sleep = sleep.min(MAX_SLEEP);
             if let Some(wd) = self.watchdog {
@@ -523,7 +526,7 @@ impl Scheduler {
                 detail,
                 quiet: false,
             };
-            if let Err(e) = engine.db().save(&rec, Some(&t), engine::now()) {
+            if let Err(e) = engine.db().save(&rec, Some(&t), self.engine.now()) {
                 tracing::error!(subscription = %sub.name, error = %e, "cannot save state");
             }
         }
@@ -559,7 +562,7 @@ impl Scheduler {
     fn reload(&mut self, new: Arc<Engine>) {
         let old = std::mem::replace(&mut self.engine, new);
         self.engine.adopt_seen(&old);
-        let now = engine::now();
+        let now = self.engine.now();
         // A changed schedule applies to the next rotation at once, not after the one
         // the old schedule had already planned.
         for sub in &self.engine.config().subscriptions {
@@ -605,7 +608,7 @@ impl Scheduler {
     /// something will be.
     fn pass(&mut self) -> Option<DateTime<Utc>> {
         let engine = self.engine.clone();
-        let now = engine::now();
+        let now = self.engine.now();
         let mut next: Option<DateTime<Utc>> = self.next_listing();
         for sub in &self.subs.clone() {
             if self.running.contains_key(&sub.name) {
@@ -618,7 +621,13 @@ impl Scheduler {
                         continue;
                     };
                     match engine.record(sub) {
-                        Ok(rec) => match wake_time(policy, &sub.name, &rec, now) {
+                        Ok(rec) => match wake_time(
+                            policy,
+                            &sub.name,
+                            &rec,
+                            now,
+                            engine.drift_check_at(sub),
+                        ) {
                             Some(t) if t <= now => match self.cooling(&sub.name, now) {
                                 Some(until) => {
                                     next = Some(next.map_or(until, |n| n.min(until)));
@@ -743,8 +752,11 @@ impl Scheduler {
                             humantime::format_duration(COOLDOWN)
                         );
                         self.cooldown
-                            .insert(name.clone(), plus(engine::now(), COOLDOWN));
+                            .insert(name.clone(), plus(self.engine.now(), COOLDOWN));
                     }
+                }
+                Outcome::Checked => {
+                    tracing::debug!(subscription = %name, "checked for drift; none")
                 }
                 Outcome::Held => tracing::warn!(
                     subscription = %name,
@@ -768,7 +780,7 @@ impl Scheduler {
     /// Feeds the transitions recorded since the last call to the metrics.
     fn count_history(&mut self) {
         let Some(m) = &self.metrics else { return };
-        m.beat(engine::now());
+        m.beat(self.engine.now());
         match self.engine.db().history_after(self.counted_seq) {
             Ok(rows) => {
                 if let Some(last) = rows.last() {
@@ -1016,8 +1028,8 @@ mod tests {
         }
         // Rotated: next due in 30 days. A manual request (what SIGUSR1 takes) rotates
         // again, once, however often it is asked for.
-        db.add_request("a/2", engine::now()).unwrap();
-        db.add_request("a/2", engine::now()).unwrap();
+        db.add_request("a/2", chrono::Utc::now()).unwrap();
+        db.add_request("a/2", chrono::Utc::now()).unwrap();
         tx.send(Control::Wake).await.unwrap();
         until_rotations(&db, "a/2", 2).await;
         tx.send(Control::Stop).await.unwrap();
@@ -1025,7 +1037,7 @@ mod tests {
         assert_eq!(gauge.lock().unwrap().calls, 6);
         let rec = db.load("a/2").unwrap().unwrap();
         assert_eq!(rec.state.phase, Phase::Idle);
-        assert!(rec.next_due_at.unwrap() > engine::now() + chrono::Duration::days(29));
+        assert!(rec.next_due_at.unwrap() > chrono::Utc::now() + chrono::Duration::days(29));
     }
 
     #[tokio::test]
@@ -1083,7 +1095,7 @@ mod tests {
             let (engine, db, gauge) = parts(dir.path(), config);
             // a/1 was last rotated 31 days ago: due a day ago, while rekey was down.
             // (Microseconds: what the state database keeps.)
-            let now = chrono::SubsecRound::trunc_subsecs(engine::now(), 6);
+            let now = chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6);
             let due = now - chrono::Duration::days(1);
             let mut rec = db
                 .load_or_create("a/1", now - chrono::Duration::days(60))
@@ -1146,25 +1158,25 @@ mod tests {
         rec.state.phase = Phase::Failed;
         rec.state.not_before = Some(utc("2026-11-23T01:35:00Z"));
         assert_eq!(
-            wake_time(&p, "a/1", &rec, now),
+            wake_time(&p, "a/1", &rec, now, None),
             Some(utc("2026-11-23T01:35:00Z")),
             "no jitter on a retry, and not the long-past due time"
         );
         // A retry that falls outside the window waits for it.
         rec.state.not_before = Some(utc("2026-11-23T05:00:00Z"));
         assert_eq!(
-            wake_time(&p, "a/1", &rec, now),
+            wake_time(&p, "a/1", &rec, now, None),
             Some(utc("2026-11-24T01:00:00Z"))
         );
         // In flight: its own time, window or not.
         rec.state.phase = Phase::Confirming;
         rec.state.not_before = Some(utc("2026-11-23T12:00:00Z"));
         assert_eq!(
-            wake_time(&p, "a/1", &rec, now),
+            wake_time(&p, "a/1", &rec, now, None),
             Some(utc("2026-11-23T12:00:00Z"))
         );
         rec.state.phase = Phase::Held;
-        assert_eq!(wake_time(&p, "a/1", &rec, now), None);
+        assert_eq!(wake_time(&p, "a/1", &rec, now, None), None);
     }
 
     #[test]

@@ -110,6 +110,110 @@ pub struct Response {
     pub request_id: Option<String>,
 }
 
+/// The largest response body rekey reads from a provider. Real answers are a few
+/// KiB; a body past this is a broken or hostile peer, not data.
+pub const MAX_BODY: usize = 1 << 20;
+
+/// An answer as it came off the wire, any status.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: bytes::Bytes,
+}
+
+/// Why no answer came.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransportError {
+    /// The connection never opened: the request did not reach the provider.
+    Connect(String),
+    /// No complete answer within the client's timeout.
+    Timeout,
+    /// Sent, but the exchange broke (reset, truncated or oversized body).
+    Broken(String),
+}
+
+/// How a request reaches a provider: the network in production, an in-process model
+/// of the provider in the deterministic simulation. Everything above it — retries,
+/// `Retry-After`, the rate limiter, error classification — is the same code in both.
+#[async_trait::async_trait]
+pub trait Transport: Send + Sync {
+    async fn execute(
+        &self,
+        request: reqwest::Request,
+        timeout: Duration,
+    ) -> Result<RawResponse, TransportError>;
+}
+
+/// The network, through reqwest (whose client carries the timeouts).
+struct NetTransport {
+    client: reqwest::Client,
+}
+
+#[async_trait::async_trait]
+impl Transport for NetTransport {
+    async fn execute(
+        &self,
+        request: reqwest::Request,
+        _timeout: Duration,
+    ) -> Result<RawResponse, TransportError> {
+        let classify = |e: reqwest::Error| {
+            if e.is_timeout() {
+                TransportError::Timeout
+            } else if e.is_connect() {
+                TransportError::Connect(crate::errors::chain(&e))
+            } else {
+                TransportError::Broken(crate::errors::chain(&e))
+            }
+        };
+        let mut resp = self.client.execute(request).await.map_err(classify)?;
+        let status = resp.status();
+        let headers = std::mem::take(resp.headers_mut());
+        let body = read_capped(&mut resp, MAX_BODY)
+            .await
+            .map_err(|e| match e {
+                TransportError::Broken(d) => {
+                    TransportError::Broken(format!("reading the response body: {d}"))
+                }
+                other => other,
+            })?;
+        Ok(RawResponse {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
+/// Reads a body chunk by chunk and gives up past `max` bytes, so a peer that streams
+/// without end cannot exhaust memory.
+pub async fn read_capped(
+    resp: &mut reqwest::Response,
+    max: usize,
+) -> Result<bytes::Bytes, TransportError> {
+    if resp.content_length().is_some_and(|n| n > max as u64) {
+        return Err(TransportError::Broken(format!(
+            "the body is larger than {max} bytes; not read"
+        )));
+    }
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                if buf.len() + chunk.len() > max {
+                    return Err(TransportError::Broken(format!(
+                        "the body is larger than {max} bytes; not read"
+                    )));
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(buf.freeze()),
+            Err(e) if e.is_timeout() => return Err(TransportError::Timeout),
+            Err(e) => return Err(TransportError::Broken(crate::errors::chain(&e))),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
     /// Total attempts, including the first.
@@ -119,6 +223,9 @@ pub struct RetryPolicy {
     /// A `Retry-After` longer than this is not waited out inside one call; the error
     /// goes back to the caller, which reschedules.
     pub max_retry_after: Duration,
+    /// Randomises each wait (so a fleet's retries spread out). Off only where runs
+    /// must replay exactly (the simulation).
+    pub jitter: bool,
 }
 
 impl Default for RetryPolicy {
@@ -128,6 +235,7 @@ impl Default for RetryPolicy {
             base: Duration::from_millis(500),
             max: Duration::from_secs(20),
             max_retry_after: Duration::from_secs(120),
+            jitter: true,
         }
     }
 }
@@ -212,7 +320,9 @@ impl RateLimiter {
 pub struct HttpClient {
     name: String,
     base_url: String,
+    /// Builds requests; [`HttpClient::transport`] sends them.
     client: reqwest::Client,
+    transport: Arc<dyn Transport>,
     timeout: Duration,
     limiter: Arc<RateLimiter>,
     retry: RetryPolicy,
@@ -239,11 +349,21 @@ impl HttpClient {
         Ok(HttpClient {
             name: name.to_string(),
             base_url: base_url.trim_end_matches('/').to_string(),
+            transport: Arc::new(NetTransport {
+                client: client.clone(),
+            }),
             client,
             timeout,
             limiter: Arc::new(RateLimiter::new(limit)),
             retry: RetryPolicy::default(),
         })
+    }
+
+    /// Sends every request through `transport` instead of the network (the
+    /// simulation, and tests of the retry rules).
+    pub fn with_transport(mut self, transport: Arc<dyn Transport>) -> Self {
+        self.transport = transport;
+        self
     }
 
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
@@ -259,10 +379,6 @@ impl HttpClient {
         format!("{}{}", self.base_url, path)
     }
 
-    pub fn client(&self) -> &reqwest::Client {
-        &self.client
-    }
-
     /// Sends the request `build` makes (again on each attempt), retrying as
     /// `idempotency` allows. `what` names the call in logs and errors
     /// (e.g. `POST /webhook-subscriptions/801/rotate-secret`).
@@ -275,11 +391,13 @@ impl HttpClient {
     where
         F: Fn(&reqwest::Client) -> reqwest::RequestBuilder,
     {
-        let backoff = ExponentialBuilder::default()
+        let mut backoff = ExponentialBuilder::default()
             .with_min_delay(self.retry.base)
             .with_max_delay(self.retry.max)
-            .with_max_times(self.retry.attempts.saturating_sub(1))
-            .with_jitter();
+            .with_max_times(self.retry.attempts.saturating_sub(1));
+        if self.retry.jitter {
+            backoff = backoff.with_jitter();
+        }
         let max_retry_after = self.retry.max_retry_after;
         (|| self.attempt(what, &build))
             .retry(backoff)
@@ -293,12 +411,10 @@ impl HttpClient {
                 retryable && e.retry_after().is_none_or(|d| d <= max_retry_after)
             })
             .adjust(|e: &HttpError, planned| {
-                // Retry-After wins over our own backoff, but never shortens it.
-                match (e.retry_after(), planned) {
-                    (Some(ra), Some(p)) => Some(ra.max(p)),
-                    (Some(ra), None) => Some(ra),
-                    (None, p) => p,
-                }
+                // Retry-After wins over our own backoff, but never shortens it. `None`
+                // means the attempts are used up: it stays `None`, whatever the
+                // provider asked for, or a 429 would be retried for ever.
+                planned.map(|p| e.retry_after().map_or(p, |ra| ra.max(p)))
             })
             .notify(|e: &HttpError, wait: Duration| {
                 tracing::warn!(
@@ -317,31 +433,34 @@ impl HttpClient {
         F: Fn(&reqwest::Client) -> reqwest::RequestBuilder,
     {
         self.limiter.acquire().await;
-        let err_transport = |detail: String| HttpError::Transport {
+        let request = build(&self.client).build().map_err(|e| HttpError::Setup {
             provider: self.name.clone(),
-            what: what.to_string(),
-            detail,
-        };
-        let resp = build(&self.client).send().await.map_err(|e| {
-            if e.is_timeout() {
-                HttpError::Timeout {
+            detail: crate::errors::chain(&e),
+        })?;
+        let resp = self
+            .transport
+            .execute(request, self.timeout)
+            .await
+            .map_err(|e| match e {
+                TransportError::Timeout => HttpError::Timeout {
                     provider: self.name.clone(),
                     what: what.to_string(),
                     timeout: self.timeout,
-                }
-            } else if e.is_connect() {
-                HttpError::Connect {
+                },
+                TransportError::Connect(detail) => HttpError::Connect {
                     provider: self.name.clone(),
                     what: what.to_string(),
-                    detail: crate::errors::chain(&e),
-                }
-            } else {
-                err_transport(crate::errors::chain(&e))
-            }
-        })?;
-        let status = resp.status();
-        let request_id = header(&resp, "x-request-id");
-        let retry_after = header(&resp, "retry-after").and_then(|v| parse_retry_after(&v));
+                    detail,
+                },
+                TransportError::Broken(detail) => HttpError::Transport {
+                    provider: self.name.clone(),
+                    what: what.to_string(),
+                    detail,
+                },
+            })?;
+        let status = resp.status;
+        let request_id = header(&resp.headers, "x-request-id");
+        let retry_after = header(&resp.headers, "retry-after").and_then(|v| parse_retry_after(&v));
         tracing::debug!(
             provider = %self.name,
             call = what,
@@ -349,24 +468,10 @@ impl HttpClient {
             request_id = request_id.as_deref().unwrap_or("-"),
             "provider answered"
         );
-        let body = resp.bytes().await.map_err(|e| {
-            if e.is_timeout() {
-                HttpError::Timeout {
-                    provider: self.name.clone(),
-                    what: what.to_string(),
-                    timeout: self.timeout,
-                }
-            } else {
-                err_transport(format!(
-                    "reading the response body: {}",
-                    crate::errors::chain(&e)
-                ))
-            }
-        })?;
         if status.is_success() {
             return Ok(Response {
                 status,
-                body,
+                body: resp.body,
                 request_id,
             });
         }
@@ -385,15 +490,15 @@ impl HttpClient {
             provider: self.name.clone(),
             what: what.to_string(),
             status: status.as_u16(),
-            message: error_message(&body),
+            message: error_message(&resp.body),
             request_id,
             retry_after,
         })
     }
 }
 
-fn header(resp: &reqwest::Response, name: &str) -> Option<String> {
-    resp.headers()
+fn header(headers: &reqwest::header::HeaderMap, name: &str) -> Option<String> {
+    headers
         .get(name)
         .and_then(|v| v.to_str().ok())
         .map(|s| s.chars().take(128).collect())
@@ -499,5 +604,108 @@ mod tests {
         let t1 = Instant::now();
         l.acquire().await;
         assert!(Instant::now() - t1 >= Duration::from_secs(5));
+    }
+
+    /// Answers every request with `status` and the given `Retry-After`, counting them.
+    struct Scripted {
+        status: u16,
+        retry_after: Option<&'static str>,
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Transport for Scripted {
+        async fn execute(
+            &self,
+            _request: reqwest::Request,
+            _timeout: Duration,
+        ) -> Result<RawResponse, TransportError> {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut headers = reqwest::header::HeaderMap::new();
+            if let Some(ra) = self.retry_after {
+                headers.insert("retry-after", ra.parse().unwrap());
+            }
+            Ok(RawResponse {
+                status: StatusCode::from_u16(self.status).unwrap(),
+                headers,
+                body: bytes::Bytes::from_static(br#"{"message":"slow down"}"#),
+            })
+        }
+    }
+
+    fn scripted(status: u16, retry_after: Option<&'static str>) -> (Arc<Scripted>, HttpClient) {
+        let t = Arc::new(Scripted {
+            status,
+            retry_after,
+            calls: Default::default(),
+        });
+        let c = HttpClient::new(
+            "p",
+            "http://127.0.0.1:9",
+            Duration::from_secs(5),
+            RateLimit {
+                count: 1000,
+                per: Duration::from_secs(1),
+            },
+        )
+        .unwrap()
+        .with_transport(t.clone());
+        (t, c)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_provider_that_keeps_asking_to_retry_after_is_given_up_on() {
+        // Regression: with Retry-After ≤ max_retry_after, "no attempts left" was read
+        // as "retry after Retry-After", and the call never returned.
+        for idem in [Idempotency::Idempotent, Idempotency::Once] {
+            let (t, c) = scripted(429, Some("2"));
+            let r = tokio::time::timeout(
+                Duration::from_secs(3600),
+                c.send("GET /x", idem, |c| c.get("http://127.0.0.1:9/x")),
+            )
+            .await
+            .expect("the call returns within the hour");
+            assert!(
+                matches!(r, Err(HttpError::Status { status: 429, .. })),
+                "{r:?}"
+            );
+            assert_eq!(
+                t.calls.load(std::sync::atomic::Ordering::SeqCst),
+                RetryPolicy::default().attempts,
+                "{idem:?}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_error_on_a_call_sent_once_is_not_repeated() {
+        let (t, c) = scripted(503, Some("1"));
+        let r = c
+            .send("POST /rotate", Idempotency::Once, |c| {
+                c.post("http://127.0.0.1:9/rotate")
+            })
+            .await;
+        assert!(matches!(r, Err(HttpError::Status { status: 503, .. })));
+        assert_eq!(t.calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_oversized_body_is_refused_not_read() {
+        let big = vec![b'x'; MAX_BODY + 1];
+        let mut resp = reqwest::Response::from(http_response(big));
+        let e = read_capped(&mut resp, MAX_BODY).await.unwrap_err();
+        assert!(
+            matches!(e, TransportError::Broken(ref d) if d.contains("larger than")),
+            "{e:?}"
+        );
+        let mut ok = reqwest::Response::from(http_response(b"{}".to_vec()));
+        assert_eq!(&read_capped(&mut ok, MAX_BODY).await.unwrap()[..], b"{}");
+    }
+
+    fn http_response(body: Vec<u8>) -> axum::http::Response<Vec<u8>> {
+        axum::http::Response::builder()
+            .status(200)
+            .body(body)
+            .unwrap()
     }
 }

@@ -18,7 +18,7 @@ use chrono::{DateTime, Utc};
 use crate::config::{KindSettings, ProviderKind, ProviderSettings};
 use crate::secret::SecretString;
 
-pub use http::{HttpClient, HttpError};
+pub use http::{HttpClient, HttpError, RawResponse, Transport, TransportError};
 
 /// Why a provider call failed, classified by what it means for the rotation.
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +159,12 @@ pub trait Provider: Send + Sync {
     /// Every subscription the account has (discovery).
     async fn list(&self) -> Result<Vec<RemoteSubscription>, ProviderError>;
 
+    /// Whether [`Provider::secret_hint`] can show anything: only then is drift
+    /// checked (each check is a request).
+    fn shows_secret_hint(&self) -> bool {
+        false
+    }
+
     /// The last characters of the live secret, where the provider shows them (Storno:
     /// masked `***` + last 8), for drift detection; `None` where it shows nothing.
     async fn secret_hint(&self, _id: &str) -> Result<Option<String>, ProviderError> {
@@ -183,12 +189,29 @@ pub trait Provider: Send + Sync {
 
 /// Builds the client for a configured provider account.
 pub fn build(settings: &ProviderSettings) -> Result<Arc<dyn Provider>, HttpError> {
-    let http = HttpClient::new(
+    build_with(settings, None, None)
+}
+
+/// As [`build`], sending through `transport` instead of the network, and retrying by
+/// `retry`, when given (the deterministic simulation runs the production clients this
+/// way, with a retry policy without random jitter).
+pub fn build_with(
+    settings: &ProviderSettings,
+    transport: Option<Arc<dyn Transport>>,
+    retry: Option<http::RetryPolicy>,
+) -> Result<Arc<dyn Provider>, HttpError> {
+    let mut http = HttpClient::new(
         &settings.name,
         &settings.base_url,
         settings.timeout,
         settings.rate_limit,
     )?;
+    if let Some(t) = transport {
+        http = http.with_transport(t);
+    }
+    if let Some(r) = retry {
+        http = http.with_retry(r);
+    }
     Ok(match &settings.settings {
         KindSettings::Fintoro => {
             Arc::new(fintoro::FintoroClient::new(http, settings.token.clone()))

@@ -438,6 +438,7 @@ mod tests {
             base: Duration::from_millis(10),
             max: Duration::from_millis(50),
             max_retry_after: Duration::from_secs(2),
+            jitter: true,
         });
         MoniteClient::new(
             http,

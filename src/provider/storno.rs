@@ -388,6 +388,10 @@ impl Provider for StornoClient {
         }
     }
 
+    fn shows_secret_hint(&self) -> bool {
+        true
+    }
+
     async fn secret_hint(&self, id: &str) -> Result<Option<String>, ProviderError> {
         self.masked_secret_tail(id).await
     }

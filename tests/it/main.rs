@@ -13,6 +13,7 @@ mod monite;
 mod provider_faults;
 mod rvault_smoke;
 mod sandbox;
+mod sim;
 mod state_damage;
 mod storno;
 mod support;

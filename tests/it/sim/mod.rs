@@ -1,0 +1,417 @@
+//! A deterministic simulation of the whole daemon over a simulated year.
+//!
+//! The production [`Scheduler`], [`Engine`], state machine, SQLite state database and
+//! provider clients (with their retries, `Retry-After` handling and rate limiters) run
+//! on a current-thread tokio runtime with the clock paused; only what lies outside
+//! rekey is simulated ([`world`]): the providers behind an in-process transport, the
+//! receivers, the secret store, time itself. One seed chooses the fleet, the policies
+//! and every event of the year ([`scenario`]); a crash drops the runtime at that instant
+//! and starts rekey again from the same database file.
+//!
+//! Invariants, checked hourly and at every retire, with the seed in the failure:
+//! - no secret lost: a provider's live secret is the store's `current`, or is held in
+//!   rekey's database for a rotation in flight (or a lost answer is being rotated
+//!   over), except between a rotation made outside rekey and its repair;
+//! - no retire without evidence: the old secret leaves the store only after a
+//!   delivery signed with the new secret succeeded, unless rekey recorded that it
+//!   retired without evidence (policy `on_timeout = "retire"`, or an operator);
+//! - progress: once faults stop, nothing stays in flight longer than [`PROGRESS`]:
+//!   every subscription, including those removed or renamed mid-rotation, comes to
+//!   rest, and the store then holds the live secret;
+//! - no floods: at most [`world::MAX_REQUESTS_PER_SUB_DAY`] requests per subscription per
+//!   day, and never more than the account's rate limit (a provider-side token bucket
+//!   with the configured parameters);
+//! - one at a time: never two rotate calls in flight for one subscription.
+//!
+//! `cargo test sim::` runs the default budget; `REKEY_SIM_SEEDS=N` runs N seeds,
+//! `REKEY_SIM_SEED=S` replays one, `REKEY_SIM_DAYS=D` changes the simulated span.
+
+mod check;
+mod scenario;
+mod world;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rekey::clock::{Clock, VirtualClock};
+use rekey::config::Config;
+use rekey::engine::Engine;
+use rekey::provider::http::RetryPolicy;
+use rekey::scheduler::{Control, Scheduler};
+use rekey::state::StateDb;
+use tokio::sync::mpsc;
+
+use scenario::{Change, Event, Scenario};
+use world::World;
+
+/// Once faults stop, every rotation in flight comes to rest within this.
+pub const PROGRESS: Duration = Duration::from_secs(3 * 86_400);
+
+/// What one simulated run came to.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub seed: u64,
+    pub violations: Vec<String>,
+    pub rotations: u64,
+    pub retired_with_evidence: u64,
+    pub requests: u64,
+    pub crashes: u32,
+    pub reloads: u32,
+    pub log: Vec<String>,
+}
+
+struct Run {
+    sc: Scenario,
+    world: Arc<World>,
+    dir: tempfile::TempDir,
+    config_path: std::path::PathBuf,
+    report: Report,
+    /// rotation id → (event, detail) of its transition into `retiring`.
+    retire_reasons: HashMap<String, (String, String)>,
+    seen_seq: i64,
+    drift_noticed: HashMap<String, DateTime<Utc>>,
+    held_noticed: HashMap<String, DateTime<Utc>>,
+}
+
+fn scratch_dir() -> tempfile::TempDir {
+    // tmpfs where there is one: the state database fsyncs every transition, and a
+    // simulated year is tens of thousands of them.
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(d) = tempfile::Builder::new().prefix("rekey-sim").tempdir_in(shm) {
+            return d;
+        }
+    }
+    tempfile::tempdir().expect("temp dir")
+}
+
+impl Run {
+    fn new(seed: u64, days: u32) -> Run {
+        let sc = Scenario::generate(seed, days);
+        let world = World::new(seed);
+        for a in &sc.accounts {
+            world.add_account(
+                &a.world,
+                a.kind,
+                chrono::Duration::milliseconds(a.skew_ms),
+                a.latency,
+                a.limit,
+                sc.start,
+            );
+        }
+        for s in &sc.subs {
+            world.add_sub(
+                &s.account,
+                &s.id,
+                &s.vault_path,
+                s.interval,
+                s.slow,
+                s.lag,
+                sc.start - chrono::Duration::days(30),
+            );
+        }
+        let dir = scratch_dir();
+        std::fs::write(dir.path().join("token"), "af_simulated-token\n").expect("token");
+        let config_path = dir.path().join("rekey.toml");
+        let run = Run {
+            sc,
+            world,
+            config_path,
+            dir,
+            report: Report {
+                seed,
+                ..Report::default()
+            },
+            retire_reasons: HashMap::new(),
+            seen_seq: 0,
+            drift_noticed: HashMap::new(),
+            held_noticed: HashMap::new(),
+        };
+        run.write_config();
+        run
+    }
+
+    fn write_config(&self) {
+        let d = self.dir.path().display().to_string();
+        let toml = self.sc.config_toml(&format!("{d}/state"), &d);
+        std::fs::write(&self.config_path, toml).expect("config");
+    }
+
+    fn engine(&self, db: Arc<StateDb>, clock: Arc<VirtualClock>) -> Arc<Engine> {
+        let config = Arc::new(Config::load(&self.config_path).unwrap_or_else(|e| {
+            panic!(
+                "seed {}: the simulated config does not load: {e}",
+                self.sc.seed
+            )
+        }));
+        let mut providers = HashMap::new();
+        for p in &config.providers {
+            let world_name = &self
+                .sc
+                .accounts
+                .iter()
+                .find(|a| a.name == p.name)
+                .expect("configured account")
+                .world;
+            let retry = RetryPolicy {
+                jitter: false,
+                ..RetryPolicy::default()
+            };
+            let client =
+                rekey::provider::build_with(p, Some(self.world.transport(world_name)), Some(retry))
+                    .expect("provider client");
+            providers.insert(p.name.clone(), client);
+        }
+        Arc::new(Engine::with_parts(config, db, self.world.store(), providers).with_clock(clock))
+    }
+
+    fn log(&mut self, at: DateTime<Utc>, what: String) {
+        self.report.log.push(format!("{} {what}", at.to_rfc3339()));
+    }
+
+    /// Plays the scenario to its end, crash by crash. Returns the report.
+    fn play(mut self) -> Report {
+        let end = self.sc.start + chrono::Duration::days(i64::from(self.sc.days));
+        let mut now = self.sc.start;
+        let mut next_event = 0usize;
+        loop {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .expect("runtime");
+            let (stopped_at, crash) = rt.block_on(self.epoch(now, end, &mut next_event));
+            // Dropping the runtime drops every task mid-await: a crash.
+            drop(rt);
+            self.world.lock().clock = None;
+            match crash {
+                Some(downtime) => {
+                    self.report.crashes += 1;
+                    now = stopped_at + chrono::Duration::from_std(downtime).unwrap_or_default();
+                    let at = stopped_at;
+                    self.log(at, format!("crash; down for {downtime:?}"));
+                }
+                None => break,
+            }
+        }
+        self.report.rotations = self.world.lock().rotations;
+        self.report.requests = self.world.lock().requests;
+        self.report.retired_with_evidence = self.world.lock().retired_with_evidence;
+        self.report.violations = std::mem::take(&mut self.world.lock().violations);
+        self.report
+    }
+
+    /// One life of the rekey process: from `start` to a crash or the end.
+    async fn epoch(
+        &mut self,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        next_event: &mut usize,
+    ) -> (DateTime<Utc>, Option<Duration>) {
+        let clock = Arc::new(VirtualClock::starting_at(start));
+        self.world.restart(clock.clone());
+        let db = Arc::new(StateDb::open(&self.dir.path().join("state")).expect("state db"));
+        let engine = self.engine(db.clone(), clock.clone());
+        let (tx, rx) = mpsc::channel(16);
+        let sched = tokio::spawn(Scheduler::new(engine, &[]).run(rx));
+        let mut next_check = clock.true_now() + chrono::Duration::hours(1);
+        loop {
+            let now = clock.true_now();
+            let event_at = self.sc.events.get(*next_event).map(|(t, _)| *t);
+            let wake = [Some(next_check), event_at, Some(end)]
+                .into_iter()
+                .flatten()
+                .min()
+                .expect("end is set");
+            if wake > now {
+                tokio::time::sleep((wake - now).to_std().unwrap_or_default()).await;
+            }
+            let now = clock.true_now();
+            if now >= next_check {
+                self.check(&db, clock.as_ref(), &tx, false).await;
+                next_check = now + chrono::Duration::hours(1);
+            }
+            while let Some((t, ev)) = self.sc.events.get(*next_event).cloned() {
+                if t > now {
+                    break;
+                }
+                *next_event += 1;
+                if let Some(downtime) = self.event(ev, &db, &clock, &tx).await {
+                    return (now, Some(downtime));
+                }
+            }
+            if now >= end {
+                let _ = tx.send(Control::Stop).await;
+                let _ = sched.await;
+                self.check(&db, clock.as_ref(), &tx, true).await;
+                return (now, None);
+            }
+        }
+    }
+
+    /// Applies one scheduled event; `Some(downtime)` for a crash.
+    async fn event(
+        &mut self,
+        ev: Event,
+        db: &Arc<StateDb>,
+        clock: &Arc<VirtualClock>,
+        tx: &mpsc::Sender<Control>,
+    ) -> Option<Duration> {
+        let now = clock.true_now();
+        match ev {
+            Event::Crash { downtime } => return Some(downtime),
+            Event::ProviderFaults { account, faults } => {
+                self.world
+                    .lock()
+                    .accounts
+                    .get_mut(&account)
+                    .expect("account")
+                    .faults = faults;
+                self.log(now, format!("{account}: faults {faults:?}"));
+            }
+            Event::Store(mode) => {
+                self.world.lock().store.mode = mode;
+                self.log(now, format!("store {mode:?}"));
+            }
+            Event::Skew { account, ms } => {
+                self.world
+                    .lock()
+                    .accounts
+                    .get_mut(&account)
+                    .expect("account")
+                    .skew = chrono::Duration::milliseconds(ms);
+                self.log(now, format!("{account}: clock skew {ms} ms"));
+            }
+            Event::Drift { account, id } => {
+                self.world.rotate_outside(&account, &id);
+                self.log(now, format!("{account}/{id} rotated outside rekey"));
+            }
+            Event::Request { sub } => {
+                let name = self.sc.name_of(&self.sc.subs[sub]);
+                db.add_request(&name, clock.now()).expect("request");
+                let _ = tx.send(Control::Wake).await;
+                self.log(now, format!("operator requests a rotation of {name}"));
+            }
+            Event::Reload(change) => {
+                let what = match change {
+                    Change::RemoveSub(i) | Change::AddSub(i)
+                        if self.sc.account(&self.sc.subs[i].account).discovery =>
+                    {
+                        let listed = matches!(change, Change::AddSub(_));
+                        let s = &self.sc.subs[i];
+                        let mut w = self.world.lock();
+                        if let Some(r) = w
+                            .accounts
+                            .get_mut(&s.account)
+                            .and_then(|a| a.subs.get_mut(&s.id))
+                        {
+                            r.listed = listed;
+                        }
+                        format!("{}/{} listed: {listed}", s.account, s.id)
+                    }
+                    Change::RenameAccount(i) if self.sc.accounts[i].discovery => return None,
+                    _ => self.sc.apply(&change),
+                };
+                self.write_config();
+                let engine = self.engine(db.clone(), clock.clone());
+                let _ = tx.send(Control::Reload(engine)).await;
+                self.report.reloads += 1;
+                self.log(now, format!("reload: {what}"));
+            }
+        }
+        None
+    }
+}
+
+/// Runs one seed for `days` simulated days.
+pub fn run(seed: u64, days: u32) -> Report {
+    Run::new(seed, days).play()
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+}
+
+/// Runs `seeds` on every core, and fails listing each seed that broke an invariant
+/// with the command that replays it.
+fn run_many(seeds: Vec<u64>, days: u32) {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let queue = Arc::new(std::sync::Mutex::new(seeds));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<Report>::new()));
+    let totals = Arc::new(std::sync::Mutex::new((0u64, 0u64, 0u32, 0u32, 0usize)));
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let (queue, failures, totals) = (queue.clone(), failures.clone(), totals.clone());
+            std::thread::spawn(move || {
+                loop {
+                    let Some(seed) = queue.lock().unwrap().pop() else {
+                        break;
+                    };
+                    let r = run(seed, days);
+                    {
+                        let mut t = totals.lock().unwrap();
+                        t.0 += r.rotations;
+                        t.1 += r.requests;
+                        t.2 += r.crashes;
+                        t.3 += r.reloads;
+                        t.4 += 1;
+                    }
+                    if !r.violations.is_empty() {
+                        failures.lock().unwrap().push(r);
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("simulation thread");
+    }
+    let t = totals.lock().unwrap();
+    eprintln!(
+        "simulation: {} seeds × {days} days: {} rotations, {} provider requests, {} crashes, {} reloads",
+        t.4, t.0, t.1, t.2, t.3
+    );
+    let failures = failures.lock().unwrap();
+    if !failures.is_empty() {
+        let mut msg = String::new();
+        for r in failures.iter() {
+            msg.push_str(&format!(
+                "\nseed {} broke an invariant (replay: REKEY_SIM_SEED={} REKEY_SIM_DAYS={days} cargo test --test it sim::replay -- --nocapture):\n",
+                r.seed, r.seed
+            ));
+            for v in r.violations.iter().take(8) {
+                msg.push_str(&format!("  - {v}\n"));
+            }
+        }
+        panic!("{msg}");
+    }
+}
+
+#[test]
+fn a_simulated_year_keeps_every_invariant() {
+    let n = env_u64("REKEY_SIM_SEEDS").unwrap_or(DEFAULT_SEEDS);
+    let days = env_u64("REKEY_SIM_DAYS").unwrap_or(365) as u32;
+    let base = env_u64("REKEY_SIM_BASE").unwrap_or(1);
+    run_many((base..base + n).collect(), days);
+}
+
+/// The default budget for `cargo test`: sized to finish in about a minute on two
+/// cores. `REKEY_SIM_SEEDS` raises it.
+const DEFAULT_SEEDS: u64 = 48;
+
+#[test]
+fn replay() {
+    let Some(seed) = env_u64("REKEY_SIM_SEED") else {
+        return;
+    };
+    let days = env_u64("REKEY_SIM_DAYS").unwrap_or(365) as u32;
+    let r = run(seed, days);
+    for l in &r.log {
+        eprintln!("{l}");
+    }
+    eprintln!("{r:#?}");
+    assert!(r.violations.is_empty(), "seed {seed}: {:#?}", r.violations);
+}
