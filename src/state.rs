@@ -11,6 +11,7 @@
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use chrono::{DateTime, Utc};
 use rusqlite::{
@@ -95,6 +96,11 @@ pub const DB_FILE: &str = "rekey.db";
 /// creating the schema, a daemon's write) before it gives up.
 const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long truncating the WAL after a publication waits for readers (`rekey status`)
+/// to finish; SQLite's busy handler retries with short sleeps until then. Longer would
+/// stall the rotation for the sake of a cleanup the next save retries anyway.
+const CHECKPOINT_PATIENCE: std::time::Duration = std::time::Duration::from_millis(250);
+
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("state database {path}: {detail}")]
@@ -146,6 +152,9 @@ pub struct HistoryRow {
 pub struct StateDb {
     conn: Mutex<Connection>,
     path: PathBuf,
+    /// A WAL truncation that readers kept busy, retried at the next save: until it
+    /// succeeds, the page image of a published secret may remain in the `-wal` file.
+    checkpoint_owed: AtomicBool,
 }
 
 fn ts(t: &Option<DateTime<Utc>>) -> Option<String> {
@@ -257,6 +266,7 @@ impl StateDb {
         StateDb {
             conn: Mutex::new(conn),
             path,
+            checkpoint_owed: AtomicBool::new(false),
         }
     }
 
@@ -360,6 +370,11 @@ impl StateDb {
             });
         }
         Ok(())
+    }
+
+    /// Whether a WAL truncation is still owed (see [`StateDb::save`]).
+    pub fn checkpoint_owed(&self) -> bool {
+        self.checkpoint_owed.load(Ordering::Relaxed)
     }
 
     /// Returns the record, creating an idle one first seen `now` if there is none.
@@ -472,12 +487,54 @@ impl StateDb {
             )?;
         }
         tx.commit()?;
-        if wiped_secret {
+        if wiped_secret || self.checkpoint_owed() {
             // The overwritten row's old page image still sits in the WAL until a
             // checkpoint; truncating the WAL removes that last copy of the secret.
-            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+            self.truncate_wal(&conn, &record.name);
         }
         Ok(())
+    }
+
+    /// Truncates the WAL, or, when readers keep it busy past [`CHECKPOINT_PATIENCE`],
+    /// says so and owes it to the next save. Never fails the save: the state is
+    /// committed, only the cleanup is late.
+    fn truncate_wal(&self, conn: &Connection, subscription: &str) {
+        let attempt = || -> Result<bool, rusqlite::Error> {
+            conn.busy_timeout(CHECKPOINT_PATIENCE)?;
+            // (busy, frames in the log, frames checkpointed)
+            let busy = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            });
+            conn.busy_timeout(BUSY_TIMEOUT)?;
+            Ok(busy? == 0)
+        };
+        let result = attempt();
+        let was_owed = self
+            .checkpoint_owed
+            .swap(!matches!(result, Ok(true)), Ordering::Relaxed);
+        match result {
+            Ok(true) if was_owed => {
+                tracing::info!(
+                    "state database WAL truncated; no copy of a published secret remains in it"
+                )
+            }
+            Ok(true) => {}
+            Ok(false) if was_owed => {
+                tracing::debug!("state database WAL still busy; truncation stays owed")
+            }
+            Ok(false) => tracing::warn!(
+                subscription = %subscription,
+                wal = %format!("{}-wal", self.path.display()),
+                "state database WAL busy with a reader: the page that held the minted secret may \
+                 remain in the WAL until the next checkpoint; retried at the next save"
+            ),
+            Err(e) => tracing::warn!(
+                subscription = %subscription,
+                error = %e,
+                "cannot truncate the state database WAL: the page that held the minted secret \
+                 may remain in it until the next checkpoint; retried at the next save"
+            ),
+        }
     }
 
     /// The history of one subscription (or all, with `None`), oldest first.
@@ -991,5 +1048,49 @@ mod tests {
             });
             assert!(errors.is_empty(), "round {round}: {errors:#?}");
         }
+    }
+
+    fn files_holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                std::fs::read(p)
+                    .unwrap()
+                    .windows(needle.len())
+                    .any(|w| w == needle)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_reader_blocking_the_wal_truncation_owes_it_to_the_next_save() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).unwrap();
+        let mut r = db.load_or_create("fintoro/801", now()).unwrap();
+        r.state.phase = Phase::Minted;
+        r.state.pending_secret = Some(secret("whsec_LINGERS_IN_WAL_0123456789"));
+        db.save(&r, None, now()).unwrap();
+        // `rekey status` in another process, mid-read.
+        let reader = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let n: i64 = reader
+            .query_row("SELECT count(*) FROM subscriptions", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 1);
+        r.state.phase = Phase::Published;
+        r.state.pending_secret = None;
+        db.save(&r, None, now()).unwrap();
+        println!(
+            "after publish: {:?}",
+            files_holding(dir.path(), b"LINGERS_IN_WAL")
+        );
+        drop(reader);
+        let other = db.load_or_create("fintoro/802", now()).unwrap();
+        db.save(&other, None, now()).unwrap();
+        assert_eq!(
+            files_holding(dir.path(), b"LINGERS_IN_WAL"),
+            Vec::<PathBuf>::new()
+        );
     }
 }
