@@ -215,6 +215,23 @@ fn open_db(config: &Config) -> Result<Arc<StateDb>, u8> {
     })
 }
 
+/// For the commands that only show the state: creates nothing, and `None` when
+/// nothing has run yet (or a first start is still creating the database).
+fn read_db(config: &Config) -> Result<Option<StateDb>, u8> {
+    StateDb::open_read_only(&config.state_dir).map_err(|e| {
+        eprintln!("rekey: {e}");
+        exit::SOFTWARE
+    })
+}
+
+/// Says, on stderr, why there is nothing to show from the state.
+fn no_state_yet(config: &Config) {
+    eprintln!(
+        "rekey: no state yet in {}: nothing has run there (it is created by `rekey run`)",
+        config.state_dir.display()
+    );
+}
+
 async fn run(path: &Path, once: bool, force: Vec<String>) -> u8 {
     let config = match load(path) {
         Ok(c) => Arc::new(c),
@@ -324,9 +341,9 @@ fn known(config: &Config, names: &[String]) -> Result<(), u8> {
     let discovered: Vec<String> = if config.discoveries.is_empty() {
         vec![]
     } else {
-        StateDb::open(&config.state_dir)
-            .and_then(|db| db.discovered())
-            .map(|d| d.into_iter().map(|d| d.name).collect())
+        StateDb::open_read_only(&config.state_dir)
+            .and_then(|db| db.map(|db| db.discovered()).transpose())
+            .map(|d| d.unwrap_or_default().into_iter().map(|d| d.name).collect())
             .unwrap_or_default()
     };
     for n in names {
@@ -521,12 +538,15 @@ fn status_cmd(path: &Path, json: bool) -> u8 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let db = match open_db(&config) {
+    let db = match read_db(&config) {
         Ok(db) => db,
         Err(code) => return code,
     };
+    if db.is_none() && !json {
+        no_state_yet(&config);
+    }
     let now = chrono::Utc::now();
-    let rows = match status::rows(&config, &db, now) {
+    let rows = match status::rows(&config, db.as_ref(), now) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("rekey: {e}");
@@ -565,8 +585,16 @@ fn history_cmd(path: &Path, subscription: Option<&str>, json: bool) -> u8 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let db = match open_db(&config) {
-        Ok(db) => db,
+    let db = match read_db(&config) {
+        Ok(Some(db)) => db,
+        Ok(None) => {
+            if json {
+                println!("[]");
+            } else {
+                no_state_yet(&config);
+            }
+            return exit::OK;
+        }
         Err(code) => return code,
     };
     let rows = match db.history(subscription) {

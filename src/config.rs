@@ -384,6 +384,100 @@ impl Discovery {
                 .replace("{id}", id),
         }
     }
+
+    /// A path this entry and `other` could both produce (for their two accounts'
+    /// subscriptions), if there is one: then two subscriptions would share an entry.
+    fn shared_path(&self, other: &Discovery) -> Option<String> {
+        common_string(&self.pattern(), &other.pattern())
+    }
+
+    /// The template with the account filled in, as what a path may hold at each place.
+    fn pattern(&self) -> Vec<Piece> {
+        let filled = self
+            .vault_path_template
+            .replace("{provider}", &self.provider)
+            .replace("{kind}", self.kind.as_str());
+        let mut out = vec![];
+        for (i, literal) in filled.split("{id}").enumerate() {
+            if i > 0 {
+                // An id is at least one character, and never a `/`.
+                out.extend([Piece::AnyChar, Piece::AnyRun]);
+            }
+            out.extend(literal.chars().map(Piece::Char));
+        }
+        out
+    }
+}
+
+/// One place in a [`Discovery::pattern`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Piece {
+    Char(char),
+    /// Exactly one character of an id.
+    AnyChar,
+    /// Any number of characters of an id (none too).
+    AnyRun,
+}
+
+/// A string both patterns match, if any: a search over pairs of positions, one in
+/// each pattern, that keeps the character it took to reach each pair. It treats
+/// every `{id}` on its own (an id used twice in one template may match two
+/// different texts here), so it may find a collision where none can happen, never
+/// the reverse.
+fn common_string(a: &[Piece], b: &[Piece]) -> Option<String> {
+    use std::collections::VecDeque;
+    // What one character `c` (None: any id character) does at a position: where the
+    // pattern goes next, or None if it cannot take it.
+    fn take(p: &[Piece], i: usize, c: Option<char>) -> Option<usize> {
+        match (p.get(i)?, c) {
+            (Piece::Char(x), Some(c)) => (*x == c).then_some(i + 1),
+            (Piece::Char(_), None) => None,
+            (_, Some('/')) => None,
+            (Piece::AnyChar, _) => Some(i + 1),
+            (Piece::AnyRun, _) => Some(i),
+        }
+    }
+    let width = b.len() + 1;
+    let mut came_from: Vec<Option<(usize, Option<char>)>> = vec![None; (a.len() + 1) * width];
+    let mut queue = VecDeque::from([(0, 0)]);
+    let start = 0;
+    came_from[start] = Some((start, None));
+    while let Some((i, j)) = queue.pop_front() {
+        if (i, j) == (a.len(), b.len()) {
+            let mut path = vec![];
+            let mut at = i * width + j;
+            while at != start {
+                let (prev, c) = came_from[at]?;
+                path.extend(c);
+                at = prev;
+            }
+            return Some(path.into_iter().rev().collect());
+        }
+        // A run may end (without a character); otherwise both take one character:
+        // a literal one if either pattern has one there, else any id character.
+        let mut next = vec![];
+        if a.get(i) == Some(&Piece::AnyRun) {
+            next.push((i + 1, j, None));
+        }
+        if b.get(j) == Some(&Piece::AnyRun) {
+            next.push((i, j + 1, None));
+        }
+        let c = match (a.get(i), b.get(j)) {
+            (Some(Piece::Char(c)), _) | (_, Some(Piece::Char(c))) => Some(*c),
+            _ => None,
+        };
+        if let (Some(i2), Some(j2)) = (take(a, i, c), take(b, j, c)) {
+            next.push((i2, j2, Some(c.unwrap_or('x'))));
+        }
+        for (i2, j2, c) in next {
+            let at = i2 * width + j2;
+            if came_from[at].is_none() {
+                came_from[at] = Some((i * width + j, c));
+                queue.push_back((i2, j2));
+            }
+        }
+    }
+    None
 }
 
 /// Checks a `vault_path` template: `{id}` must appear (else every subscription
@@ -1117,6 +1211,8 @@ fn validate(
 
     let mut subscriptions: Vec<Subscription> = Vec::new();
     let mut discoveries: Vec<Discovery> = Vec::new();
+    // The `subscriptions[i]` of each discovery entry, for errors naming two of them.
+    let mut discovery_keys: Vec<String> = Vec::new();
     let mut seen_paths: BTreeMap<String, String> = BTreeMap::new();
     for (i, s) in raw.subscriptions.into_iter().enumerate() {
         let k = format!("subscriptions[{i}]");
@@ -1212,12 +1308,31 @@ fn validate(
                 .find(|p| &p.name == provider)
                 .map(|p| p.kind)
                 .unwrap_or(ProviderKind::Fintoro);
-            discoveries.push(Discovery {
+            let d = Discovery {
                 provider: provider.clone(),
                 kind,
                 policy: policy.clone(),
                 vault_path_template: template.clone(),
-            });
+            };
+            if let Some((other, o, path)) = discovery_keys
+                .iter()
+                .zip(&discoveries)
+                .find_map(|(key, o)| o.shared_path(&d).map(|path| (key, o, path)))
+            {
+                c.problem(
+                    format!("{k}.vault_path"),
+                    format!(
+                        "`{template}` (provider `{provider}`) and `{}` of {other} (provider \
+                         `{}`) can both produce one path (e.g. `{path}`): two accounts' \
+                         subscriptions would share that entry; make the templates differ outside `{{id}}`, \
+                         e.g. with `{{provider}}`",
+                        o.vault_path_template, o.provider
+                    ),
+                );
+                continue;
+            }
+            discoveries.push(d);
+            discovery_keys.push(k.clone());
             continue;
         }
         if let (Some(_), Some(v)) = (&id, &vault_path)
@@ -1757,5 +1872,54 @@ company = "550e8400-e29b-41d4-a716-446655440000"
             GOOD.replace("webhooks/fintoro/801", "webhooks/fintoro/{id}");
         let err = load(&placeholder_without_star).unwrap_err();
         assert!(err.to_string().contains("only apply with id"), "{err}");
+    }
+
+    /// Two accounts found by discovery, each with its own template.
+    fn two_discoveries(a: &str, b: &str) -> String {
+        let second = "\n[[providers]]\nname = \"acme-eu\"\nkind = \"fintoro\"\n\
+                      base_url = \"https://api.fintoro.example/api/public/v1\"\n\
+                      token_file = \"fintoro.token\"\n";
+        let star = |provider: &str, t: &str| {
+            format!(
+                "\n[[subscriptions]]\nprovider = \"{provider}\"\nid = \"*\"\n\
+                 policy = \"monthly\"\nvault_path = \"{t}\"\n"
+            )
+        };
+        format!(
+            "{GOOD}{second}{}{}",
+            star("acme-fintoro", a),
+            star("acme-eu", b)
+        )
+    }
+
+    #[test]
+    fn two_discovery_templates_that_can_produce_one_path_are_refused() {
+        for (a, b, path) in [
+            ("webhooks/{id}", "webhooks/{id}", "webhooks/x"),
+            (
+                "webhooks/{kind}/{id}",
+                "webhooks/{kind}/{id}",
+                "webhooks/fintoro/x",
+            ),
+            // Every `acme-fintoro-…` path is also an `acme-…` one.
+            ("w/{provider}-{id}", "w/acme-{id}", "w/acme-fintoro-x"),
+            ("w/{id}.json", "w/{id}", "w/x.json"),
+            ("w/a{id}", "w/{id}b", "w/ab"),
+        ] {
+            let err = load(&two_discoveries(a, b)).unwrap_err();
+            let p = &err.problems[0];
+            assert_eq!(p.key, "subscriptions[2].vault_path", "{err}");
+            assert!(p.message.contains("subscriptions[1]"), "{err}");
+            assert!(p.message.contains(&format!("`{path}`")), "{a} / {b}: {err}");
+        }
+        for (a, b) in [
+            ("webhooks/{provider}/{id}", "webhooks/{provider}/{id}"),
+            ("webhooks/{id}", "webhooks/eu/{id}"),
+            ("w/{id}/a", "w/{id}/b"),
+            ("w/eu/{id}", "w/{provider}/{id}"),
+        ] {
+            let c = load(&two_discoveries(a, b)).unwrap_or_else(|e| panic!("{a} / {b}: {e}"));
+            assert_eq!(c.discoveries.len(), 2);
+        }
     }
 }

@@ -338,22 +338,28 @@ impl Engine {
         listed: &[crate::provider::RemoteSubscription],
     ) -> Result<(), EngineError> {
         let now = self.now();
+        // Every path taken: configured, and recorded for discovered subscriptions (a
+        // vanished one keeps its entry, and another account's template may still map
+        // onto a path the config check could not see, such as one recorded before a
+        // template changed).
+        let discovered = self.db.discovered()?;
+        let taken = (self.config.subscriptions.iter())
+            .map(|s| (&s.name, &s.vault_path))
+            .chain(discovered.iter().map(|k| (&k.name, &k.vault_path)));
         for r in listed.iter().filter(|r| usable_id(&r.id)) {
             let sub = d.subscription(&r.id);
             // Explicit entries win; a templated path must not take another's entry.
             if self.config.subscription(&sub.name).is_some() {
                 continue;
             }
-            if let Some(other) = self
-                .config
-                .subscriptions
-                .iter()
-                .find(|s| s.vault_path == sub.vault_path)
+            if let Some((other, _)) = taken
+                .clone()
+                .find(|(name, path)| **path == sub.vault_path && **name != sub.name)
             {
                 tracing::warn!(
                     subscription = %sub.name,
                     vault_path = %sub.vault_path,
-                    other = %other.name,
+                    other = %other,
                     "discovered subscription's vault_path belongs to another; not managed"
                 );
                 continue;
@@ -917,7 +923,7 @@ fn log_transition(sub: &Subscription, rec: &Record, t: &rotation::Transition) {
 
 #[cfg(test)]
 mod tests {
-    use super::usable_id;
+    use super::*;
 
     #[test]
     fn only_plain_listed_ids_become_vault_paths() {
@@ -926,5 +932,89 @@ mod tests {
         for bad in ["", ".", "..", "a/b", "a b", "{id}", "x\n"] {
             assert!(!usable_id(bad), "{bad:?}");
         }
+    }
+
+    /// An account that lists subscriptions and is never asked for anything else.
+    struct Listing(Vec<&'static str>);
+
+    #[async_trait::async_trait]
+    impl Provider for Listing {
+        fn kind(&self) -> crate::config::ProviderKind {
+            crate::config::ProviderKind::Fintoro
+        }
+        async fn preflight(&self, _: &str) -> Result<(), crate::provider::ProviderError> {
+            Ok(())
+        }
+        async fn rotate(
+            &self,
+            _: &str,
+        ) -> Result<crate::secret::SecretString, crate::provider::RotateError> {
+            unreachable!("discovery only")
+        }
+        async fn evidence(
+            &self,
+            _: &str,
+            _: DateTime<Utc>,
+        ) -> Result<Option<String>, crate::provider::ProviderError> {
+            Ok(None)
+        }
+        async fn list(
+            &self,
+        ) -> Result<Vec<crate::provider::RemoteSubscription>, crate::provider::ProviderError>
+        {
+            Ok(self
+                .0
+                .iter()
+                .map(|id| crate::provider::RemoteSubscription {
+                    id: id.to_string(),
+                    url: None,
+                    active: true,
+                })
+                .collect())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_discovered_subscription_never_takes_a_path_another_one_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), "t").unwrap();
+        let toml = "version = 1\nstate_dir = \"state\"\n[file_store]\ndir = \"published\"\n\
+            [[providers]]\nname = \"b\"\nkind = \"fintoro\"\nbase_url = \"http://127.0.0.1:9\"\n\
+            token_file = \"token\"\n[[policies]]\nname = \"p\"\nevery = \"30d\"\n\
+            [[subscriptions]]\nprovider = \"b\"\nid = \"*\"\npolicy = \"p\"\nvault_path = \"w/{id}\"\n";
+        std::fs::write(dir.path().join("rekey.toml"), toml).unwrap();
+        let config = Config::load_with(
+            &dir.path().join("rekey.toml"),
+            &std::collections::BTreeMap::new(),
+            false,
+        )
+        .unwrap();
+        let db = Arc::new(StateDb::open(&config.state_dir).unwrap());
+        // Account `a`, discovered under an earlier config, still holds `w/1`.
+        db.saw_discovered("a/1", "a", "1", "w/1", Utc::now())
+            .unwrap();
+        let provider: Arc<dyn Provider> = Arc::new(Listing(vec!["1", "2"]));
+        let store: Arc<dyn SecretStore> =
+            Arc::new(crate::store::FileStore::new(dir.path().join("published")));
+        let engine = Engine::with_parts(
+            Arc::new(config),
+            db.clone(),
+            store,
+            [("b".to_string(), provider)].into(),
+        );
+        let names: Vec<String> = engine
+            .subscriptions()
+            .await
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(names, ["b/2"]);
+        let recorded: Vec<String> = db
+            .discovered()
+            .unwrap()
+            .into_iter()
+            .map(|k| k.name)
+            .collect();
+        assert_eq!(recorded, ["a/1", "b/2"]);
     }
 }

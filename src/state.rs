@@ -11,18 +11,95 @@
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{
+    Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
+};
 
 use crate::rotation::{Phase, RotationState, Transition};
 use crate::secret::{ExposeSecret, Fingerprint, secret};
 
-/// Bumped whenever the schema changes; a database from another version is refused
-/// with a clear message instead of being misread.
-pub const SCHEMA_VERSION: i64 = 1;
+/// The schema as a list of migrations: `MIGRATIONS[i]` takes a database from
+/// version `i` to `i + 1`, so a schema change appends a step (an `ALTER TABLE`, say).
+/// [`StateDb::open`] runs the missing steps in the immediate transaction that read the
+/// version, so two openers never both migrate and no reader sees half a schema.
+const MIGRATIONS: &[&str] = &[SCHEMA_1];
+
+/// The version this rekey writes; a database from a newer one is refused with a
+/// clear message instead of being misread.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+const SCHEMA_1: &str = "
+    CREATE TABLE subscriptions (
+        name TEXT PRIMARY KEY,
+        phase TEXT NOT NULL,
+        rotation_id TEXT,
+        intent_at TEXT,
+        rotated_at TEXT,
+        published_at TEXT,
+        confirm_deadline TEXT,
+        pending_secret TEXT,
+        new_fingerprint TEXT,
+        previous_fingerprint TEXT,
+        rotate_in_flight INTEGER NOT NULL DEFAULT 0,
+        lost_responses INTEGER NOT NULL DEFAULT 0,
+        failures INTEGER NOT NULL DEFAULT 0,
+        not_before TEXT,
+        last_error TEXT,
+        last_rotated_at TEXT,
+        last_outcome TEXT,
+        first_seen_at TEXT NOT NULL,
+        next_due_at TEXT,
+        phase_since TEXT NOT NULL
+    );
+    CREATE TABLE history (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        subscription TEXT NOT NULL,
+        at TEXT NOT NULL,
+        rotation_id TEXT,
+        from_phase TEXT NOT NULL,
+        to_phase TEXT NOT NULL,
+        event TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX history_by_subscription ON history (subscription, seq);
+    CREATE TABLE requests (
+        subscription TEXT PRIMARY KEY,
+        requested_at TEXT NOT NULL
+    );
+";
+
+/// Tables schema 1 gained after its release, without a version bump (an older rekey
+/// ignores them): created whenever a database is at version 1, before any later step,
+/// so a version-1 database from before them gains them too.
+const SCHEMA_1_LATE: &str = "
+    CREATE TABLE IF NOT EXISTS operator_decisions (
+        subscription TEXT PRIMARY KEY,
+        decision TEXT NOT NULL CHECK (decision IN ('resume', 'retire')),
+        requested_at TEXT NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS discovered (
+        name TEXT PRIMARY KEY,
+        provider TEXT NOT NULL,
+        id TEXT NOT NULL,
+        vault_path TEXT NOT NULL,
+        first_seen_at TEXT NOT NULL,
+        vanished_at TEXT
+    );
+";
 
 pub const DB_FILE: &str = "rekey.db";
+
+/// How long an opener or writer waits for another connection's lock (a first start
+/// creating the schema, a daemon's write) before it gives up.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long truncating the WAL after a publication waits for readers (`rekey status`)
+/// to finish; SQLite's busy handler retries with short sleeps until then. Longer would
+/// stall the rotation for the sake of a cleanup the next save retries anyway.
+const CHECKPOINT_PATIENCE: std::time::Duration = std::time::Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -33,6 +110,11 @@ pub enum StateError {
          use the rekey version that wrote it, or move the file aside to start afresh"
     )]
     SchemaVersion { path: PathBuf, found: i64 },
+    #[error(
+        "state database {path} has schema version {found}; `rekey run` upgrades it to \
+         {SCHEMA_VERSION} when it next starts, and this command can read it after that"
+    )]
+    Outdated { path: PathBuf, found: i64 },
     #[error("state database: {0}")]
     Sql(#[from] rusqlite::Error),
     #[error("state database: stored row for `{subscription}` is corrupt: {detail}")]
@@ -70,6 +152,9 @@ pub struct HistoryRow {
 pub struct StateDb {
     conn: Mutex<Connection>,
     path: PathBuf,
+    /// A WAL truncation that readers kept busy, retried at the next save: until it
+    /// succeeds, the page image of a published secret may remain in the `-wal` file.
+    checkpoint_owed: AtomicBool,
 }
 
 fn ts(t: &Option<DateTime<Utc>>) -> Option<String> {
@@ -92,9 +177,43 @@ fn parse_ts(name: &str, col: &str, v: Option<String>) -> Result<Option<DateTime<
     .transpose()
 }
 
+/// Switches the database to WAL (a no-op once it is). The first switch needs an
+/// exclusive lock, and SQLite answers a contended one with BUSY at once instead of
+/// through the busy handler (waiting could deadlock two openers), so a first start
+/// racing another rekey command retries here, for at most [`BUSY_TIMEOUT`].
+fn enable_wal(conn: &Connection) -> rusqlite::Result<()> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    let mut pause = std::time::Duration::from_millis(2);
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// An SQL error while opening most likely means a damaged file or a read-only
+/// directory; say so next to the path.
+fn damaged(path: &Path, e: StateError) -> StateError {
+    match e {
+        StateError::Sql(e) => StateError::Open {
+            path: path.to_path_buf(),
+            detail: format!("{e} (is the file damaged, or the directory read-only?)"),
+        },
+        other => other,
+    }
+}
+
 impl StateDb {
     /// Opens (creating if needed) the database in `state_dir`. The directory is created
-    /// with mode 0700 and the file with 0600.
+    /// with mode 0700 and the file with 0600. Any number of rekey processes may open a
+    /// fresh directory at once: one creates the schema, the others wait for it.
     pub fn open(state_dir: &Path) -> Result<StateDb, StateError> {
         let path = state_dir.join(DB_FILE);
         let open_err = |detail: String| StateError::Open {
@@ -107,27 +226,48 @@ impl StateDb {
             std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700))
                 .map_err(|e| open_err(format!("cannot set state_dir mode: {e}")))?;
         }
-        if !path.exists() {
-            // Create it owner-only before SQLite opens it, so it is never world-readable.
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(|e| open_err(format!("cannot create: {e}")))?;
+        // Create it owner-only before SQLite opens it, so it is never world-readable.
+        // Another opener may have just done so.
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(open_err(format!("cannot create: {e}"))),
         }
         let conn = Connection::open(&path).map_err(|e| open_err(e.to_string()))?;
-        let db = StateDb {
-            conn: Mutex::new(conn),
-            path: path.clone(),
-        };
-        db.init().map_err(|e| match e {
-            StateError::Sql(e) => open_err(format!(
-                "{e} (is the file damaged, or the directory read-only?)"
-            )),
-            other => other,
-        })?;
+        let db = StateDb::with(conn, path.clone());
+        db.init().map_err(|e| damaged(&path, e))?;
         Ok(db)
+    }
+
+    /// Opens the database for reading only, creating nothing: `None` while there is
+    /// no state yet (no file, or a first start still creating the schema). For the
+    /// commands that only show the state.
+    pub fn open_read_only(state_dir: &Path) -> Result<Option<StateDb>, StateError> {
+        let path = state_dir.join(DB_FILE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(&path, flags).map_err(|e| StateError::Open {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        let db = StateDb::with(conn, path.clone());
+        let has_schema = db.check_read_only().map_err(|e| damaged(&path, e))?;
+        Ok(has_schema.then_some(db))
+    }
+
+    fn with(conn: Connection, path: PathBuf) -> StateDb {
+        StateDb {
+            conn: Mutex::new(conn),
+            path,
+            checkpoint_owed: AtomicBool::new(false),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -141,87 +281,87 @@ impl StateDb {
     }
 
     fn init(&self) -> Result<(), StateError> {
-        let conn = self.conn();
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
+        let mut conn = self.conn();
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        enable_wal(&conn)?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "secure_delete", "ON")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        let has_tables: bool = conn
-            .query_row(
-                "SELECT count(*) FROM sqlite_master WHERE type = 'table'",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
-            .map(|n| n > 0)?;
-        if version == 0 && !has_tables {
-            conn.execute_batch(
-                "BEGIN;
-                 CREATE TABLE subscriptions (
-                    name TEXT PRIMARY KEY,
-                    phase TEXT NOT NULL,
-                    rotation_id TEXT,
-                    intent_at TEXT,
-                    rotated_at TEXT,
-                    published_at TEXT,
-                    confirm_deadline TEXT,
-                    pending_secret TEXT,
-                    new_fingerprint TEXT,
-                    previous_fingerprint TEXT,
-                    rotate_in_flight INTEGER NOT NULL DEFAULT 0,
-                    lost_responses INTEGER NOT NULL DEFAULT 0,
-                    failures INTEGER NOT NULL DEFAULT 0,
-                    not_before TEXT,
-                    last_error TEXT,
-                    last_rotated_at TEXT,
-                    last_outcome TEXT,
-                    first_seen_at TEXT NOT NULL,
-                    next_due_at TEXT,
-                    phase_since TEXT NOT NULL
-                 );
-                 CREATE TABLE history (
-                    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-                    subscription TEXT NOT NULL,
-                    at TEXT NOT NULL,
-                    rotation_id TEXT,
-                    from_phase TEXT NOT NULL,
-                    to_phase TEXT NOT NULL,
-                    event TEXT NOT NULL,
-                    detail TEXT NOT NULL
-                 );
-                 CREATE INDEX history_by_subscription ON history (subscription, seq);
-                 CREATE TABLE requests (
-                    subscription TEXT PRIMARY KEY,
-                    requested_at TEXT NOT NULL
-                 );
-                 PRAGMA user_version = 1;
-                 COMMIT;",
-            )?;
-        } else if version != SCHEMA_VERSION {
-            return Err(StateError::SchemaVersion {
-                path: self.path.clone(),
-                found: version,
-            });
+        // Immediate: the write lock is taken before the version is read, so a second
+        // opener waits here until the first has committed the whole schema.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        self.migrate(&tx)?;
+        tx.commit()?;
+        self.quick_check(&conn)
+    }
+
+    /// Brings the schema to [`SCHEMA_VERSION`], inside the caller's transaction.
+    fn migrate(&self, tx: &Transaction<'_>) -> Result<(), StateError> {
+        let found = self.schema_version(tx)?;
+        if found > SCHEMA_VERSION {
+            return Err(self.version_error(found));
         }
-        // Tables added to schema 1 with IF NOT EXISTS: existing databases pick them up
-        // and an older rekey ignores them, so no version bump.
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS operator_decisions (
-                subscription TEXT PRIMARY KEY,
-                decision TEXT NOT NULL CHECK (decision IN ('resume', 'retire')),
-                requested_at TEXT NOT NULL
-             );
-             CREATE TABLE IF NOT EXISTS discovered (
-                name TEXT PRIMARY KEY,
-                provider TEXT NOT NULL,
-                id TEXT NOT NULL,
-                vault_path TEXT NOT NULL,
-                first_seen_at TEXT NOT NULL,
-                vanished_at TEXT
-             );",
+        let mut version = found;
+        loop {
+            if version == 1 {
+                tx.execute_batch(SCHEMA_1_LATE)?;
+            }
+            let Some(step) = MIGRATIONS.get(version as usize) else {
+                break;
+            };
+            tx.execute_batch(step)?;
+            version += 1;
+        }
+        if version != found {
+            tx.pragma_update(None, "user_version", version)?;
+        }
+        Ok(())
+    }
+
+    /// The stored version; an empty database is version 0, and one with tables but no
+    /// version is not rekey's.
+    fn schema_version(&self, conn: &Connection) -> Result<i64, StateError> {
+        let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let tables: i64 = conn.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table'",
+            [],
+            |r| r.get(0),
         )?;
-        // Fails fast on a damaged file rather than at the first rotation.
+        if found < 0 || (found == 0 && tables > 0) {
+            return Err(self.version_error(found));
+        }
+        Ok(found)
+    }
+
+    fn version_error(&self, found: i64) -> StateError {
+        StateError::SchemaVersion {
+            path: self.path.clone(),
+            found,
+        }
+    }
+
+    /// A read-only database is usable as it is, or not at all: true when it holds
+    /// the current schema, false when it is still empty.
+    fn check_read_only(&self) -> Result<bool, StateError> {
+        let mut conn = self.conn();
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        // One snapshot for both reads: a first start commits its schema atomically.
+        let tx = conn.transaction()?;
+        let found = self.schema_version(&tx)?;
+        drop(tx);
+        match found {
+            0 => Ok(false),
+            SCHEMA_VERSION => self.quick_check(&conn).map(|()| true),
+            older if older < SCHEMA_VERSION => Err(StateError::Outdated {
+                path: self.path.clone(),
+                found: older,
+            }),
+            newer => Err(self.version_error(newer)),
+        }
+    }
+
+    /// Fails fast on a damaged file rather than at the first rotation.
+    fn quick_check(&self, conn: &Connection) -> Result<(), StateError> {
         let ok: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
         if ok != "ok" {
             return Err(StateError::Open {
@@ -230,6 +370,11 @@ impl StateDb {
             });
         }
         Ok(())
+    }
+
+    /// Whether a WAL truncation is still owed (see [`StateDb::save`]).
+    pub fn checkpoint_owed(&self) -> bool {
+        self.checkpoint_owed.load(Ordering::Relaxed)
     }
 
     /// Returns the record, creating an idle one first seen `now` if there is none.
@@ -342,12 +487,54 @@ impl StateDb {
             )?;
         }
         tx.commit()?;
-        if wiped_secret {
+        if wiped_secret || self.checkpoint_owed() {
             // The overwritten row's old page image still sits in the WAL until a
             // checkpoint; truncating the WAL removes that last copy of the secret.
-            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+            self.truncate_wal(&conn, &record.name);
         }
         Ok(())
+    }
+
+    /// Truncates the WAL, or, when readers keep it busy past [`CHECKPOINT_PATIENCE`],
+    /// says so and owes it to the next save. Never fails the save: the state is
+    /// committed, only the cleanup is late.
+    fn truncate_wal(&self, conn: &Connection, subscription: &str) {
+        let attempt = || -> Result<bool, rusqlite::Error> {
+            conn.busy_timeout(CHECKPOINT_PATIENCE)?;
+            // (busy, frames in the log, frames checkpointed)
+            let busy = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            });
+            conn.busy_timeout(BUSY_TIMEOUT)?;
+            Ok(busy? == 0)
+        };
+        let result = attempt();
+        let was_owed = self
+            .checkpoint_owed
+            .swap(!matches!(result, Ok(true)), Ordering::Relaxed);
+        match result {
+            Ok(true) if was_owed => {
+                tracing::info!(
+                    "state database WAL truncated; no copy of a published secret remains in it"
+                )
+            }
+            Ok(true) => {}
+            Ok(false) if was_owed => {
+                tracing::debug!("state database WAL still busy; truncation stays owed")
+            }
+            Ok(false) => tracing::warn!(
+                subscription = %subscription,
+                wal = %format!("{}-wal", self.path.display()),
+                "state database WAL busy with a reader: the page that held the minted secret may \
+                 remain in the WAL until the next checkpoint; retried at the next save"
+            ),
+            Err(e) => tracing::warn!(
+                subscription = %subscription,
+                error = %e,
+                "cannot truncate the state database WAL: the page that held the minted secret \
+                 may remain in it until the next checkpoint; retried at the next save"
+            ),
+        }
     }
 
     /// The history of one subscription (or all, with `None`), oldest first.
@@ -744,6 +931,43 @@ mod tests {
     }
 
     #[test]
+    fn reading_a_fresh_state_dir_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let sd = dir.path().join("state");
+        assert!(StateDb::open_read_only(&sd).unwrap().is_none());
+        assert!(!sd.exists());
+        std::fs::create_dir(&sd).unwrap();
+        assert!(StateDb::open_read_only(&sd).unwrap().is_none());
+        assert_eq!(std::fs::read_dir(&sd).unwrap().count(), 0);
+        // A first start that has created the file but not yet the schema.
+        std::fs::write(sd.join(DB_FILE), b"").unwrap();
+        assert!(StateDb::open_read_only(&sd).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_read_only_open_reads_what_a_closed_writer_left_and_cannot_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).unwrap();
+        db.load_or_create("fintoro/801", now()).unwrap();
+        drop(db);
+        let ro = StateDb::open_read_only(dir.path()).unwrap().unwrap();
+        assert_eq!(ro.load_all().unwrap().len(), 1);
+        assert!(ro.add_request("fintoro/801", now()).is_err());
+    }
+
+    #[test]
+    fn a_version_1_database_from_before_the_late_tables_gains_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        conn.execute_batch(SCHEMA_1).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        drop(conn);
+        let db = StateDb::open(dir.path()).unwrap();
+        assert!(db.discovered().unwrap().is_empty());
+        assert!(db.take_decisions().unwrap().is_empty());
+    }
+
+    #[test]
     fn operator_decisions_are_taken_once_and_the_latest_wins() {
         let dir = tempfile::tempdir().unwrap();
         let db = StateDb::open(dir.path()).unwrap();
@@ -789,5 +1013,84 @@ mod tests {
         drop(db);
         let db = StateDb::open(dir.path()).unwrap();
         assert_eq!(db.discovered().unwrap().len(), 1);
+    }
+
+    /// A first start meets any other rekey command on an empty state directory: every
+    /// opener waits for the one creating the schema, never trips over it, and a
+    /// reader sees either no state yet or the whole schema.
+    #[test]
+    fn concurrent_first_opens_of_a_fresh_directory_all_succeed() {
+        for round in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let sd = dir.path().join("state");
+            let start = std::sync::Barrier::new(8);
+            let errors: Vec<String> = std::thread::scope(|s| {
+                let openers: Vec<_> = (0..8)
+                    .map(|i| {
+                        let (sd, start) = (&sd, &start);
+                        s.spawn(move || {
+                            start.wait();
+                            if i % 2 == 0 {
+                                StateDb::open(sd).err().map(|e| e.to_string())
+                            } else {
+                                StateDb::open_read_only(sd)
+                                    .and_then(|db| db.map(|db| db.load_all()).transpose())
+                                    .err()
+                                    .map(|e| e.to_string())
+                            }
+                        })
+                    })
+                    .collect();
+                openers
+                    .into_iter()
+                    .filter_map(|h| h.join().unwrap())
+                    .collect()
+            });
+            assert!(errors.is_empty(), "round {round}: {errors:#?}");
+        }
+    }
+
+    fn files_holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                std::fs::read(p)
+                    .unwrap()
+                    .windows(needle.len())
+                    .any(|w| w == needle)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_reader_blocking_the_wal_truncation_owes_it_to_the_next_save() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).unwrap();
+        let mut r = db.load_or_create("fintoro/801", now()).unwrap();
+        r.state.phase = Phase::Minted;
+        r.state.pending_secret = Some(secret("whsec_LINGERS_IN_WAL_0123456789"));
+        db.save(&r, None, now()).unwrap();
+        // `rekey status` in another process, mid-read.
+        let reader = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let n: i64 = reader
+            .query_row("SELECT count(*) FROM subscriptions", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 1);
+        r.state.phase = Phase::Published;
+        r.state.pending_secret = None;
+        db.save(&r, None, now()).unwrap();
+        println!(
+            "after publish: {:?}",
+            files_holding(dir.path(), b"LINGERS_IN_WAL")
+        );
+        drop(reader);
+        let other = db.load_or_create("fintoro/802", now()).unwrap();
+        db.save(&other, None, now()).unwrap();
+        assert_eq!(
+            files_holding(dir.path(), b"LINGERS_IN_WAL"),
+            Vec::<PathBuf>::new()
+        );
     }
 }

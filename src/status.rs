@@ -80,13 +80,16 @@ fn row(
 }
 
 /// Rows for every configured subscription, then any the state still remembers.
+/// Without a database yet (`None`), every configured subscription is as never rotated.
 pub fn rows(
     config: &Config,
-    db: &StateDb,
+    db: Option<&StateDb>,
     now: DateTime<Utc>,
 ) -> Result<Vec<StatusRow>, StateError> {
-    let records = db.load_all()?;
-    let found = db.discovered()?;
+    let (records, found) = match db {
+        Some(db) => (db.load_all()?, db.discovered()?),
+        None => (vec![], vec![]),
+    };
     let found_for = |name: &str| found.iter().find(|d| d.name == name);
     let mut out: Vec<StatusRow> = config
         .subscriptions

@@ -13,6 +13,22 @@ fn vault(c: String, body: &str) -> String {
     )
 }
 
+/// Adds a second account of the same kind, and an `id = "*"` entry for each of the
+/// two accounts with these `vault_path` templates.
+fn two_discovering_accounts(c: String, first: &str, second: &str) -> String {
+    let star = |provider: &str, template: &str| {
+        format!(
+            "\n[[subscriptions]]\nprovider = \"{provider}\"\nid = \"*\"\npolicy = \"p\"\nvault_path = \"{template}\"\n"
+        )
+    };
+    format!(
+        "{c}\n[[providers]]\nname = \"acme-eu\"\nkind = \"fintoro\"\n\
+         base_url = \"http://127.0.0.1:9/api/public/v1\"\n{TOKEN_FILE_LINE}\n{}{}",
+        star("acme", first),
+        star("acme-eu", second)
+    )
+}
+
 fn base() -> Rekey {
     Rekey::new(
         &Setup::new(Store::Files, "http://127.0.0.1:9/api/public/v1", "tok")
@@ -331,6 +347,18 @@ fn cases() -> Vec<Case> {
             },
             "providers[0].name",
             "must not contain",
+        ),
+        (
+            "two accounts' discovery templates without the account",
+            |c| two_discovering_accounts(c, "webhooks/{id}", "webhooks/{id}"),
+            "subscriptions[2].vault_path",
+            "`webhooks/{id}` of subscriptions[1] (provider `acme`) can both produce",
+        ),
+        (
+            "discovery templates apart only by a provider name that prefixes the other",
+            |c| two_discovering_accounts(c, "w/{provider}-{id}", "w/{provider}-{id}"),
+            "subscriptions[2].vault_path",
+            "can both produce one path (e.g. `w/acme-eu-x`)",
         ),
     ]
 }

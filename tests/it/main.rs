@@ -8,6 +8,7 @@ mod crash_matrix;
 mod daemon;
 mod faults;
 mod fintoro;
+mod first_start;
 mod mixed;
 mod monite;
 mod provider_faults;
