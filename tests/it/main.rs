@@ -10,6 +10,7 @@ mod faults;
 mod fintoro;
 mod mixed;
 mod monite;
+mod once;
 mod provider_faults;
 mod rvault_smoke;
 mod sandbox;
