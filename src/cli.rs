@@ -111,8 +111,9 @@ pub enum Command {
         preflight: bool,
     },
     /// Rotate these subscriptions now. With a daemon running on the same state
-    /// directory, records the request and wakes the daemon (SIGUSR1) to do it;
-    /// otherwise rotates here, as `run --once --force` would.
+    /// directory, records the request and wakes the daemon (SIGUSR1) to do it; with a
+    /// one-shot run (`run --once`) there, records it for that run to take before it
+    /// exits; otherwise rotates here, as `run --once --force` would.
     Rotate {
         #[command(flatten)]
         config: ConfigArg,
@@ -365,6 +366,9 @@ fn hand_over(config: &Config, what: &str, ask: Ask<'_>) -> u8 {
         Some(Holder { pid, role: None }) => left(format!(
             "the rekey holding the state directory (pid {pid}) does not say it is a daemon (an older rekey?), so it was not signalled"
         )),
+        None if !crate::lock::is_held(&config.state_dir) => {
+            left("the rekey that held the state directory has just exited".into())
+        }
         None => left("the lock file does not say which rekey holds the state directory".into()),
     }
 }
