@@ -1,5 +1,6 @@
 //! The command line: argument parsing and the commands. `main.rs` only calls [`main`].
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -7,10 +8,12 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 use crate::config::{Config, LogFormat, StoreSettings};
-use crate::engine::{Engine, Outcome};
-use crate::lock::{LockError, StateLock};
+use crate::daemon::Signals;
+use crate::engine::Engine;
+use crate::lock::{Holder, LockError, Role, StateLock};
+use crate::once::Job;
 use crate::rotation::Trigger;
-use crate::state::StateDb;
+use crate::state::{Ask, StateDb};
 use crate::status;
 
 /// Exit codes (sysexits where one fits).
@@ -108,8 +111,9 @@ pub enum Command {
         preflight: bool,
     },
     /// Rotate these subscriptions now. With a daemon running on the same state
-    /// directory, records the request and wakes the daemon (SIGUSR1) to do it;
-    /// otherwise rotates here, as `run --once --force` would.
+    /// directory, records the request and wakes the daemon (SIGUSR1) to do it; with a
+    /// one-shot run (`run --once`) there, records it for that run to take before it
+    /// exits; otherwise rotates here, as `run --once --force` would.
     Rotate {
         #[command(flatten)]
         config: ConfigArg,
@@ -247,7 +251,12 @@ async fn run(path: &Path, once: bool, force: Vec<String>) -> u8 {
             return exit::USAGE;
         }
     }
-    let _lock = match StateLock::acquire(&config.state_dir) {
+    let signals = match install_signals() {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let role = if once { Role::Once } else { Role::Daemon };
+    let lock = match StateLock::acquire(&config.state_dir, role) {
         Ok(l) => l,
         Err(e @ LockError::Held { .. }) => {
             eprintln!("rekey: {e}");
@@ -270,70 +279,23 @@ async fn run(path: &Path, once: bool, force: Vec<String>) -> u8 {
         }
     };
     if once {
-        pass(&engine, &force, true).await
+        let jobs = force
+            .iter()
+            .map(|f| (f.clone(), Job::Start(Trigger::Forced)))
+            .collect();
+        crate::once::run(&engine, &lock, signals, jobs, true).await
     } else {
-        crate::daemon::run(path, Arc::new(engine), db, force).await
+        crate::daemon::run(path, Arc::new(engine), db, force, signals, &lock).await
     }
 }
 
-/// One pass over every subscription. Returns the exit code.
-async fn pass(engine: &Engine, force: &[String], eager: bool) -> u8 {
-    let mut code = exit::OK;
-    let subs = engine.subscriptions().await;
-    for f in force {
-        if !subs.iter().any(|s| &s.name == f) {
-            tracing::error!(subscription = %f, "--force: the provider does not list this subscription");
-            code = exit::FAILED;
-        }
-    }
-    for sub in &subs {
-        let trigger = force.contains(&sub.name).then_some(Trigger::Forced);
-        let result = engine.advance(sub, trigger, eager).await;
-        if report(sub, result) != exit::OK {
-            code = exit::FAILED;
-        }
-    }
-    code
-}
-
-/// Logs where one subscription got to; returns its exit code.
-fn report(
-    sub: &crate::config::Subscription,
-    result: Result<(Outcome, crate::state::Record), crate::engine::EngineError>,
-) -> u8 {
-    let mut code = exit::OK;
-    match result {
-        Ok((outcome, rec)) => {
-            if outcome.is_problem(&rec) {
-                code = exit::FAILED;
-            }
-            match &outcome {
-                Outcome::NotDue | Outcome::Checked => {}
-                Outcome::Drifted => tracing::warn!(
-                    subscription = %sub.name,
-                    "drifted: rotated outside rekey; `rekey status` says how to recover"
-                ),
-                Outcome::Held => tracing::warn!(
-                    subscription = %sub.name,
-                    "held: no evidence before the deadline; see `rekey status` and `rekey history`"
-                ),
-                Outcome::Rested(p) => {
-                    tracing::info!(subscription = %sub.name, state = %p, "pass complete")
-                }
-                Outcome::Waiting(p, t) => tracing::info!(
-                    subscription = %sub.name,
-                    state = %p,
-                    until = %t.to_rfc3339(),
-                    "waiting; a later run continues"
-                ),
-            }
-        }
-        Err(e) => {
-            tracing::error!(subscription = %sub.name, error = %e, "cannot advance");
-            code = exit::FAILED;
-        }
-    }
-    code
+/// Installs the signal handlers; done before taking the state directory, so whatever
+/// holds it is never killed by a signal meant for a daemon.
+fn install_signals() -> Result<Signals, u8> {
+    Signals::install().map_err(|e| {
+        eprintln!("rekey: cannot install signal handlers: {e}");
+        exit::SOFTWARE
+    })
 }
 
 /// Checks that every name is a configured subscription, or one discovery found.
@@ -358,31 +320,73 @@ fn known(config: &Config, names: &[String]) -> Result<(), u8> {
     Ok(())
 }
 
-/// Wakes the daemon holding the state directory, whose pid the lock file names.
-fn wake_daemon(pid: Option<u32>) -> Result<u32, String> {
+/// Wakes the daemon holding the state directory.
+fn wake_daemon(pid: u32) -> Result<(), String> {
     use rustix::process::{Pid, Signal, kill_process};
-    let pid = pid.ok_or("the lock file names no pid")?;
     let raw = i32::try_from(pid).map_err(|_| format!("pid {pid} is out of range"))?;
     let target = Pid::from_raw(raw).ok_or(format!("pid {pid} is not a process id"))?;
-    kill_process(target, Signal::USR1).map_err(|e| format!("cannot signal pid {pid}: {e}"))?;
-    Ok(pid)
+    kill_process(target, Signal::USR1).map_err(|e| format!("cannot signal pid {pid}: {e}"))
 }
 
-/// What to say after recording a request for the running daemon.
-fn handed_over(what: &str, pid: Option<u32>) -> u8 {
-    match wake_daemon(pid) {
-        Ok(pid) => {
+/// Records `ask` for the rekey holding the state directory and tells the operator
+/// who takes it: only a daemon is woken (SIGUSR1); a one-shot run takes it before it
+/// exits; anything else leaves it for the next `rekey run` (exit 75).
+fn hand_over(config: &Config, what: &str, ask: Ask<'_>) -> u8 {
+    let db = match open_db(config) {
+        Ok(db) => db,
+        Err(code) => return code,
+    };
+    // Read inside the transaction that records the ask: see `StateDb::ask`.
+    let holder = match db.ask(ask, chrono::Utc::now(), || {
+        crate::lock::holder(&config.state_dir)
+    }) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("rekey: {e}");
+            return exit::SOFTWARE;
+        }
+    };
+    let follow = "follow it with `rekey status` and `rekey history`";
+    let left = |why: String| {
+        eprintln!("rekey: {what}: recorded, but {why}; the next `rekey run` takes it");
+        exit::TEMPFAIL
+    };
+    match holder {
+        Some(Holder {
+            pid,
+            role: Some(Role::Daemon),
+        }) => match wake_daemon(pid) {
+            Ok(()) => {
+                println!(
+                    "{what}: recorded and handed to the running rekey daemon (pid {pid}); {follow}"
+                );
+                exit::OK
+            }
+            Err(e) => left(format!("the daemon could not be woken ({e})")),
+        },
+        Some(Holder {
+            pid,
+            role: Some(Role::Once),
+        }) => {
             println!(
-                "{what}: recorded and handed to the running rekey daemon (pid {pid}); follow it with `rekey status` and `rekey history`"
+                "{what}: recorded; the running one-shot pass (pid {pid}) takes it before it exits \
+                 (if it is stopped first, the next `rekey run` does); {follow}"
             );
             exit::OK
         }
-        Err(e) => {
-            eprintln!(
-                "rekey: {what}: recorded, but the daemon could not be woken ({e}); it is taken at the daemon's next SIGUSR1 or start"
-            );
-            exit::TEMPFAIL
+        Some(Holder {
+            pid,
+            role: Some(Role::Exiting),
+        }) => left(format!(
+            "the rekey holding the state directory (pid {pid}) is exiting and takes no more requests"
+        )),
+        Some(Holder { pid, role: None }) => left(format!(
+            "the rekey holding the state directory (pid {pid}) does not say it is a daemon (an older rekey?), so it was not signalled"
+        )),
+        None if !crate::lock::is_held(&config.state_dir) => {
+            left("the rekey that held the state directory has just exited".into())
         }
+        None => left("the lock file does not say which rekey holds the state directory".into()),
     }
 }
 
@@ -395,49 +399,47 @@ async fn rotate_cmd(path: &Path, names: &[String]) -> u8 {
     if let Err(code) = known(&config, names) {
         return code;
     }
-    // Taking the lock decides it without a race: either no daemon runs and this
-    // process rotates, or one holds the state and gets the request.
-    match StateLock::acquire(&config.state_dir) {
-        Ok(_lock) => {
-            let db = match open_db(&config) {
-                Ok(db) => db,
-                Err(code) => return code,
-            };
-            let engine = match Engine::new(config.clone(), db).await {
-                Ok(e) => e,
-                Err(e) => {
-                    eprintln!("rekey: {e}");
-                    return exit::SOFTWARE;
-                }
-            };
-            let mut code = exit::OK;
-            let subs = engine.subscriptions().await;
-            for sub in subs.iter().filter(|s| names.contains(&s.name)) {
-                let result = engine.advance(sub, Some(Trigger::Requested), true).await;
-                if report(sub, result) != exit::OK {
-                    code = exit::FAILED;
-                }
-            }
-            code
-        }
-        Err(LockError::Held { pid, .. }) => {
-            let db = match open_db(&config) {
-                Ok(db) => db,
-                Err(code) => return code,
-            };
-            for n in names {
-                if let Err(e) = db.add_request(n, chrono::Utc::now()) {
-                    eprintln!("rekey: {e}");
-                    return exit::SOFTWARE;
-                }
-            }
-            handed_over(&format!("rotation of {}", names.join(", ")), pid)
-        }
+    let what = format!("rotation of {}", names.join(", "));
+    let jobs = names
+        .iter()
+        .map(|n| (n.clone(), Job::Start(Trigger::Requested)))
+        .collect();
+    here_or_hand_over(&config, &what, Ask::Rotate(names), jobs).await
+}
+
+/// Taking the lock decides it without a race: either nothing holds the state
+/// directory and this process does the work as a one-shot run, or the holder gets
+/// the ask.
+async fn here_or_hand_over(
+    config: &Arc<Config>,
+    what: &str,
+    ask: Ask<'_>,
+    jobs: BTreeMap<String, Job>,
+) -> u8 {
+    let signals = match install_signals() {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let lock = match StateLock::acquire(&config.state_dir, Role::Once) {
+        Ok(l) => l,
+        Err(LockError::Held { .. }) => return hand_over(config, what, ask),
         Err(e) => {
             eprintln!("rekey: {e}");
-            exit::SOFTWARE
+            return exit::SOFTWARE;
         }
-    }
+    };
+    let db = match open_db(config) {
+        Ok(db) => db,
+        Err(code) => return code,
+    };
+    let engine = match Engine::new(config.clone(), db).await {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("rekey: {e}");
+            return exit::SOFTWARE;
+        }
+    };
+    crate::once::run(&engine, &lock, signals, jobs, false).await
 }
 
 /// Asks the operator to confirm on the terminal; false on anything but yes.
@@ -503,34 +505,14 @@ async fn decide_cmd(path: &Path, name: &str, retire: bool, yes: bool) -> u8 {
             return exit::FAILED;
         }
     }
-    match StateLock::acquire(&config.state_dir) {
-        Ok(_lock) => {
-            let engine = match Engine::new(config.clone(), db).await {
-                Ok(e) => e,
-                Err(e) => {
-                    eprintln!("rekey: {e}");
-                    return exit::SOFTWARE;
-                }
-            };
-            let subs = engine.subscriptions().await;
-            let Some(sub) = subs.iter().find(|s| s.name == name) else {
-                eprintln!("rekey: {name}: neither configured nor discovered");
-                return exit::USAGE;
-            };
-            report(sub, engine.operator(sub, retire).await)
-        }
-        Err(LockError::Held { pid, .. }) => {
-            if let Err(e) = db.add_decision(name, retire, chrono::Utc::now()) {
-                eprintln!("rekey: {e}");
-                return exit::SOFTWARE;
-            }
-            handed_over(&format!("{verb} {name}"), pid)
-        }
-        Err(e) => {
-            eprintln!("rekey: {e}");
-            exit::SOFTWARE
-        }
-    }
+    let jobs = BTreeMap::from([(name.to_string(), Job::Decide { retire })]);
+    here_or_hand_over(
+        &config,
+        &format!("{verb} {name}"),
+        Ask::Decide { name, retire },
+        jobs,
+    )
+    .await
 }
 
 fn status_cmd(path: &Path, json: bool) -> u8 {

@@ -11,12 +11,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use sd_notify::NotifyState;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
 
 use crate::cli::exit;
 use crate::config::Config;
 use crate::engine::Engine;
+use crate::lock::{Role, StateLock};
 use crate::scheduler::{Control, Scheduler};
 use crate::state::StateDb;
 
@@ -54,21 +55,42 @@ pub fn notify(states: &[Notify<'_>]) {
     }
 }
 
+/// The signals rekey handles. Installed before the state directory is locked, so the
+/// holder of the lock, daemon or not, is never killed by a SIGUSR1 or SIGHUP, and
+/// SIGTERM/SIGINT always drain to a saved step.
+pub struct Signals {
+    pub hup: Signal,
+    pub usr1: Signal,
+    pub term: Signal,
+    pub int: Signal,
+}
+
+impl Signals {
+    pub fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            hup: signal(SignalKind::hangup())?,
+            usr1: signal(SignalKind::user_defined1())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+}
+
 /// Runs the daemon until SIGTERM/SIGINT; returns the exit code.
-pub async fn run(path: &Path, engine: Arc<Engine>, db: Arc<StateDb>, force: Vec<String>) -> u8 {
-    let signals = (
-        signal(SignalKind::hangup()),
-        signal(SignalKind::user_defined1()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    );
-    let (mut hup, mut usr1, mut term, mut int) = match signals {
-        (Ok(a), Ok(b), Ok(c), Ok(d)) => (a, b, c, d),
-        _ => {
-            tracing::error!("cannot install signal handlers");
-            return exit::SOFTWARE;
-        }
-    };
+pub async fn run(
+    path: &Path,
+    engine: Arc<Engine>,
+    db: Arc<StateDb>,
+    force: Vec<String>,
+    signals: Signals,
+    lock: &StateLock,
+) -> u8 {
+    let Signals {
+        mut hup,
+        mut usr1,
+        mut term,
+        mut int,
+    } = signals;
     tracing::info!(
         pid = std::process::id(),
         config = %path.display(),
@@ -115,14 +137,24 @@ pub async fn run(path: &Path, engine: Arc<Engine>, db: Arc<StateDb>, force: Vec<
             _ = term.recv() => {
                 tracing::info!(signal = "SIGTERM", "stop requested");
                 stopping = true;
+                leaving(lock);
                 let _ = tx.send(Control::Stop).await;
             }
             _ = int.recv() => {
                 tracing::info!(signal = "SIGINT", "stop requested");
                 stopping = true;
+                leaving(lock);
                 let _ = tx.send(Control::Stop).await;
             }
         }
+    }
+}
+
+/// Tells `rekey rotate|resume|retire` that this process takes no more requests, so
+/// they say the next start does instead of waking it.
+pub fn leaving(lock: &StateLock) {
+    if let Err(e) = lock.set_role(Role::Exiting) {
+        tracing::warn!(error = %e, "cannot mark the lock file as exiting");
     }
 }
 

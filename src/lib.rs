@@ -4,8 +4,8 @@
 //! The pieces, each in one file: the pure rotation state machine ([`rotation`]), its
 //! driver ([`engine`]), durable state ([`state`]), secret stores ([`store`]), providers
 //! ([`provider`]), schedules ([`schedule`]), configuration ([`config`]), the command
-//! line ([`cli`]), the long-running daemon ([`scheduler`], [`daemon`]) and the
-//! in-process provider simulators ([`sandbox`]).
+//! line ([`cli`]), the long-running daemon ([`scheduler`], [`daemon`]), one-shot runs
+//! ([`once`]) and the in-process provider simulators ([`sandbox`]).
 
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -20,6 +20,7 @@ pub mod failpoint;
 pub mod journal;
 pub mod lock;
 pub mod metrics;
+pub mod once;
 pub mod provider;
 pub mod rotation;
 pub mod sandbox;

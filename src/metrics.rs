@@ -24,7 +24,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::config::Config;
+use crate::config::Subscription;
 use crate::rotation::Phase;
 use crate::state::{HistoryRow, Record};
 
@@ -82,7 +82,7 @@ impl Metrics {
         let subscriptions = Family::<StateLabels, Gauge>::default();
         registry.register(
             "subscriptions",
-            "Configured subscriptions by rotation state",
+            "Managed subscriptions (configured and discovered) by rotation state",
             subscriptions.clone(),
         );
         // 10 ms … ~5 min: the exposure window should sit in the first buckets.
@@ -192,14 +192,17 @@ impl Metrics {
         }
     }
 
-    /// Sets the gauges from the configured subscriptions' records.
-    pub fn set_records(&self, config: &Config, records: &[Record]) {
+    /// Sets the gauges from the records of `subs`: the subscriptions managed now,
+    /// discovered ones included.
+    pub fn set_records(&self, subs: &[Subscription], records: &[Record]) {
         self.next_rotation.clear();
         self.last_success.clear();
         let mut by_state: HashMap<&'static str, i64> =
             Phase::ALL.iter().map(|p| (p.as_str(), 0)).collect();
-        for sub in &config.subscriptions {
-            let rec = records.iter().find(|r| r.name == sub.name);
+        let by_name: HashMap<&str, &Record> =
+            records.iter().map(|r| (r.name.as_str(), r)).collect();
+        for sub in subs {
+            let rec = by_name.get(sub.name.as_str());
             let phase = rec.map_or(Phase::Idle, |r| r.state.phase);
             *by_state.entry(phase.as_str()).or_default() += 1;
             let labels = SubscriptionLabels {

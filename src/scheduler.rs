@@ -801,17 +801,19 @@ impl Scheduler {
                 return;
             }
         };
+        // What is managed now counts, discovered subscriptions included.
         if let Some(m) = &self.metrics {
-            m.set_records(self.engine.config(), &records);
+            m.set_records(&self.subs, &records);
         }
-        let config = self.config();
+        let managed: std::collections::HashSet<&str> =
+            self.subs.iter().map(|s| s.name.as_str()).collect();
         let mine: Vec<&Record> = records
             .iter()
-            .filter(|r| config.subscription(&r.name).is_some())
+            .filter(|r| managed.contains(r.name.as_str()))
             .collect();
         let count = |p: Phase| mine.iter().filter(|r| r.state.phase == p).count();
         let confirming = count(Phase::Confirming) + count(Phase::Published);
-        let n = config.subscriptions.len();
+        let n = self.subs.len();
         let mut status = format!(
             "{n} subscription{}, {} active, {} confirming, {} held, {} failed",
             if n == 1 { "" } else { "s" },

@@ -602,25 +602,125 @@ impl StateDb {
 
     /// Records an operator's request to rotate `name` as soon as possible.
     pub fn add_request(&self, name: &str, now: DateTime<Utc>) -> Result<(), StateError> {
-        self.conn().execute(
-            "INSERT OR REPLACE INTO requests (subscription, requested_at) VALUES (?1, ?2)",
-            params![name, ts1(now)],
-        )?;
-        Ok(())
+        insert_request(&self.conn(), name, now)
     }
 
     pub fn take_requests(&self) -> Result<Vec<String>, StateError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let names = {
-            let mut stmt = tx.prepare("SELECT subscription FROM requests ORDER BY requested_at")?;
-            stmt.query_map([], |r| r.get::<_, String>(0))?
-                .collect::<Result<Vec<_>, _>>()?
-        };
-        tx.execute("DELETE FROM requests", [])?;
+        let names = drain_requests(&tx)?;
         tx.commit()?;
         Ok(names)
     }
+
+    /// Records what an operator asks of the running rekey and, before committing,
+    /// calls `then` (which reads who holds the state directory). Both sides of the
+    /// hand-over use immediate transactions, so this is ordered against
+    /// [`StateDb::take_asks`]: either the ask is among those taken, or `then` runs
+    /// after the taker's `then` (which says it takes no more).
+    pub fn ask<T>(
+        &self,
+        ask: Ask<'_>,
+        now: DateTime<Utc>,
+        then: impl FnOnce() -> T,
+    ) -> Result<T, StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        match ask {
+            Ask::Rotate(names) => {
+                for n in names {
+                    insert_request(&tx, n, now)?;
+                }
+            }
+            Ask::Decide { name, retire } => insert_decision(&tx, name, retire, now)?,
+        }
+        let out = then();
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Takes every recorded request and decision at once; `then` sees them before
+    /// the commit (see [`StateDb::ask`] for why).
+    pub fn take_asks(&self, then: impl FnOnce(&Asks)) -> Result<Asks, StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let asks = Asks {
+            rotate: drain_requests(&tx)?,
+            decide: drain_decisions(&tx)?,
+        };
+        then(&asks);
+        tx.commit()?;
+        Ok(asks)
+    }
+}
+
+/// What an operator asks of the rekey holding the state directory.
+#[derive(Debug, Clone, Copy)]
+pub enum Ask<'a> {
+    /// `rekey rotate`.
+    Rotate(&'a [String]),
+    /// `rekey resume` (`retire: false`) or `rekey retire`.
+    Decide { name: &'a str, retire: bool },
+}
+
+/// Asks taken from the database: requests to rotate, and decisions `(name, retire)`,
+/// each oldest first.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Asks {
+    pub rotate: Vec<String>,
+    pub decide: Vec<(String, bool)>,
+}
+
+impl Asks {
+    pub fn is_empty(&self) -> bool {
+        self.rotate.is_empty() && self.decide.is_empty()
+    }
+}
+
+fn insert_request(conn: &Connection, name: &str, now: DateTime<Utc>) -> Result<(), StateError> {
+    conn.execute(
+        "INSERT OR REPLACE INTO requests (subscription, requested_at) VALUES (?1, ?2)",
+        params![name, ts1(now)],
+    )?;
+    Ok(())
+}
+
+fn drain_requests(conn: &Connection) -> Result<Vec<String>, StateError> {
+    let names = {
+        let mut stmt = conn.prepare("SELECT subscription FROM requests ORDER BY requested_at")?;
+        stmt.query_map([], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    conn.execute("DELETE FROM requests", [])?;
+    Ok(names)
+}
+
+fn insert_decision(
+    conn: &Connection,
+    name: &str,
+    retire: bool,
+    now: DateTime<Utc>,
+) -> Result<(), StateError> {
+    conn.execute(
+        "INSERT OR REPLACE INTO operator_decisions (subscription, decision, requested_at)
+         VALUES (?1, ?2, ?3)",
+        params![name, if retire { "retire" } else { "resume" }, ts1(now)],
+    )?;
+    Ok(())
+}
+
+fn drain_decisions(conn: &Connection) -> Result<Vec<(String, bool)>, StateError> {
+    let rows = {
+        let mut stmt = conn.prepare(
+            "SELECT subscription, decision FROM operator_decisions ORDER BY requested_at",
+        )?;
+        stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)? == "retire"))
+        })?
+        .collect::<Result<Vec<_>, _>>()?
+    };
+    conn.execute("DELETE FROM operator_decisions", [])?;
+    Ok(rows)
 }
 
 /// A subscription found by discovery (`id = "*"`).
@@ -711,28 +811,14 @@ impl StateDb {
         retire: bool,
         now: DateTime<Utc>,
     ) -> Result<(), StateError> {
-        self.conn().execute(
-            "INSERT OR REPLACE INTO operator_decisions (subscription, decision, requested_at)
-             VALUES (?1, ?2, ?3)",
-            params![name, if retire { "retire" } else { "resume" }, ts1(now)],
-        )?;
-        Ok(())
+        insert_decision(&self.conn(), name, retire, now)
     }
 
     /// Takes every recorded decision: `(subscription, retire)`, oldest first.
     pub fn take_decisions(&self) -> Result<Vec<(String, bool)>, StateError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let rows = {
-            let mut stmt = tx.prepare(
-                "SELECT subscription, decision FROM operator_decisions ORDER BY requested_at",
-            )?;
-            stmt.query_map([], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)? == "retire"))
-            })?
-            .collect::<Result<Vec<_>, _>>()?
-        };
-        tx.execute("DELETE FROM operator_decisions", [])?;
+        let rows = drain_decisions(&tx)?;
         tx.commit()?;
         Ok(rows)
     }
@@ -991,6 +1077,50 @@ mod tests {
         db.add_request("fintoro/802", now()).unwrap();
         assert_eq!(db.take_requests().unwrap().len(), 2);
         assert!(db.take_requests().unwrap().is_empty());
+    }
+
+    /// The hand-over between a CLI and a one-shot run, from two processes' worth of
+    /// connections: an ask recorded while the run's last look is open waits for it,
+    /// and then sees what the look left behind (here a flag standing for the lock
+    /// file's `exiting`), so it is never both missed and promised.
+    #[test]
+    fn an_ask_during_the_last_look_sees_that_look_s_marker() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::mpsc;
+        let dir = tempfile::tempdir().unwrap();
+        let run = StateDb::open(dir.path()).unwrap();
+        let cli = StateDb::open(dir.path()).unwrap();
+        let exiting = AtomicBool::new(false);
+        let names = vec!["fintoro/802".to_string()];
+        let (in_look, look_open) = mpsc::channel();
+        let (asking, cli_started) = mpsc::channel();
+        std::thread::scope(|s| {
+            let (cli, names, exiting) = (&cli, &names, &exiting);
+            let cli_side = s.spawn(move || {
+                look_open.recv().unwrap();
+                asking.send(()).unwrap();
+                cli.ask(Ask::Rotate(names), now(), || exiting.load(Ordering::SeqCst))
+                    .unwrap()
+            });
+            let taken = run
+                .take_asks(|found| {
+                    in_look.send(()).unwrap();
+                    cli_started.recv().unwrap();
+                    // Whether the CLI is blocked yet cannot be observed; give it time
+                    // to get there, so a missing lock would show.
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    assert!(found.is_empty());
+                    exiting.store(true, Ordering::SeqCst);
+                })
+                .unwrap();
+            assert!(taken.is_empty());
+            assert!(cli_side.join().unwrap(), "the CLI read the marker");
+        });
+        assert_eq!(
+            run.take_asks(|_| {}).unwrap().rotate,
+            names,
+            "left for the next run"
+        );
     }
 
     #[test]

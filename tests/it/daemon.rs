@@ -451,3 +451,46 @@ async fn the_daemon_adopts_a_subscription_the_provider_starts_listing() {
     d.record(&w.rekey);
     w.assert_no_leak(&[&initial]);
 }
+
+#[tokio::test]
+async fn with_discovery_only_the_status_line_and_the_gauges_count_the_discovered_subscriptions() {
+    let w = World::new().await;
+    let url = w.receiver.register("fintoro/802", "webhooks/fintoro/802");
+    let (other, initial) = w.sim.add_subscription(&url);
+    // Nothing configured by id: the account's list (801 and 802) is the fleet.
+    rewrite_config(&w.rekey, "id = \"801\"", "id = \"*\"");
+    rewrite_config(
+        &w.rekey,
+        "vault_path = \"webhooks/fintoro/801\"",
+        "vault_path = \"webhooks/{kind}/{id}\"",
+    );
+    let port = free_port();
+    let text = std::fs::read_to_string(&w.rekey.config).expect("config");
+    std::fs::write(
+        &w.rekey.config,
+        format!("{text}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    )
+    .expect("config");
+    let mut d = Daemon::start(&w.rekey, &[]).await;
+    d.notified("READY=1").await;
+    let status = d.notified("STATUS=").await;
+    assert!(
+        status.contains("STATUS=2 subscriptions,"),
+        "{status}\n{}",
+        d.log()
+    );
+    until_metrics(
+        port,
+        &[
+            r#"rekey_subscriptions{state="idle"} 2"#,
+            r#"rekey_next_rotation_timestamp_seconds{subscription="acme/801"}"#,
+            &format!(r#"rekey_next_rotation_timestamp_seconds{{subscription="acme/{other}"}}"#),
+        ],
+    )
+    .await;
+
+    d.signal(Signal::TERM);
+    assert_eq!(d.exit(Duration::from_secs(10)).await.code(), Some(0));
+    d.record(&w.rekey);
+    w.assert_no_leak(&[&initial]);
+}

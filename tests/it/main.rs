@@ -11,6 +11,7 @@ mod fintoro;
 mod first_start;
 mod mixed;
 mod monite;
+mod once;
 mod provider_faults;
 mod rvault_smoke;
 mod sandbox;

@@ -31,8 +31,8 @@ pub struct Daemon {
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
 impl Daemon {
-    /// Starts `rekey run` (no `--once`) with `extra` arguments and `NOTIFY_SOCKET`
-    /// pointing at a socket this test reads.
+    /// Starts `rekey run` with `extra` arguments and `NOTIFY_SOCKET` pointing at a
+    /// socket this test reads (`--once` in `extra` gives a one-shot pass to watch).
     pub async fn start(rekey: &Rekey, extra: &[&str]) -> Daemon {
         Self::start_with_env(rekey, extra, &[]).await
     }
