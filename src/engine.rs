@@ -551,6 +551,7 @@ impl Engine {
         // that rotation must not stop at the drift it is meant to repair.
         let accept_drift = rec.state.phase == Phase::Drifted;
         let timing = self.policy(sub).timing.clone();
+        let mut urgent_waits = 0;
         loop {
             let event_name = event.name();
             let step = rotation::apply(&rec.state, event, &timing).map_err(|source| {
@@ -654,6 +655,28 @@ impl Engine {
                         now: self.now(),
                     },
                 },
+                Action::WaitUntil(t)
+                    if eager
+                        && urgent_waits < URGENT_WAITS
+                        && is_urgent(&rec.state)
+                        && !stop.load(Ordering::SeqCst)
+                        && t - self.now() <= to_chrono(URGENT_WAIT_MAX) =>
+                {
+                    urgent_waits += 1;
+                    let wait = (t - self.now()).to_std().unwrap_or_default();
+                    tracing::info!(
+                        subscription = %sub.name,
+                        state = %rec.state.phase,
+                        retry_in = %humantime::format_duration(wait),
+                        "retrying within this run: a secret is at stake"
+                    );
+                    tokio::time::sleep(wait).await;
+                    Event::Recover {
+                        now: self.now(),
+                        restarted: false,
+                        eager: true,
+                    }
+                }
                 Action::WaitUntil(t) => return Ok((Outcome::Waiting(rec.state.phase, t), rec)),
                 Action::AwaitOperator if rec.state.phase == Phase::Drifted => {
                     return Ok((Outcome::Drifted, rec));
@@ -894,6 +917,18 @@ impl Engine {
         Ok(())
     }
 }
+
+/// A one-shot run does not leave these for its next start (which may be a day away):
+/// a rotate call whose outcome is unknown (the provider may hold a secret nobody has,
+/// and receivers fail until it is rotated again) and a minted secret not yet
+/// published. It retries them at their backoff, at most [`URGENT_WAITS`] times and
+/// never waiting longer than [`URGENT_WAIT_MAX`] at once.
+fn is_urgent(s: &rotation::RotationState) -> bool {
+    matches!(s.phase, Phase::Rotating | Phase::Minted)
+}
+
+const URGENT_WAITS: u32 = 4;
+const URGENT_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(300);
 
 fn to_chrono(d: std::time::Duration) -> chrono::Duration {
     chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)

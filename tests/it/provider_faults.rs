@@ -151,7 +151,8 @@ enum Class {
     Retried,
     /// A definite refusal: nothing rotated, the rotation failed and is retried later.
     Refused,
-    /// The outcome is unknown: handled as a lost response and rotated again.
+    /// The outcome is unknown: handled as a lost response and rotated again within
+    /// the same run.
     Lost,
 }
 
@@ -175,7 +176,7 @@ fn rc(what: &'static str, kind: FaultKind, class: Class, committed: u32) -> Rota
         faults: vec![kind],
         class,
         committed,
-        sent: if class == Class::Retried { 2 } else { 1 },
+        sent: if class == Class::Refused { 1 } else { 2 },
         waited: Duration::ZERO,
     }
 }
@@ -247,7 +248,7 @@ async fn rotate_fault<S: Sim>(w: ProviderWorld<S>, case: RotateCase) -> Vec<Stri
     let (code, states): (i32, &[&str]) = match case.class {
         Class::Retried => (0, &["confirming", "idle"]),
         Class::Refused => (1, &["failed"]),
-        Class::Lost => (1, &["rotating"]),
+        Class::Lost => (0, &["confirming", "idle"]),
     };
     if out.status.code() != Some(code) {
         problems.push(format!("exit {:?}, expected {code}", out.status.code()));
@@ -269,24 +270,24 @@ async fn rotate_fault<S: Sim>(w: ProviderWorld<S>, case: RotateCase) -> Vec<Stri
         ));
     }
     // A committed rotation whose response was lost left the provider with a secret
-    // nobody has: it must never reach Vault (and must not leak).
-    let unknown: Vec<String> = if case.committed > 0 {
-        vec![w.live()]
-    } else {
-        vec![]
-    };
+    // nobody has; the same run rotated over it, so it is gone. It must never have
+    // reached Vault: `previous` is the old secret, `current` the live one.
+    let unknown: Vec<String> = vec![];
     let entry = w.entry().await;
-    if case.class == Class::Retried {
+    if case.class != Class::Refused {
         // Published (Storno may have confirmed and retired already).
         if s(&entry, "current") != w.live() {
             problems.push("the retried rotation's secret is not Vault's current".into());
+        }
+        if entry.get("previous").is_some() && s(&entry, "previous") != w.initial {
+            problems.push("Vault's previous is not the secret before the rotation".into());
         }
     } else if s(&entry, "current") != w.initial || entry.get("previous").is_some() {
         problems.push("Vault changed before a secret was known".into());
     }
     check_vault(&w, &unknown, "after the fault", &mut problems).await;
-    // Recovery: the next run rotates again after an unknown outcome and retries a
-    // refused rotation; a retried one only confirms.
+    // Recovery: the next run retries a refused rotation; a retried or re-rotated one
+    // only confirms.
     w.rekey.once(&[]).await;
     check_vault(&w, &unknown, "after the recovery run", &mut problems).await;
     finish(&w, &unknown, &mut problems).await;
