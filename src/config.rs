@@ -57,6 +57,7 @@ pub struct RawMetrics {
 pub struct RawDaemon {
     pub max_concurrent: Option<usize>,
     pub drain_timeout: Option<String>,
+    pub drift_check: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -170,6 +171,9 @@ pub struct DaemonSettings {
     pub max_concurrent: usize,
     /// How long SIGTERM waits for in-flight steps to reach a saved state.
     pub drain_timeout: Duration,
+    /// How often an idle or drifted subscription is checked for a rotation made
+    /// outside rekey (providers that show part of their secret), at the most.
+    pub drift_check: Duration,
 }
 
 impl Default for DaemonSettings {
@@ -177,6 +181,7 @@ impl Default for DaemonSettings {
         DaemonSettings {
             max_concurrent: 4,
             drain_timeout: Duration::from_secs(30),
+            drift_check: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -1413,6 +1418,17 @@ fn validate(
             d.drain_timeout.as_deref(),
             daemon.drain_timeout,
         );
+        daemon.drift_check = c.duration(
+            "daemon.drift_check",
+            d.drift_check.as_deref(),
+            daemon.drift_check,
+        );
+        if daemon.drift_check < Duration::from_secs(60) {
+            c.problem(
+                "daemon.drift_check",
+                "must be at least 1m: each check is a provider request per subscription",
+            );
+        }
     }
 
     let metrics_listen = match raw.metrics.and_then(|m| m.listen) {

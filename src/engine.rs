@@ -95,14 +95,10 @@ pub struct Engine {
     account_sizes: std::sync::Mutex<HashMap<String, usize>>,
 }
 
-/// An idle or drifted subscription is checked for drift at most this often by a
-/// long-running process: each check is a provider call. (A `--once` run is a new
-/// process: it always checks.)
-pub const DRIFT_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(15 * 60);
-
 /// The share of an account's rate limit that drift checks may use: a fleet too large
-/// to check every [`DRIFT_CHECK_EVERY`] is checked more slowly, never faster than this
-/// share allows, so rotations and confirmations keep the rest.
+/// to check every `[daemon] drift_check` is checked more slowly, never faster than
+/// this share allows, so rotations and confirmations keep the rest. (A `--once` run
+/// is a new process: it always checks.)
 const DRIFT_SHARE_OF_RATE_LIMIT: f64 = 0.1;
 
 impl Engine {
@@ -157,7 +153,7 @@ impl Engine {
         self.clock.now()
     }
 
-    /// How often `sub` is checked for drift: [`DRIFT_CHECK_EVERY`], or slower when
+    /// How often `sub` is checked for drift: `[daemon] drift_check`, or slower when
     /// its account's fleet would otherwise take more than its share of the rate limit.
     fn drift_interval(&self, sub: &Subscription) -> std::time::Duration {
         let n = self
@@ -168,14 +164,15 @@ impl Engine {
             .copied()
             .unwrap_or(1)
             .max(1);
+        let every = self.config.daemon.drift_check;
         let Some(p) = self.config.provider(&sub.provider) else {
-            return DRIFT_CHECK_EVERY;
+            return every;
         };
         let per_request = p.rate_limit.per.as_secs_f64() / f64::from(p.rate_limit.count.max(1));
         let fleet = std::time::Duration::from_secs_f64(
             (n as f64 * per_request / DRIFT_SHARE_OF_RATE_LIMIT).min(86_400.0 * 7.0),
         );
-        fleet.max(DRIFT_CHECK_EVERY)
+        fleet.max(every)
     }
 
     /// When `sub` is next checked for a rotation made outside rekey, for providers

@@ -90,6 +90,8 @@ pub struct Scenario {
     pub subs: Vec<SubPlan>,
     pub events: Vec<(DateTime<Utc>, Event)>,
     pub max_concurrent: usize,
+    /// `[daemon] drift_check`.
+    pub drift_check: &'static str,
 }
 
 /// The largest provider clock skew the scenarios draw (`REKEY_SIM_SKEW_MS`).
@@ -335,6 +337,7 @@ impl Scenario {
             subs,
             events,
             max_concurrent: rng.random_range(1..=8),
+            drift_check: ["15m", "1h", "6h"][rng.random_range(0..3)],
         }
     }
 
@@ -342,8 +345,8 @@ impl Scenario {
     pub fn config_toml(&self, state_dir: &str, secrets_dir: &str) -> String {
         let mut out = format!(
             "version = 1\nstate_dir = \"{state_dir}\"\n\n[file_store]\ndir = \"{secrets_dir}/published\"\n\n\
-             [log]\nlevel = \"warn\"\n\n[daemon]\nmax_concurrent = {}\n\n",
-            self.max_concurrent
+             [log]\nlevel = \"warn\"\n\n[daemon]\nmax_concurrent = {}\ndrift_check = \"{}\"\n\n",
+            self.max_concurrent, self.drift_check
         );
         for (i, a) in self.accounts.iter().enumerate() {
             let creds = match a.kind {

@@ -123,6 +123,8 @@ pub struct Inner {
     /// Retire writes not yet compared with rekey's history: (path, rotation, evidence).
     pub retires: Vec<(String, String, bool)>,
     pub seed: u64,
+    /// Requests per route (`GET /webhooks/{id}`), for the report.
+    pub by_route: BTreeMap<String, u64>,
 }
 
 /// The world: shared by every transport and the store, outliving rekey's crashes.
@@ -222,20 +224,26 @@ impl RemoteSub {
             })
     }
 
-    /// Every delivery sent in `[from, to]`, regular and extra, oldest first.
+    /// The deliveries sent in `[from, to]`, regular and extra, newest first, at most
+    /// `limit` of the regular ones (they are made on demand, so only what is asked
+    /// for costs anything).
     pub fn deliveries(
         &self,
         seed: u64,
         store: &StoreModel,
         from: DateTime<Utc>,
         to: DateTime<Utc>,
+        limit: usize,
     ) -> Vec<Delivery> {
         let step = self.interval.as_millis() as i64;
+        let from = from.max(self.created);
         let first = ((from - self.created).num_milliseconds() / step - 1).max(0);
         let last = (to - self.created).num_milliseconds() / step;
         let mut out: Vec<Delivery> = (first..=last.max(first))
+            .rev()
             .map(|k| self.regular(seed, k, store))
-            .filter(|d| d.sent >= from && d.sent <= to && d.sent >= self.created)
+            .filter(|d| d.sent >= from && d.sent <= to)
+            .take(limit)
             .collect();
         out.extend(
             self.extra
@@ -243,7 +251,7 @@ impl RemoteSub {
                 .filter(|d| d.sent >= from && d.sent <= to)
                 .cloned(),
         );
-        out.sort_by_key(|d| d.sent);
+        out.sort_by_key(|d| std::cmp::Reverse(d.sent));
         out
     }
 }
@@ -263,6 +271,7 @@ impl World {
                 retired_with_evidence: 0,
                 retires: Vec::new(),
                 seed,
+                by_route: BTreeMap::new(),
             }),
         })
     }
@@ -556,6 +565,18 @@ impl SimTransport {
         let mut violations = Vec::new();
         let mut w = self.world.lock();
         w.requests += 1;
+        let route: String = path
+            .split('/')
+            .map(|p| {
+                if p.len() > 2 && p.bytes().any(|b| b.is_ascii_digit()) {
+                    "{id}"
+                } else {
+                    p
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("/");
+        *w.by_route.entry(format!("{method} {route}")).or_default() += 1;
         let inner = &mut *w;
         let acct = inner
             .accounts
@@ -718,7 +739,7 @@ impl SimTransport {
                 };
                 // lastSuccessAt/lastFailureAt: completion times, whole seconds, on the
                 // provider's clock, of deliveries done by now.
-                let recent = s.deliveries(seed, store, now - chrono::Duration::days(3), now);
+                let recent = s.deliveries(seed, store, now - chrono::Duration::days(1), now, 200);
                 let done: Vec<&Delivery> = recent.iter().filter(|d| d.done() <= now).collect();
                 let last = |ok: bool| {
                     done.iter()
@@ -765,9 +786,13 @@ impl SimTransport {
                     .unwrap_or(now - chrono::Duration::days(1));
                 let mut data = Vec::new();
                 for s in acct.subs.values() {
-                    for d in
-                        s.deliveries(seed, store, gte.max(now - chrono::Duration::days(3)), now)
-                    {
+                    for d in s.deliveries(
+                        seed,
+                        store,
+                        gte.max(now - chrono::Duration::days(3)),
+                        now,
+                        200,
+                    ) {
                         let done = d.done() <= now;
                         data.push(json!({
                             "id": d.id, "url": format!("https://r.example/{}", s.id),
@@ -806,8 +831,7 @@ impl SimTransport {
                 let Some(s) = acct.subs.get(*id) else {
                     return not_found;
                 };
-                let mut all = s.deliveries(seed, store, now - chrono::Duration::days(2), now);
-                all.reverse();
+                let mut all = s.deliveries(seed, store, now - chrono::Duration::days(2), now, 100);
                 all.truncate(100);
                 let data: Vec<Value> = all
                     .iter()
@@ -1007,7 +1031,7 @@ fn evidence_for(w: &Inner, path: &str, secret: &str, now: DateTime<Utc>) -> bool
             let Some(since) = s.live.iter().find(|(_, x)| x == secret).map(|(t, _)| *t) else {
                 return false;
             };
-            s.deliveries(w.seed, &w.store, since, now)
+            s.deliveries(w.seed, &w.store, since, now, usize::MAX)
                 .iter()
                 .any(|d| d.signer == secret && d.ok && d.done() <= now)
         })
