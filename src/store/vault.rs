@@ -16,7 +16,7 @@
 //! cannot be renewed enough is replaced by a new login; a static token that cannot be
 //! kept valid is refused with an error saying so, before any call is made with it.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -133,7 +133,39 @@ enum Lookup {
     Dead(String),
 }
 
+/// The Vault secret store: a client shared with the task that keeps its token alive.
 pub struct VaultStore {
+    client: Arc<Client>,
+    keeper: tokio::task::AbortHandle,
+}
+
+impl Drop for VaultStore {
+    fn drop(&mut self) {
+        self.keeper.abort();
+    }
+}
+
+/// How often the keep-alive task looks at the token (see [`keep_alive`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KeepAlivePacing {
+    /// Before the first look at a token nothing has asked about yet: long enough that
+    /// a short CLI command never makes one.
+    pub first_look: Duration,
+    /// Never sooner than this after the last attempt, so a token that renewal cannot
+    /// extend (at its max TTL) or a Vault that fails is not asked in a loop.
+    pub cooldown: Duration,
+}
+
+impl Default for KeepAlivePacing {
+    fn default() -> Self {
+        KeepAlivePacing {
+            first_look: Duration::from_secs(60),
+            cooldown: Duration::from_secs(60),
+        }
+    }
+}
+
+struct Client {
     settings: VaultSettings,
     http: reqwest::Client,
     token: RwLock<Token>,
@@ -161,11 +193,19 @@ impl VaultStore {
         settings: &VaultSettings,
         clock: MonotonicClock,
     ) -> Result<VaultStore, StoreError> {
+        VaultStore::connect_paced(settings, clock, KeepAlivePacing::default()).await
+    }
+
+    pub(crate) async fn connect_paced(
+        settings: &VaultSettings,
+        clock: MonotonicClock,
+        pacing: KeepAlivePacing,
+    ) -> Result<VaultStore, StoreError> {
         let token = match &settings.auth {
             VaultAuth::Token(t) => t.clone(),
             VaultAuth::AppRole { .. } => secret(String::new()),
         };
-        let store = VaultStore {
+        let client = Arc::new(Client {
             settings: settings.clone(),
             http: http_client(settings)?,
             token: RwLock::new(Token {
@@ -175,11 +215,18 @@ impl VaultStore {
             }),
             refresh: Mutex::new(()),
             clock,
-        };
-        if store.is_approle() {
-            store.login().await?;
+        });
+        if client.is_approle() {
+            client.login().await?;
         }
-        Ok(store)
+        let keeper = tokio::spawn(keep_alive(Arc::downgrade(&client), pacing)).abort_handle();
+        Ok(VaultStore { client, keeper })
+    }
+}
+
+impl Client {
+    fn describe(&self) -> String {
+        describe(&self.settings)
     }
 
     fn url(&self, api_path: &str) -> String {
@@ -432,7 +479,7 @@ impl VaultStore {
     /// Makes sure the token is still valid `need.time` from now, renewing it (or
     /// logging in again) when it is past the renewal point. Errors say why it cannot be.
     async fn ensure_token(&self, need: Need) -> Result<(), StoreError> {
-        let margin = need.time.max(self.settings.min_token_ttl);
+        let margin = need.time.max(self.margin());
         if !self.life().await.wants_refresh(self.now(), margin) {
             return Ok(());
         }
@@ -457,6 +504,11 @@ impl VaultStore {
             self.login().await?;
         }
         self.require(self.call_need()).await
+    }
+
+    /// How close to expiry a renewable token is renewed whatever the call.
+    fn margin(&self) -> Duration {
+        self.settings.timeout.max(self.settings.min_token_ttl)
     }
 
     /// What an ordinary call needs of the token: to outlive the call.
@@ -561,6 +613,48 @@ impl VaultStore {
     }
 }
 
+/// Keeps a static renewable token alive while nothing else calls Vault: a daemon whose
+/// subscriptions rotate monthly may make no Vault call for longer than the token's TTL,
+/// and an expired token cannot be renewed. AppRole needs no keeper (a new login is
+/// always at hand), nor does a token that never expires or cannot be renewed. Ends when
+/// the store is dropped or nothing is left to keep; never asks Vault twice within
+/// `pacing.cooldown`.
+async fn keep_alive(client: Weak<Client>, pacing: KeepAlivePacing) {
+    let mut wait = pacing.first_look;
+    loop {
+        tokio::time::sleep(wait).await;
+        let Some(c) = client.upgrade() else { return };
+        if c.is_approle() || keep_alive_wait(c.life().await, c.now(), c.margin()).is_none() {
+            return;
+        }
+        if let Err(e) = c.ensure_token(c.call_need()).await {
+            tracing::warn!(store = %c.describe(), error = %e, "could not keep the Vault token valid; trying again later");
+        }
+        let Some(next) = keep_alive_wait(c.life().await, c.now(), c.margin()) else {
+            return;
+        };
+        wait = next.max(pacing.cooldown);
+    }
+}
+
+/// How long until a token needs the keeper's attention: now when not looked up yet;
+/// at its renewal point when it is renewable and alive; never otherwise.
+fn keep_alive_wait(life: Lifetime, now: Instant, margin: Duration) -> Option<Duration> {
+    match life {
+        Lifetime::Unknown => Some(Duration::ZERO),
+        Lifetime::Limited {
+            granted_at,
+            ttl,
+            renewable: true,
+        } if life.remaining(now).is_some_and(|left| !left.is_zero()) => {
+            let renew_at = granted_at + ttl * RENEW_AFTER_NUM / RENEW_AFTER_DEN;
+            let due = renew_at.min((granted_at + ttl).checked_sub(margin).unwrap_or(now));
+            Some(due.saturating_duration_since(now))
+        }
+        Lifetime::Limited { .. } | Lifetime::Unlimited => None,
+    }
+}
+
 /// The HTTP client: timeouts always set, no redirects (a token must not follow one),
 /// https only for https addresses, the configured CA added.
 fn http_client(settings: &VaultSettings) -> Result<reqwest::Client, StoreError> {
@@ -637,9 +731,27 @@ fn vault_errors(body: &Value) -> String {
 #[async_trait]
 impl SecretStore for VaultStore {
     fn describe(&self) -> String {
-        describe(&self.settings)
+        self.client.describe()
     }
 
+    async fn preflight(&self, path: &str) -> Result<(), StoreError> {
+        self.client.preflight(path).await
+    }
+
+    async fn read(&self, path: &str) -> Result<Option<Versioned>, StoreError> {
+        self.client.read(path).await
+    }
+
+    async fn write(&self, path: &str, entry: &Entry, expect: Expect) -> Result<(), StoreError> {
+        self.client.write(path, entry, expect).await
+    }
+
+    async fn destroy_version(&self, path: &str, version: u64) -> Result<(), StoreError> {
+        self.client.destroy_version(path, version).await
+    }
+}
+
+impl Client {
     async fn preflight(&self, path: &str) -> Result<(), StoreError> {
         self.check_token().await?;
         // The read proves the path is readable and its entry (if any) well-formed; a

@@ -13,22 +13,20 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 
 use super::*;
 
-/// Monotonic time that the test moves forward by hand.
+/// tokio's monotonic time plus an offset the test moves forward by hand.
 struct TestClock {
-    base: Instant,
     offset_secs: AtomicU64,
 }
 
 impl TestClock {
     fn new() -> Arc<TestClock> {
         Arc::new(TestClock {
-            base: Instant::now(),
             offset_secs: AtomicU64::new(0),
         })
     }
 
     fn now(&self) -> Instant {
-        self.base + Duration::from_secs(self.offset_secs.load(Ordering::SeqCst))
+        Instant::now() + Duration::from_secs(self.offset_secs.load(Ordering::SeqCst))
     }
 
     fn advance(&self, secs: u64) {
@@ -64,6 +62,8 @@ struct Vault {
     log: Vec<String>,
     /// Requests made with a token that had expired: the invariant is none.
     with_expired_token: Vec<String>,
+    /// Told of every renewal.
+    renewed: Arc<tokio::sync::Notify>,
 }
 
 impl Vault {
@@ -162,7 +162,9 @@ fn login(v: &mut Vault, body: &[u8], now: Instant) -> (StatusCode, Json<Value>) 
 }
 
 fn renew(v: &mut Vault, token: &str, now: Instant) -> (StatusCode, Json<Value>) {
-    let t = v.tokens.get_mut(token).expect("checked by the caller");
+    let Some(t) = v.tokens.get_mut(token) else {
+        return denied();
+    };
     if !t.renewable {
         return answer(
             StatusCode::BAD_REQUEST,
@@ -170,6 +172,7 @@ fn renew(v: &mut Vault, token: &str, now: Instant) -> (StatusCode, Json<Value>) 
         );
     }
     t.granted_at = now;
+    v.renewed.notify_one();
     answer(
         StatusCode::OK,
         json!({ "auth": { "client_token": token, "lease_duration": t.ttl.as_secs(),
@@ -209,6 +212,7 @@ async fn fake(clock: &Arc<TestClock>) -> (String, S) {
         kv: HashMap::new(),
         log: Vec::new(),
         with_expired_token: Vec::new(),
+        renewed: Arc::default(),
     }));
     let app = axum::Router::new().fallback(handle).with_state(s.clone());
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -432,4 +436,56 @@ async fn a_static_token_that_cannot_be_renewed_is_named_not_sent_expired() {
         k.with_expired_token
     );
     assert_eq!(k.count(RENEW), 0);
+}
+
+/// Nothing calls Vault for longer than the token's TTL (a daemon between monthly
+/// rotations): the store renews the token on its own, so it still works afterwards.
+/// Real time: the keeper sleeps on tokio's clock, a 2-second token keeps it short.
+#[tokio::test]
+async fn an_idle_store_keeps_a_renewable_token_alive_past_its_ttl() {
+    let clock = TestClock::new();
+    let (addr, vault) = fake(&clock).await;
+    static_token(&vault, &clock, 2, true);
+    let mut s = settings(&addr, VaultAuth::Token(secret("static".to_string())));
+    s.timeout = Duration::from_millis(500);
+    s.min_token_ttl = Duration::from_millis(500);
+    let pacing = KeepAlivePacing {
+        first_look: Duration::ZERO,
+        cooldown: Duration::from_millis(50),
+    };
+    let c = clock.clone();
+    let v = VaultStore::connect_paced(&s, Arc::new(move || c.now()), pacing)
+        .await
+        .unwrap();
+    let renewed = vault.lock().unwrap().renewed.clone();
+    let start = Instant::now();
+    // Renewals, until well past the token's first 2 seconds.
+    while start.elapsed() < Duration::from_millis(2500) {
+        tokio::time::timeout(Duration::from_secs(10), renewed.notified())
+            .await
+            .expect("the idle store renews its token");
+    }
+    v.read("w/801").await.unwrap();
+    {
+        let k = vault.lock().unwrap();
+        assert!(
+            k.with_expired_token.is_empty(),
+            "{:?}",
+            k.with_expired_token
+        );
+        assert!(k.count(LOOKUP) <= 1, "{:?}", k.log);
+    }
+    // Dropped, the store stops renewing: a renewal already on its way at the drop
+    // may still land (and one may be noted but not yet awaited), nothing after.
+    drop(v);
+    let before = vault.lock().unwrap().count(RENEW);
+    let mut late = 0;
+    while tokio::time::timeout(Duration::from_millis(1500), renewed.notified())
+        .await
+        .is_ok()
+    {
+        late += 1;
+        assert!(late <= 2, "a dropped store keeps renewing");
+    }
+    assert!(vault.lock().unwrap().count(RENEW) <= before + 1);
 }
