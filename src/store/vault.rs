@@ -887,6 +887,8 @@ mod kv2_contract {
         delay: Duration,
         /// Answers reads with a body this large (a proxy's page, a broken server).
         huge: Option<usize>,
+        /// Destroy requests are told here and never answered (rekey dies in them).
+        hold_destroy: Option<Arc<tokio::sync::Notify>>,
     }
 
     type S = Arc<Mutex<Kv>>;
@@ -972,6 +974,11 @@ mod kv2_contract {
         Path(p): Path<String>,
         Json(body): Json<Value>,
     ) -> StatusCode {
+        let hold = s.lock().unwrap().hold_destroy.clone();
+        if let Some(reached) = hold {
+            reached.notify_one();
+            std::future::pending::<()>().await;
+        }
         let mut kv = s.lock().unwrap();
         let wanted: Vec<u64> = body["versions"]
             .as_array()
@@ -1110,6 +1117,110 @@ mod kv2_contract {
         // The latest version destroyed: reads refuse to call it "absent".
         let err = on.read("p").await.unwrap_err();
         assert!(err.to_string().contains("deleted"), "{err}");
+    }
+
+    /// The rotation's evidence is in and rekey dies after the retire write, before
+    /// `destroy_old_versions` ran: the next run (which finds `previous` already gone)
+    /// still destroys the two versions that held the old secret.
+    #[tokio::test]
+    async fn a_retire_cut_off_before_its_destroy_destroys_on_the_next_run() {
+        use crate::engine::Engine;
+        use crate::rotation::{Phase, Trigger};
+        let (addr, kv) = fake().await;
+        kv.lock().unwrap().versions.insert(
+            "w/801".into(),
+            vec![Some(json!({ "current": "whsec_old" }))],
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let config = Arc::new(one_subscription(dir.path()));
+        let sub = config.subscriptions[0].clone();
+        let db = Arc::new(crate::state::StateDb::open(&config.state_dir).unwrap());
+        let engine = || async {
+            let store: Arc<dyn SecretStore> = Arc::new(
+                VaultStore::connect(&settings(&addr, "root", true))
+                    .await
+                    .unwrap(),
+            );
+            let provider: Arc<dyn crate::provider::Provider> = Arc::new(Confirms);
+            let providers = [("a".to_string(), provider)].into_iter().collect();
+            Engine::with_parts(config.clone(), db.clone(), store, providers)
+        };
+
+        let reached = Arc::new(tokio::sync::Notify::new());
+        kv.lock().unwrap().hold_destroy = Some(reached.clone());
+        let first = engine().await;
+        let run = tokio::spawn({
+            let sub = sub.clone();
+            async move { first.advance(&sub, Some(Trigger::Forced), true).await }
+        });
+        reached.notified().await;
+        run.abort();
+        let _ = run.await;
+        {
+            let k = kv.lock().unwrap();
+            let vs = &k.versions["w/801"];
+            assert_eq!(vs.len(), 3, "old, dual, retired");
+            assert!(vs.iter().all(Option::is_some), "nothing destroyed yet");
+            assert!(vs[2].as_ref().unwrap().get("previous").is_none());
+        }
+
+        kv.lock().unwrap().hold_destroy = None;
+        let (_, rec) = engine().await.advance(&sub, None, true).await.unwrap();
+        assert_eq!(rec.state.phase, Phase::Idle, "{:?}", rec.state);
+        let k = kv.lock().unwrap();
+        let vs = &k.versions["w/801"];
+        assert!(
+            vs[0].is_none(),
+            "the version before the rotation is destroyed"
+        );
+        assert!(vs[1].is_none(), "the dual version is destroyed");
+        assert_eq!(vs[2].as_ref().unwrap()["current"], "whsec_new");
+    }
+
+    /// A provider that rotates to `whsec_new` and confirms at once.
+    struct Confirms;
+
+    #[async_trait]
+    impl crate::provider::Provider for Confirms {
+        fn kind(&self) -> crate::config::ProviderKind {
+            crate::config::ProviderKind::Fintoro
+        }
+        async fn preflight(&self, _id: &str) -> Result<(), crate::provider::ProviderError> {
+            Ok(())
+        }
+        async fn rotate(&self, _id: &str) -> Result<SecretString, crate::provider::RotateError> {
+            Ok(secret("whsec_new".to_string()))
+        }
+        async fn evidence(
+            &self,
+            _id: &str,
+            _since: chrono::DateTime<chrono::Utc>,
+        ) -> Result<Option<String>, crate::provider::ProviderError> {
+            Ok(Some(
+                "a delivery signed with the new secret succeeded".into(),
+            ))
+        }
+        async fn list(
+            &self,
+        ) -> Result<Vec<crate::provider::RemoteSubscription>, crate::provider::ProviderError>
+        {
+            Ok(vec![])
+        }
+    }
+
+    fn one_subscription(dir: &std::path::Path) -> crate::config::Config {
+        std::fs::write(dir.join("token"), "t").unwrap();
+        let toml = "version = 1\nstate_dir = \"state\"\n[file_store]\ndir = \"unused\"\n\
+             [[providers]]\nname = \"a\"\nkind = \"fintoro\"\nbase_url = \"http://127.0.0.1:9\"\ntoken_file = \"token\"\n\
+             [[policies]]\nname = \"p\"\nevery = \"30d\"\n\
+             [[subscriptions]]\nprovider = \"a\"\nid = \"801\"\npolicy = \"p\"\nvault_path = \"w/801\"\n";
+        std::fs::write(dir.join("rekey.toml"), toml).unwrap();
+        crate::config::Config::load_with(
+            &dir.join("rekey.toml"),
+            &std::collections::BTreeMap::<String, String>::new(),
+            false,
+        )
+        .unwrap()
     }
 
     #[tokio::test]
