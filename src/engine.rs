@@ -895,18 +895,22 @@ impl Engine {
                 ),
             });
         }
-        if read.entry.previous.is_none() {
-            return Ok(());
-        }
-        let entry = Entry {
-            previous: None,
-            ..read.entry.clone()
+        // The dual version and the one before it held the old secret. Already retired
+        // (`previous` gone), the dual is the version before this one: a crash between
+        // the write and the destroy must not leave them. Destroying twice is harmless.
+        let dual = if read.entry.previous.is_none() {
+            read.version.map(|v| v.saturating_sub(1))
+        } else {
+            let entry = Entry {
+                previous: None,
+                ..read.entry.clone()
+            };
+            self.store
+                .write(&sub.vault_path, &entry, Expect::Version(read.version))
+                .await?;
+            read.version
         };
-        self.store
-            .write(&sub.vault_path, &entry, Expect::Version(read.version))
-            .await?;
-        if let Some(v) = read.version {
-            // The dual version (v) and the one before it held the old secret.
+        if let Some(v) = dual {
             for old in [v.saturating_sub(1), v].into_iter().filter(|x| *x > 0) {
                 self.store.destroy_version(&sub.vault_path, old).await?;
             }

@@ -667,33 +667,35 @@ pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Ste
         (Phase::Published | Phase::Confirming, Event::CheckFailed { error, .. }) => {
             s.phase = Phase::Confirming;
             let deadline = s.confirm_deadline.unwrap_or(now);
-            let (action, detail) = fail_step(&mut s, format!("confirmation check failed: {error}"));
-            // An unreachable provider is not evidence either way; past the deadline it
-            // still ends in hold, never in retire-on-error.
+            // A check that fails is not evidence either way, and not "no evidence"
+            // either: `on_timeout = "retire"` trusts a provider that answered. Past the
+            // deadline a failing check holds, whatever the policy.
             if now >= deadline {
-                return apply(
-                    &s,
-                    Event::Checked {
-                        evidence: None,
-                        now,
-                    },
-                    timing,
-                )
-                .map(|mut step| {
-                    step.transition.from = from;
-                    step.transition.detail = format!("{detail}; {}", step.transition.detail);
-                    step
-                });
+                s.phase = Phase::Held;
+                s.not_before = None;
+                // Nothing retries from held: the count goes into the reason instead.
+                let failed = s.failures + 1;
+                s.failures = 0;
+                let msg = format!(
+                    "the confirmation check itself kept failing up to the deadline ({failed} \
+                     failure(s) in a row; last error: {error}); failing checks are no evidence \
+                     either way, so both secrets stay published whatever on_timeout says"
+                );
+                s.last_error = Some(msg.clone());
+                (Action::AwaitOperator, msg)
+            } else {
+                let (action, detail) =
+                    fail_step(&mut s, format!("confirmation check failed: {error}"));
+                let action = match action {
+                    Action::WaitUntil(t) => {
+                        let t = t.min(deadline);
+                        s.not_before = Some(t);
+                        Action::WaitUntil(t)
+                    }
+                    other => other,
+                };
+                (action, detail)
             }
-            let action = match action {
-                Action::WaitUntil(t) => {
-                    let t = t.min(deadline);
-                    s.not_before = Some(t);
-                    Action::WaitUntil(t)
-                }
-                other => other,
-            };
-            (action, detail)
         }
         (Phase::Retiring, Event::Retired { .. }) => {
             s.phase = Phase::Idle;
@@ -1199,6 +1201,50 @@ mod tests {
         .unwrap();
         assert_eq!(late.state.phase, Phase::Held);
         assert_eq!(late.transition.from, Phase::Confirming);
+    }
+
+    /// A check that keeps failing is not "no evidence": `on_timeout = "retire"` is a
+    /// decision about a provider that answered, so past the deadline it still holds.
+    #[test]
+    fn a_failing_check_past_the_deadline_holds_even_under_on_timeout_retire() {
+        let tm = Timing {
+            on_timeout: OnTimeout::Retire,
+            ..timing()
+        };
+        let s = at(Phase::Confirming);
+        let early = apply(
+            &s,
+            Event::CheckFailed {
+                error: "503 from the delivery log".into(),
+                now: t(10),
+            },
+            &tm,
+        )
+        .unwrap();
+        assert_eq!(early.state.phase, Phase::Confirming);
+        for from in [early.state, at(Phase::Published)] {
+            let late = apply(
+                &from,
+                Event::CheckFailed {
+                    error: "connection refused".into(),
+                    now: t(200),
+                },
+                &tm,
+            )
+            .unwrap();
+            assert_eq!(
+                (late.state.phase, &late.action),
+                (Phase::Held, &Action::AwaitOperator)
+            );
+            assert_eq!(late.transition.from, from.phase);
+            assert_eq!(late.transition.to, Phase::Held);
+            assert!(late.state.last_outcome.is_none(), "not retired");
+            assert_eq!(late.state.not_before, None);
+            let why = late.state.last_error.as_deref().unwrap();
+            assert!(why.contains("check itself kept failing"), "{why}");
+            assert!(why.contains("connection refused"), "{why}");
+            assert!(late.transition.detail.contains("connection refused"));
+        }
     }
 
     #[test]

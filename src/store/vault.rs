@@ -7,29 +7,172 @@
 //! cannot read anything from Vault-API servers that leave those out — RustyVault, the
 //! server the integration tests run against, among them. Every field read here is
 //! optional until rekey actually needs it, and every error names what was wrong.
+//!
+//! The token is kept valid before *every* call, not only in preflight: a daemon lives
+//! through many token TTLs between monthly rotations, and a Vault outage after a mint
+//! can outlast one. The expiry is tracked from Vault's own answers (lookup-self,
+//! renew-self, login) on monotonic time. A renewable token is renewed once it is past
+//! two thirds of its TTL or within `min_token_ttl` of expiry; an AppRole token that
+//! cannot be renewed enough is replaced by a new login; a static token that cannot be
+//! kept valid is refused with an error saying so, before any call is made with it.
 
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use reqwest::header::HeaderValue;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use tokio::sync::RwLock;
+use tokio::sync::{Mutex, RwLock};
+use tokio::time::Instant;
 
 use super::{Entry, Expect, SecretStore, StoreError, Versioned};
 use crate::config::{KvVersion, VaultAuth, VaultSettings};
 use crate::secret::{ExposeSecret, SecretString, secret};
 
-/// The token in use and, when known, when it expires.
-struct Token {
-    value: SecretString,
-    expires_at: Option<DateTime<Utc>>,
+/// Where the store reads monotonic time: tokio's clock by default, so a paused runtime
+/// (the simulation) controls it; [`VaultStore::connect_with_clock`] takes another.
+pub type MonotonicClock = Arc<dyn Fn() -> Instant + Send + Sync>;
+
+/// Vault answers larger than this are refused. Entries and token answers are a few
+/// hundred bytes; anything near this is not Vault talking (a proxy's page, a broken
+/// server), and reading it whole would let it fill rekey's memory.
+pub const MAX_ANSWER_BYTES: usize = 1 << 20;
+
+/// A renewable token is renewed once this fraction of its granted TTL has passed, as
+/// Vault Agent does: early enough that an outage at that moment still leaves a third.
+const RENEW_AFTER_NUM: u32 = 2;
+const RENEW_AFTER_DEN: u32 = 3;
+
+/// What is known about how long the token in use lives.
+#[derive(Debug, Clone, Copy)]
+enum Lifetime {
+    /// Not looked up yet (a token from a file, before the first call).
+    Unknown,
+    /// Vault said TTL 0: the token never expires (root tokens).
+    Unlimited,
+    Limited {
+        /// When the TTL was granted, taken as the moment the request was *sent*: the
+        /// expiry estimate then errs early by the round trip, never late.
+        granted_at: Instant,
+        ttl: Duration,
+        renewable: bool,
+    },
 }
 
+impl Lifetime {
+    fn granted(sent_at: Instant, ttl_seconds: u64, renewable: bool) -> Lifetime {
+        if ttl_seconds == 0 {
+            return Lifetime::Unlimited;
+        }
+        Lifetime::Limited {
+            granted_at: sent_at,
+            ttl: Duration::from_secs(ttl_seconds),
+            renewable,
+        }
+    }
+
+    /// Time left at `now`; `None` when unlimited or not known.
+    fn remaining(&self, now: Instant) -> Option<Duration> {
+        match self {
+            Lifetime::Limited {
+                granted_at, ttl, ..
+            } => Some((*granted_at + *ttl).saturating_duration_since(now)),
+            Lifetime::Unknown | Lifetime::Unlimited => None,
+        }
+    }
+
+    /// Past the renewal fraction of its TTL, or within `margin` of expiry.
+    fn wants_refresh(&self, now: Instant, margin: Duration) -> bool {
+        match self {
+            Lifetime::Limited {
+                granted_at, ttl, ..
+            } => {
+                let renew_at = *granted_at + *ttl * RENEW_AFTER_NUM / RENEW_AFTER_DEN;
+                now >= renew_at || self.remaining(now).is_some_and(|left| left < margin)
+            }
+            Lifetime::Unknown => true,
+            Lifetime::Unlimited => false,
+        }
+    }
+
+    /// Renewing makes sense: renewable and not yet expired (renewing an expired token
+    /// would be a call made with an expired token, and Vault refuses it anyway).
+    fn renewable_at(&self, now: Instant) -> bool {
+        matches!(
+            self,
+            Lifetime::Limited {
+                renewable: true,
+                ..
+            }
+        ) && self.remaining(now).is_some_and(|left| !left.is_zero())
+    }
+}
+
+/// How long the token must still be valid for what comes next, and which setting says so
+/// (named in the error when it cannot be).
+#[derive(Debug, Clone, Copy)]
+struct Need {
+    time: Duration,
+    setting: &'static str,
+}
+
+/// The token in use.
+struct Token {
+    value: SecretString,
+    life: Lifetime,
+    /// Bumped whenever the token is replaced, so a call that saw its token refused can
+    /// tell whether another call has already logged in again.
+    generation: u64,
+}
+
+/// What `auth/token/lookup-self` said about the token.
+enum Lookup {
+    Alive,
+    /// Refused: expired or revoked. Vault's message.
+    Dead(String),
+}
+
+/// The Vault secret store: a client shared with the task that keeps its token alive.
 pub struct VaultStore {
+    client: Arc<Client>,
+    keeper: tokio::task::AbortHandle,
+}
+
+impl Drop for VaultStore {
+    fn drop(&mut self) {
+        self.keeper.abort();
+    }
+}
+
+/// How often the keep-alive task looks at the token (see [`keep_alive`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KeepAlivePacing {
+    /// Before the first look at a token nothing has asked about yet: long enough that
+    /// a short CLI command never makes one.
+    pub first_look: Duration,
+    /// Never sooner than this after the last attempt, so a token that renewal cannot
+    /// extend (at its max TTL) or a Vault that fails is not asked in a loop.
+    pub cooldown: Duration,
+}
+
+impl Default for KeepAlivePacing {
+    fn default() -> Self {
+        KeepAlivePacing {
+            first_look: Duration::from_secs(60),
+            cooldown: Duration::from_secs(60),
+        }
+    }
+}
+
+struct Client {
     settings: VaultSettings,
     http: reqwest::Client,
     token: RwLock<Token>,
+    /// Serialises lookups, renewals and logins, so concurrent calls share one instead
+    /// of each renewing (or logging in) on its own.
+    refresh: Mutex<()>,
+    clock: MonotonicClock,
 }
 
 /// A Vault answer: status and JSON body (`Null` when empty or not JSON).
@@ -42,63 +185,112 @@ impl VaultStore {
     /// Builds the client and logs in (AppRole) if configured. Does not otherwise contact
     /// Vault: reachability is the preflight's job.
     pub async fn connect(settings: &VaultSettings) -> Result<VaultStore, StoreError> {
-        let describe = describe(settings);
-        let setup = |detail: String| StoreError::Other {
-            store: describe.clone(),
-            detail,
-        };
-        let mut http = reqwest::Client::builder()
-            .timeout(settings.timeout)
-            .connect_timeout(settings.timeout)
-            .user_agent(concat!("rekey/", env!("CARGO_PKG_VERSION")))
-            .https_only(settings.address.starts_with("https://"))
-            .redirect(reqwest::redirect::Policy::none());
-        if let Some(ca) = &settings.ca_cert {
-            let pem = std::fs::read(ca)
-                .map_err(|e| setup(format!("reading ca_cert {}: {e}", ca.display())))?;
-            let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| {
-                setup(format!(
-                    "ca_cert {} is not a PEM certificate: {e}",
-                    ca.display()
-                ))
-            })?;
-            http = http.add_root_certificate(cert);
-        }
-        let http = http.build().map_err(|e| setup(e.to_string()))?;
+        VaultStore::connect_with_clock(settings, Arc::new(Instant::now)).await
+    }
+
+    /// [`VaultStore::connect`] with token expiry measured on `clock`.
+    pub async fn connect_with_clock(
+        settings: &VaultSettings,
+        clock: MonotonicClock,
+    ) -> Result<VaultStore, StoreError> {
+        VaultStore::connect_paced(settings, clock, KeepAlivePacing::default()).await
+    }
+
+    pub(crate) async fn connect_paced(
+        settings: &VaultSettings,
+        clock: MonotonicClock,
+        pacing: KeepAlivePacing,
+    ) -> Result<VaultStore, StoreError> {
         let token = match &settings.auth {
             VaultAuth::Token(t) => t.clone(),
             VaultAuth::AppRole { .. } => secret(String::new()),
         };
-        let store = VaultStore {
+        let client = Arc::new(Client {
             settings: settings.clone(),
-            http,
+            http: http_client(settings)?,
             token: RwLock::new(Token {
                 value: token,
-                expires_at: None,
+                life: Lifetime::Unknown,
+                generation: 0,
             }),
-        };
-        if matches!(settings.auth, VaultAuth::AppRole { .. }) {
-            store.login().await?;
+            refresh: Mutex::new(()),
+            clock,
+        });
+        if client.is_approle() {
+            client.login().await?;
         }
-        Ok(store)
+        let keeper = tokio::spawn(keep_alive(Arc::downgrade(&client), pacing)).abort_handle();
+        Ok(VaultStore { client, keeper })
+    }
+}
+
+impl Client {
+    fn describe(&self) -> String {
+        describe(&self.settings)
     }
 
     fn url(&self, api_path: &str) -> String {
         format!("{}/v1/{api_path}", self.settings.address)
     }
 
-    /// One request with the current token. Never retried here: the rotation state
-    /// machine owns retries, so every attempt is recorded.
+    fn now(&self) -> Instant {
+        (self.clock)()
+    }
+
+    fn is_approle(&self) -> bool {
+        matches!(self.settings.auth, VaultAuth::AppRole { .. })
+    }
+
+    async fn current(&self) -> (SecretString, u64) {
+        let t = self.token.read().await;
+        (t.value.clone(), t.generation)
+    }
+
+    async fn life(&self) -> Lifetime {
+        self.token.read().await.life
+    }
+
+    /// One request with a token kept valid for it. Never retried here (the rotation
+    /// state machine owns retries, so every attempt is recorded) — except once, after a
+    /// new AppRole login, when Vault refused a token that turned out to be dead.
     async fn call(
         &self,
         method: Method,
         api_path: &str,
         body: Option<&Value>,
     ) -> Result<Answer, StoreError> {
-        let token = self.token.read().await.value.expose_secret().to_string();
+        self.ensure_token(self.call_need()).await?;
+        let (token, generation) = self.current().await;
+        let a = self
+            .exchange(method.clone(), api_path, body, Some(&token))
+            .await?;
+        if !matches!(a.status.as_u16(), 401 | 403) {
+            return Ok(a);
+        }
+        match self.after_refusal(generation).await? {
+            Some(fresh) => self.exchange(method, api_path, body, Some(&fresh)).await,
+            None => Ok(a),
+        }
+    }
+
+    /// One HTTP exchange, exactly as given; the answer's body read up to
+    /// [`MAX_ANSWER_BYTES`].
+    async fn exchange(
+        &self,
+        method: Method,
+        api_path: &str,
+        body: Option<&Value>,
+        token: Option<&SecretString>,
+    ) -> Result<Answer, StoreError> {
         let mut req = self.http.request(method, self.url(api_path));
-        if !token.is_empty() {
-            req = req.header("X-Vault-Token", token);
+        if let Some(t) = token.filter(|t| !t.expose_secret().is_empty()) {
+            let mut value =
+                HeaderValue::from_str(t.expose_secret()).map_err(|_| StoreError::Auth {
+                    store: self.describe(),
+                    detail: "the token contains characters not allowed in a header".into(),
+                })?;
+            value.set_sensitive(true);
+            req = req.header("X-Vault-Token", value);
         }
         if let Some(ns) = &self.settings.namespace {
             req = req.header("X-Vault-Namespace", ns);
@@ -111,12 +303,42 @@ impl VaultStore {
             detail: crate::errors::chain(&e),
         })?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| StoreError::Unreachable {
-            store: self.describe(),
-            detail: format!("reading the answer: {}", crate::errors::chain(&e)),
-        })?;
+        let bytes = self.read_capped(api_path, resp).await?;
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         Ok(Answer { status, body })
+    }
+
+    /// The answer's body, refused once it passes [`MAX_ANSWER_BYTES`] (read in chunks:
+    /// a missing or lying `Content-Length` does not get past the cap).
+    async fn read_capped(
+        &self,
+        api_path: &str,
+        mut resp: reqwest::Response,
+    ) -> Result<Vec<u8>, StoreError> {
+        let too_large = || StoreError::Other {
+            store: self.describe(),
+            detail: format!(
+                "Vault response to `{api_path}` larger than {MAX_ANSWER_BYTES} bytes; not read \
+                 (not a Vault answer: a proxy or a broken server in the way?)"
+            ),
+        };
+        if resp
+            .content_length()
+            .is_some_and(|n| n > MAX_ANSWER_BYTES as u64)
+        {
+            return Err(too_large());
+        }
+        let mut bytes = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| StoreError::Unreachable {
+            store: self.describe(),
+            detail: format!("reading the answer: {}", crate::errors::chain(&e)),
+        })? {
+            if bytes.len() + chunk.len() > MAX_ANSWER_BYTES {
+                return Err(too_large());
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(bytes)
     }
 
     /// Maps a non-success answer onto what it means for a rotation.
@@ -157,51 +379,218 @@ impl VaultStore {
             return Ok(());
         };
         let body = json!({ "role_id": role_id, "secret_id": secret_id.expose_secret() });
-        let url = self.url(&format!("auth/{mount}/login"));
-        let mut req = self.http.post(url).json(&body);
-        if let Some(ns) = &self.settings.namespace {
-            req = req.header("X-Vault-Namespace", ns);
-        }
-        let resp = req.send().await.map_err(|e| StoreError::Unreachable {
-            store: self.describe(),
-            detail: crate::errors::chain(&e),
-        })?;
-        let status = resp.status();
-        let body: Value = resp.json().await.unwrap_or(Value::Null);
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        let sent = self.now();
+        let a = self
+            .exchange(
+                Method::POST,
+                &format!("auth/{mount}/login"),
+                Some(&body),
+                None,
+            )
+            .await?;
+        if a.status == StatusCode::SERVICE_UNAVAILABLE {
             return Err(StoreError::Sealed {
                 store: self.describe(),
             });
         }
-        let auth = body.get("auth");
-        let client_token = auth
-            .and_then(|a| a.get("client_token"))
+        let client_token = a
+            .body
+            .pointer("/auth/client_token")
             .and_then(Value::as_str)
-            .filter(|t| !t.is_empty());
-        let Some(client_token) = client_token.filter(|_| status.is_success()) else {
+            .filter(|t| !t.is_empty() && a.status.is_success());
+        let Some(client_token) = client_token else {
             return Err(StoreError::Auth {
                 store: self.describe(),
                 detail: format!(
-                    "AppRole login at auth/{mount} answered {status}: {}",
-                    vault_errors(&body)
+                    "AppRole login at auth/{mount} answered {}: {}",
+                    a.status,
+                    vault_errors(&a.body)
                 ),
             });
         };
-        let lease = auth
-            .and_then(|a| a.get("lease_duration"))
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
+        let (lease, renewable) = lease_of(&a.body);
         let mut t = self.token.write().await;
         t.value = secret(client_token.to_string());
-        t.expires_at = (lease > 0).then(|| Utc::now() + chrono::Duration::seconds(lease as i64));
+        t.life = Lifetime::granted(sent, lease, renewable.unwrap_or(false));
+        t.generation += 1;
         tracing::info!(store = %self.describe(), ttl_seconds = lease, "logged in with AppRole");
         Ok(())
     }
 
-    /// Seal status and token validity, renewing (or logging in again) when the token
-    /// would expire before `min_token_ttl`.
+    /// Asks Vault about the token in use, recording its TTL when it answers.
+    async fn lookup_self(&self) -> Result<Lookup, StoreError> {
+        let (token, _) = self.current().await;
+        let sent = self.now();
+        let a = self
+            .exchange(Method::GET, "auth/token/lookup-self", None, Some(&token))
+            .await?;
+        match a.status.as_u16() {
+            200 => {
+                let data = a.body.get("data").cloned().unwrap_or(Value::Null);
+                // ttl 0 means a token that never expires (e.g. root).
+                let ttl = data.get("ttl").and_then(Value::as_u64).unwrap_or(0);
+                let renewable = data.get("renewable").and_then(Value::as_bool) == Some(true);
+                self.token.write().await.life = Lifetime::granted(sent, ttl, renewable);
+                Ok(Lookup::Alive)
+            }
+            400 | 401 | 403 => Ok(Lookup::Dead(format!(
+                "token lookup answered {}: {}",
+                a.status,
+                vault_errors(&a.body)
+            ))),
+            503 => Err(StoreError::Sealed {
+                store: self.describe(),
+            }),
+            _ => Err(self.fail("token lookup", "auth/token/lookup-self", &a)),
+        }
+    }
+
+    /// Renews the token in use. A refusal (not renewable after all, or renew-self not
+    /// allowed) is not an error here: the token is marked not renewable, and the expiry
+    /// check that follows decides whether it still does.
+    async fn renew_self(&self) -> Result<(), StoreError> {
+        let (token, _) = self.current().await;
+        let sent = self.now();
+        let a = self
+            .exchange(
+                Method::POST,
+                "auth/token/renew-self",
+                Some(&json!({})),
+                Some(&token),
+            )
+            .await?;
+        if a.status.is_success() {
+            let (lease, renewable) = lease_of(&a.body);
+            self.token.write().await.life =
+                Lifetime::granted(sent, lease, renewable.unwrap_or(true));
+            tracing::info!(store = %self.describe(), ttl_seconds = lease, "renewed the Vault token");
+            return Ok(());
+        }
+        if a.status.is_server_error() {
+            return Err(self.fail("token renewal", "auth/token/renew-self", &a));
+        }
+        tracing::warn!(store = %self.describe(), status = %a.status, error = %vault_errors(&a.body), "the Vault token cannot be renewed");
+        if let Lifetime::Limited { renewable, .. } = &mut self.token.write().await.life {
+            *renewable = false;
+        }
+        Ok(())
+    }
+
+    /// Makes sure the token is still valid `need.time` from now, renewing it (or
+    /// logging in again) when it is past the renewal point. Errors say why it cannot be.
+    async fn ensure_token(&self, need: Need) -> Result<(), StoreError> {
+        let margin = need.time.max(self.margin());
+        if !self.life().await.wants_refresh(self.now(), margin) {
+            return Ok(());
+        }
+        let _one_at_a_time = self.refresh.lock().await;
+        if matches!(self.life().await, Lifetime::Unknown)
+            && let Lookup::Dead(why) = self.lookup_self().await?
+        {
+            self.replace_dead_token(why).await?;
+        }
+        if self.life().await.renewable_at(self.now())
+            && self.life().await.wants_refresh(self.now(), margin)
+        {
+            self.renew_self().await?;
+        }
+        if !self.is_approle() {
+            return self.require(need).await;
+        }
+        // A new login is always at hand, so AppRole logs in again only for `need`
+        // itself (not for `min_token_ttl` on every call, which would mint a token per
+        // call for roles whose token_ttl is shorter), and needs no more than a call.
+        if self.life().await.wants_refresh(self.now(), need.time) {
+            self.login().await?;
+        }
+        self.require(self.call_need()).await
+    }
+
+    /// How close to expiry a renewable token is renewed whatever the call.
+    fn margin(&self) -> Duration {
+        self.settings.timeout.max(self.settings.min_token_ttl)
+    }
+
+    /// What an ordinary call needs of the token: to outlive the call.
+    fn call_need(&self) -> Need {
+        Need {
+            time: self.settings.timeout,
+            setting: "vault.timeout",
+        }
+    }
+
+    /// The token was refused: a new AppRole login replaces it; a static token cannot be.
+    async fn replace_dead_token(&self, why: String) -> Result<(), StoreError> {
+        if self.is_approle() {
+            return self.login().await;
+        }
+        Err(StoreError::Auth {
+            store: self.describe(),
+            detail: format!(
+                "{why} (the token expired or was revoked; give rekey a new one: token_file or $VAULT_TOKEN)"
+            ),
+        })
+    }
+
+    /// Vault refused the token of a call made with token `generation`. Returns the token
+    /// to repeat the call with once, or `None` when the refusal stands (the token is
+    /// alive: the path is not allowed to it).
+    async fn after_refusal(&self, generation: u64) -> Result<Option<SecretString>, StoreError> {
+        let _one_at_a_time = self.refresh.lock().await;
+        let (token, now_generation) = self.current().await;
+        if now_generation != generation {
+            // Another call has already logged in again meanwhile.
+            return Ok(Some(token));
+        }
+        match self.lookup_self().await? {
+            Lookup::Alive => Ok(None),
+            Lookup::Dead(why) => {
+                self.replace_dead_token(why).await?;
+                Ok(Some(self.current().await.0))
+            }
+        }
+    }
+
+    /// Fails, naming the problem, when the token will not last `need.time`.
+    async fn require(&self, need: Need) -> Result<(), StoreError> {
+        let life = self.life().await;
+        let Some(left) = life.remaining(self.now()) else {
+            return Ok(());
+        };
+        if left >= need.time {
+            return Ok(());
+        }
+        let needed = format!(
+            "less than {} ({})",
+            need.setting,
+            humantime::format_duration(need.time)
+        );
+        let detail = if self.is_approle() {
+            format!(
+                "a new AppRole login gives a token that lives {}, {needed}; raise the role's token_ttl",
+                whole_seconds(left)
+            )
+        } else if left.is_zero() {
+            format!(
+                "the token has expired and cannot be renewed ({needed} left); give rekey a new token (token_file or $VAULT_TOKEN), or use AppRole"
+            )
+        } else {
+            format!(
+                "the token expires in {}, {needed}, and cannot be renewed further (not renewable, or at its max TTL); give rekey a new token (token_file or $VAULT_TOKEN), or use AppRole",
+                whole_seconds(left)
+            )
+        };
+        Err(StoreError::Auth {
+            store: self.describe(),
+            detail,
+        })
+    }
+
+    /// Seal status, then a token valid for at least `min_token_ttl`.
     async fn check_token(&self) -> Result<(), StoreError> {
-        let seal = self.call(Method::GET, "sys/seal-status", None).await?;
+        let seal = self
+            .exchange(Method::GET, "sys/seal-status", None, None)
+            .await?;
         if seal.status == StatusCode::SERVICE_UNAVAILABLE
             || seal.body.get("sealed").and_then(Value::as_bool) == Some(true)
         {
@@ -209,76 +598,11 @@ impl VaultStore {
                 store: self.describe(),
             });
         }
-        let is_approle = matches!(self.settings.auth, VaultAuth::AppRole { .. });
-        let min = chrono::Duration::from_std(self.settings.min_token_ttl)
-            .unwrap_or(chrono::Duration::MAX);
-        if is_approle {
-            let expires = self.token.read().await.expires_at;
-            if expires.is_some_and(|e| e - Utc::now() < min) {
-                self.login().await?;
-            }
-        }
-        let a = self
-            .call(Method::GET, "auth/token/lookup-self", None)
-            .await?;
-        match a.status.as_u16() {
-            200 => {}
-            503 => {
-                return Err(StoreError::Sealed {
-                    store: self.describe(),
-                });
-            }
-            400 | 401 | 403 if is_approle => {
-                // The AppRole token expired or was revoked: a new login fixes that.
-                self.login().await?;
-                return Ok(());
-            }
-            400 | 401 | 403 => {
-                return Err(StoreError::Auth {
-                    store: self.describe(),
-                    detail: format!(
-                        "token lookup answered {}: {} (expired or revoked?)",
-                        a.status,
-                        vault_errors(&a.body)
-                    ),
-                });
-            }
-            _ => return Err(self.fail("token lookup", "auth/token/lookup-self", &a)),
-        }
-        let data = a.body.get("data").cloned().unwrap_or(Value::Null);
-        // ttl 0 means a token that never expires (e.g. root).
-        let ttl = data.get("ttl").and_then(Value::as_u64).unwrap_or(0);
-        if ttl == 0 || chrono::Duration::seconds(ttl as i64) >= min {
-            return Ok(());
-        }
-        if is_approle {
-            return self.login().await;
-        }
-        if data.get("renewable").and_then(Value::as_bool) == Some(true) {
-            let r = self
-                .call(Method::POST, "auth/token/renew-self", Some(&json!({})))
-                .await?;
-            let lease = r
-                .body
-                .get("auth")
-                .and_then(|a| a.get("lease_duration"))
-                .and_then(Value::as_u64)
-                .unwrap_or(0);
-            if r.status.is_success() {
-                tracing::info!(store = %self.describe(), ttl_seconds = lease, "renewed the Vault token");
-                if chrono::Duration::seconds(lease as i64) >= min {
-                    return Ok(());
-                }
-            }
-        }
-        Err(StoreError::Auth {
-            store: self.describe(),
-            detail: format!(
-                "the token expires in {} (less than min_token_ttl {}) and cannot be renewed further",
-                humantime::format_duration(Duration::from_secs(ttl)),
-                humantime::format_duration(self.settings.min_token_ttl)
-            ),
+        self.ensure_token(Need {
+            time: self.settings.min_token_ttl,
+            setting: "min_token_ttl",
         })
+        .await
     }
 
     fn data_path(&self, path: &str) -> String {
@@ -287,6 +611,92 @@ impl VaultStore {
             KvVersion::V2 => format!("{}/data/{path}", self.settings.mount),
         }
     }
+}
+
+/// Keeps a static renewable token alive while nothing else calls Vault: a daemon whose
+/// subscriptions rotate monthly may make no Vault call for longer than the token's TTL,
+/// and an expired token cannot be renewed. AppRole needs no keeper (a new login is
+/// always at hand), nor does a token that never expires or cannot be renewed. Ends when
+/// the store is dropped or nothing is left to keep; never asks Vault twice within
+/// `pacing.cooldown`.
+async fn keep_alive(client: Weak<Client>, pacing: KeepAlivePacing) {
+    let mut wait = pacing.first_look;
+    loop {
+        tokio::time::sleep(wait).await;
+        let Some(c) = client.upgrade() else { return };
+        if c.is_approle() || keep_alive_wait(c.life().await, c.now(), c.margin()).is_none() {
+            return;
+        }
+        if let Err(e) = c.ensure_token(c.call_need()).await {
+            tracing::warn!(store = %c.describe(), error = %e, "could not keep the Vault token valid; trying again later");
+        }
+        let Some(next) = keep_alive_wait(c.life().await, c.now(), c.margin()) else {
+            return;
+        };
+        wait = next.max(pacing.cooldown);
+    }
+}
+
+/// How long until a token needs the keeper's attention: now when not looked up yet;
+/// at its renewal point when it is renewable and alive; never otherwise.
+fn keep_alive_wait(life: Lifetime, now: Instant, margin: Duration) -> Option<Duration> {
+    match life {
+        Lifetime::Unknown => Some(Duration::ZERO),
+        Lifetime::Limited {
+            granted_at,
+            ttl,
+            renewable: true,
+        } if life.remaining(now).is_some_and(|left| !left.is_zero()) => {
+            let renew_at = granted_at + ttl * RENEW_AFTER_NUM / RENEW_AFTER_DEN;
+            let due = renew_at.min((granted_at + ttl).checked_sub(margin).unwrap_or(now));
+            Some(due.saturating_duration_since(now))
+        }
+        Lifetime::Limited { .. } | Lifetime::Unlimited => None,
+    }
+}
+
+/// The HTTP client: timeouts always set, no redirects (a token must not follow one),
+/// https only for https addresses, the configured CA added.
+fn http_client(settings: &VaultSettings) -> Result<reqwest::Client, StoreError> {
+    let setup = |detail: String| StoreError::Other {
+        store: describe(settings),
+        detail,
+    };
+    let mut http = reqwest::Client::builder()
+        .timeout(settings.timeout)
+        .connect_timeout(settings.timeout)
+        .user_agent(concat!("rekey/", env!("CARGO_PKG_VERSION")))
+        .https_only(settings.address.starts_with("https://"))
+        .redirect(reqwest::redirect::Policy::none());
+    if let Some(ca) = &settings.ca_cert {
+        let pem = std::fs::read(ca)
+            .map_err(|e| setup(format!("reading ca_cert {}: {e}", ca.display())))?;
+        let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| {
+            setup(format!(
+                "ca_cert {} is not a PEM certificate: {e}",
+                ca.display()
+            ))
+        })?;
+        http = http.add_root_certificate(cert);
+    }
+    http.build().map_err(|e| setup(e.to_string()))
+}
+
+fn whole_seconds(d: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(Duration::from_secs(d.as_secs()))
+}
+
+/// `auth.lease_duration` and `auth.renewable` of a login or renewal answer.
+fn lease_of(body: &Value) -> (u64, Option<bool>) {
+    let auth = body.get("auth");
+    let lease = auth
+        .and_then(|a| a.get("lease_duration"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    let renewable = auth
+        .and_then(|a| a.get("renewable"))
+        .and_then(Value::as_bool);
+    (lease, renewable)
 }
 
 fn describe(s: &VaultSettings) -> String {
@@ -321,9 +731,27 @@ fn vault_errors(body: &Value) -> String {
 #[async_trait]
 impl SecretStore for VaultStore {
     fn describe(&self) -> String {
-        describe(&self.settings)
+        self.client.describe()
     }
 
+    async fn preflight(&self, path: &str) -> Result<(), StoreError> {
+        self.client.preflight(path).await
+    }
+
+    async fn read(&self, path: &str) -> Result<Option<Versioned>, StoreError> {
+        self.client.read(path).await
+    }
+
+    async fn write(&self, path: &str, entry: &Entry, expect: Expect) -> Result<(), StoreError> {
+        self.client.write(path, entry, expect).await
+    }
+
+    async fn destroy_version(&self, path: &str, version: u64) -> Result<(), StoreError> {
+        self.client.destroy_version(path, version).await
+    }
+}
+
+impl Client {
     async fn preflight(&self, path: &str) -> Result<(), StoreError> {
         self.check_token().await?;
         // The read proves the path is readable and its entry (if any) well-formed; a
@@ -432,6 +860,9 @@ impl SecretStore for VaultStore {
 /// fake that follows Vault's documented KV v2 API (versions, check-and-set, 404 for
 /// a deleted latest version, `{"errors":[…]}`).
 #[cfg(test)]
+mod token_contract;
+
+#[cfg(test)]
 mod kv2_contract {
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex};
@@ -454,6 +885,10 @@ mod kv2_contract {
         renewals: u32,
         /// Answers reads only after this long (a slow or overloaded Vault).
         delay: Duration,
+        /// Answers reads with a body this large (a proxy's page, a broken server).
+        huge: Option<usize>,
+        /// Destroy requests are told here and never answered (rekey dies in them).
+        hold_destroy: Option<Arc<tokio::sync::Notify>>,
     }
 
     type S = Arc<Mutex<Kv>>;
@@ -474,6 +909,13 @@ mod kv2_contract {
         let delay = s.lock().unwrap().delay;
         tokio::time::sleep(delay).await;
         let kv = s.lock().unwrap();
+        if let Some(n) = kv.huge {
+            let padding = "x".repeat(n);
+            return (
+                StatusCode::OK,
+                Json(json!({ "data": { "padding": padding } })),
+            );
+        }
         if kv.sealed {
             return errors(StatusCode::SERVICE_UNAVAILABLE, "Vault is sealed");
         }
@@ -532,6 +974,11 @@ mod kv2_contract {
         Path(p): Path<String>,
         Json(body): Json<Value>,
     ) -> StatusCode {
+        let hold = s.lock().unwrap().hold_destroy.clone();
+        if let Some(reached) = hold {
+            reached.notify_one();
+            std::future::pending::<()>().await;
+        }
         let mut kv = s.lock().unwrap();
         let wanted: Vec<u64> = body["versions"]
             .as_array()
@@ -612,7 +1059,7 @@ mod kv2_contract {
         Entry {
             current: secret(cur.to_string()),
             previous: prev.map(|p| secret(p.to_string())),
-            rotated_at: Utc::now(),
+            rotated_at: chrono::Utc::now(),
             rotation_id: "r".into(),
             provider: "fintoro".into(),
             subscription: "801".into(),
@@ -672,15 +1119,122 @@ mod kv2_contract {
         assert!(err.to_string().contains("deleted"), "{err}");
     }
 
+    /// The rotation's evidence is in and rekey dies after the retire write, before
+    /// `destroy_old_versions` ran: the next run (which finds `previous` already gone)
+    /// still destroys the two versions that held the old secret.
+    #[tokio::test]
+    async fn a_retire_cut_off_before_its_destroy_destroys_on_the_next_run() {
+        use crate::engine::Engine;
+        use crate::rotation::{Phase, Trigger};
+        let (addr, kv) = fake().await;
+        kv.lock().unwrap().versions.insert(
+            "w/801".into(),
+            vec![Some(json!({ "current": "whsec_old" }))],
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let config = Arc::new(one_subscription(dir.path()));
+        let sub = config.subscriptions[0].clone();
+        let db = Arc::new(crate::state::StateDb::open(&config.state_dir).unwrap());
+        let engine = || async {
+            let store: Arc<dyn SecretStore> = Arc::new(
+                VaultStore::connect(&settings(&addr, "root", true))
+                    .await
+                    .unwrap(),
+            );
+            let provider: Arc<dyn crate::provider::Provider> = Arc::new(Confirms);
+            let providers = [("a".to_string(), provider)].into_iter().collect();
+            Engine::with_parts(config.clone(), db.clone(), store, providers)
+        };
+
+        let reached = Arc::new(tokio::sync::Notify::new());
+        kv.lock().unwrap().hold_destroy = Some(reached.clone());
+        let first = engine().await;
+        let run = tokio::spawn({
+            let sub = sub.clone();
+            async move { first.advance(&sub, Some(Trigger::Forced), true).await }
+        });
+        reached.notified().await;
+        run.abort();
+        let _ = run.await;
+        {
+            let k = kv.lock().unwrap();
+            let vs = &k.versions["w/801"];
+            assert_eq!(vs.len(), 3, "old, dual, retired");
+            assert!(vs.iter().all(Option::is_some), "nothing destroyed yet");
+            assert!(vs[2].as_ref().unwrap().get("previous").is_none());
+        }
+
+        kv.lock().unwrap().hold_destroy = None;
+        let (_, rec) = engine().await.advance(&sub, None, true).await.unwrap();
+        assert_eq!(rec.state.phase, Phase::Idle, "{:?}", rec.state);
+        let k = kv.lock().unwrap();
+        let vs = &k.versions["w/801"];
+        assert!(
+            vs[0].is_none(),
+            "the version before the rotation is destroyed"
+        );
+        assert!(vs[1].is_none(), "the dual version is destroyed");
+        assert_eq!(vs[2].as_ref().unwrap()["current"], "whsec_new");
+    }
+
+    /// A provider that rotates to `whsec_new` and confirms at once.
+    struct Confirms;
+
+    #[async_trait]
+    impl crate::provider::Provider for Confirms {
+        fn kind(&self) -> crate::config::ProviderKind {
+            crate::config::ProviderKind::Fintoro
+        }
+        async fn preflight(&self, _id: &str) -> Result<(), crate::provider::ProviderError> {
+            Ok(())
+        }
+        async fn rotate(&self, _id: &str) -> Result<SecretString, crate::provider::RotateError> {
+            Ok(secret("whsec_new".to_string()))
+        }
+        async fn evidence(
+            &self,
+            _id: &str,
+            _since: chrono::DateTime<chrono::Utc>,
+        ) -> Result<Option<String>, crate::provider::ProviderError> {
+            Ok(Some(
+                "a delivery signed with the new secret succeeded".into(),
+            ))
+        }
+        async fn list(
+            &self,
+        ) -> Result<Vec<crate::provider::RemoteSubscription>, crate::provider::ProviderError>
+        {
+            Ok(vec![])
+        }
+    }
+
+    fn one_subscription(dir: &std::path::Path) -> crate::config::Config {
+        std::fs::write(dir.join("token"), "t").unwrap();
+        let toml = "version = 1\nstate_dir = \"state\"\n[file_store]\ndir = \"unused\"\n\
+             [[providers]]\nname = \"a\"\nkind = \"fintoro\"\nbase_url = \"http://127.0.0.1:9\"\ntoken_file = \"token\"\n\
+             [[policies]]\nname = \"p\"\nevery = \"30d\"\n\
+             [[subscriptions]]\nprovider = \"a\"\nid = \"801\"\npolicy = \"p\"\nvault_path = \"w/801\"\n";
+        std::fs::write(dir.join("rekey.toml"), toml).unwrap();
+        crate::config::Config::load_with(
+            &dir.join("rekey.toml"),
+            &std::collections::BTreeMap::<String, String>::new(),
+            false,
+        )
+        .unwrap()
+    }
+
     #[tokio::test]
     async fn bad_token_and_sealed_are_told_apart() {
         let (addr, kv) = fake().await;
         let bad = VaultStore::connect(&settings(&addr, "nope", false))
             .await
             .unwrap();
+        // A refused token is named as the problem (a path without policy is
+        // `Forbidden`: see the token contract tests).
         let err = bad.read("p").await.unwrap_err();
-        assert!(matches!(err, StoreError::Forbidden { .. }), "{err}");
+        assert!(matches!(err, StoreError::Auth { .. }), "{err}");
         assert!(err.to_string().contains("permission denied"), "{err}");
+        assert!(err.to_string().contains("expired or was revoked"), "{err}");
         kv.lock().unwrap().sealed = true;
         let good = VaultStore::connect(&settings(&addr, "root", false))
             .await
@@ -694,13 +1248,16 @@ mod kv2_contract {
     #[tokio::test]
     async fn a_token_near_expiry_is_renewed_before_a_rotation_or_refused() {
         let (addr, kv) = fake().await;
-        let v = VaultStore::connect(&settings(&addr, "root", false))
-            .await
-            .unwrap();
+        // Each case is a new token (a new store): the store learns its TTL once.
+        let fresh = || async {
+            VaultStore::connect(&settings(&addr, "root", false))
+                .await
+                .unwrap()
+        };
         // Never-expiring (ttl 0) and long-lived tokens pass without renewal.
-        v.preflight("p").await.unwrap();
+        fresh().await.preflight("p").await.unwrap();
         kv.lock().unwrap().ttl = 7200;
-        v.preflight("p").await.unwrap();
+        fresh().await.preflight("p").await.unwrap();
         assert_eq!(kv.lock().unwrap().renewals, 0);
         // Below min_token_ttl (60 s here) and renewable: renewed once, then fine.
         {
@@ -708,6 +1265,8 @@ mod kv2_contract {
             k.ttl = 30;
             k.renewable = true;
         }
+        let v = fresh().await;
+        v.preflight("p").await.unwrap();
         v.preflight("p").await.unwrap();
         assert_eq!(kv.lock().unwrap().renewals, 1);
         // Below min_token_ttl and not renewable: the rotation must not start.
@@ -716,6 +1275,7 @@ mod kv2_contract {
             k.ttl = 30;
             k.renewable = false;
         }
+        let v = fresh().await;
         let err = v.preflight("p").await.unwrap_err();
         assert!(matches!(err, StoreError::Auth { .. }), "{err}");
         assert!(err.to_string().contains("min_token_ttl"), "{err}");
@@ -739,6 +1299,68 @@ mod kv2_contract {
         assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
         assert!(matches!(err, StoreError::Unreachable { .. }), "{err}");
         assert!(err.to_string().contains("timed out"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_answer_larger_than_the_cap_is_refused_and_one_below_is_read() {
+        let (addr, kv) = fake().await;
+        let v = VaultStore::connect(&settings(&addr, "root", false))
+            .await
+            .unwrap();
+        kv.lock().unwrap().huge = Some(MAX_ANSWER_BYTES - 100);
+        // Under the cap: read (and found malformed, as it is no entry).
+        let err = v.read("p").await.unwrap_err();
+        assert!(matches!(err, StoreError::Malformed { .. }), "{err}");
+        kv.lock().unwrap().huge = Some(MAX_ANSWER_BYTES);
+        let err = v.read("p").await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("Vault response to `secret/data/p` larger than 1048576 bytes"),
+            "{err}"
+        );
+    }
+
+    /// No `Content-Length`, a body that never ends: reading stops at the cap.
+    #[tokio::test]
+    async fn an_endless_chunked_answer_is_cut_off_at_the_cap() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = format!("http://{}", l.local_addr().unwrap());
+        let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let server = tokio::spawn({
+            let sent = sent.clone();
+            async move {
+                let (mut c, _) = l.accept().await.unwrap();
+                let mut request = [0u8; 4096];
+                let _ = c.read(&mut request).await;
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                            transfer-encoding: chunked\r\n\r\n";
+                c.write_all(head.as_bytes()).await.unwrap();
+                let chunk = format!("{:x}\r\n{}\r\n", 64 * 1024, "x".repeat(64 * 1024));
+                // 64 MiB at most, so a client without a cap fails the test, not the box.
+                for _ in 0..1024 {
+                    if c.write_all(chunk.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    sent.fetch_add(64 * 1024, std::sync::atomic::Ordering::SeqCst);
+                }
+                let _ = c.write_all(b"0\r\n\r\n").await;
+            }
+        });
+        let v = VaultStore::connect(&settings(&addr, "root", false))
+            .await
+            .unwrap();
+        let err = v.read("p").await.unwrap_err();
+        assert!(
+            err.to_string().contains("larger than 1048576 bytes"),
+            "{err}"
+        );
+        server.abort();
+        let sent = sent.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            sent < 16 * MAX_ANSWER_BYTES,
+            "stopped reading early: {sent}"
+        );
     }
 
     #[tokio::test]
