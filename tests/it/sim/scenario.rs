@@ -77,7 +77,7 @@ pub enum Change {
     RemoveSub(usize),
     AddSub(usize),
     RenameAccount(usize),
-    ChangePolicy(usize),
+    SwitchPolicy(usize),
 }
 
 #[derive(Debug, Clone)]
@@ -323,7 +323,7 @@ impl Scenario {
                 0 => Change::RemoveSub(rng.random_range(0..subs.len())),
                 1 => Change::AddSub(rng.random_range(0..subs.len())),
                 2 => Change::RenameAccount(rng.random_range(0..accounts.len())),
-                _ => Change::ChangePolicy(rng.random_range(0..subs.len())),
+                _ => Change::SwitchPolicy(rng.random_range(0..subs.len())),
             };
             events.push((at(&mut rng), Event::Reload(change)));
         }
@@ -419,7 +419,7 @@ impl Scenario {
                 self.accounts[i].name = format!("{old}x");
                 format!("renamed provider {old} to {}", self.accounts[i].name)
             }
-            Change::ChangePolicy(i) => {
+            Change::SwitchPolicy(i) => {
                 let n = self.policies.len();
                 let cur = self
                     .policies

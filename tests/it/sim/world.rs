@@ -192,7 +192,7 @@ impl RemoteSub {
         let h = hash(&[seed, str_hash(&self.id), k as u64]);
         let jitter = (h % (step as u64 / 2 + 1)) as i64;
         let sent = self.created + chrono::Duration::milliseconds(k * step + jitter);
-        let took = if self.slow && h % 5 == 0 {
+        let took = if self.slow && h.is_multiple_of(5) {
             Duration::from_millis(2_000 + (h >> 8) % 8_000)
         } else {
             Duration::from_millis(20 + (h >> 8) % 400)
@@ -840,7 +840,7 @@ impl SimTransport {
                         json!({"id": storno_uuid(&d.id), "status": if !done { "pending" } else if d.ok { "success" } else { "failed" },
                                "eventType": "invoice.created", "triggeredAt": ts(d.sent + skew),
                                "completedAt": done.then(|| ts(d.done() + skew)),
-                               "durationMs": done.then(|| d.took.as_millis() as u64)})
+                               "durationMs": done.then_some(d.took.as_millis() as u64)})
                     })
                     .collect();
                 let total = data.len();
