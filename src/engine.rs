@@ -9,11 +9,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use chrono::{DateTime, Utc};
 
 use crate::clock::Clock;
-
 use crate::config::{Config, Policy, StoreSettings, Subscription};
 use crate::failpoint;
 use crate::provider::{self, Provider, RotateError};
 use crate::rotation::{self, Action, Event, Phase, Trigger};
+use crate::schedule::after;
 use crate::secret::{ExposeSecret, Fingerprint};
 use crate::state::{Record, StateDb, StateError};
 use crate::store::{Entry, Expect, FileStore, SecretStore, StoreError, VaultStore};
@@ -187,7 +187,7 @@ impl Engine {
             return Some(*t);
         }
         let every = self.drift_interval(sub);
-        let t = self.now() + to_chrono(crate::schedule::jitter_offset(&sub.name, every));
+        let t = after(self.now(), crate::schedule::jitter_offset(&sub.name, every));
         next.insert(sub.name.clone(), t);
         Some(t)
     }
@@ -198,7 +198,7 @@ impl Engine {
         let now = self.now();
         let due = eager || self.drift_check_at(sub).is_some_and(|t| t <= now);
         if due {
-            let next = now + to_chrono(self.drift_interval(sub));
+            let next = after(now, self.drift_interval(sub));
             self.drift_next
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -340,18 +340,22 @@ impl Engine {
         // onto a path the config check could not see, such as one recorded before a
         // template changed).
         let discovered = self.db.discovered()?;
-        let taken = (self.config.subscriptions.iter())
+        let mut taken: HashMap<&str, &str> = HashMap::new();
+        for (name, path) in (self.config.subscriptions.iter())
             .map(|s| (&s.name, &s.vault_path))
-            .chain(discovered.iter().map(|k| (&k.name, &k.vault_path)));
+            .chain(discovered.iter().map(|k| (&k.name, &k.vault_path)))
+        {
+            taken.entry(path.as_str()).or_insert(name.as_str());
+        }
         for r in listed.iter().filter(|r| usable_id(&r.id)) {
             let sub = d.subscription(&r.id);
             // Explicit entries win; a templated path must not take another's entry.
             if self.config.subscription(&sub.name).is_some() {
                 continue;
             }
-            if let Some((other, _)) = taken
-                .clone()
-                .find(|(name, path)| **path == sub.vault_path && **name != sub.name)
+            if let Some(other) = taken
+                .get(sub.vault_path.as_str())
+                .filter(|name| **name != sub.name)
             {
                 tracing::warn!(
                     subscription = %sub.name,
@@ -388,10 +392,14 @@ impl Engine {
                 log_transition(&sub, &rec, &t);
             }
         }
-        for k in self.db.discovered()? {
+        // The rows read above serve here too: a row added or revived in this call is
+        // listed, so it is skipped either way.
+        let listed_ids: std::collections::HashSet<&str> =
+            listed.iter().map(|r| r.id.as_str()).collect();
+        for k in &discovered {
             if k.provider != d.provider
                 || k.vanished_at.is_some()
-                || listed.iter().any(|r| r.id == k.id)
+                || listed_ids.contains(k.id.as_str())
             {
                 continue;
             }
@@ -657,7 +665,7 @@ impl Engine {
                         && urgent_waits < URGENT_WAITS
                         && is_urgent(&rec.state)
                         && !stop.load(Ordering::SeqCst)
-                        && t - self.now() <= to_chrono(URGENT_WAIT_MAX) =>
+                        && t <= after(self.now(), URGENT_WAIT_MAX) =>
                 {
                     urgent_waits += 1;
                     let wait = (t - self.now()).to_std().unwrap_or_default();
@@ -930,10 +938,6 @@ fn is_urgent(s: &rotation::RotationState) -> bool {
 
 const URGENT_WAITS: u32 = 4;
 const URGENT_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(300);
-
-fn to_chrono(d: std::time::Duration) -> chrono::Duration {
-    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
-}
 
 /// Whether `action` may be left for the next start when the daemon is stopping.
 fn can_wait(action: &Action, state: &rotation::RotationState) -> bool {

@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod engine;
 pub mod errors;
 pub mod failpoint;
+pub mod http_body;
 pub mod journal;
 pub mod lock;
 pub mod metrics;

@@ -15,6 +15,12 @@ use croner::Cron;
 use croner::parser::{CronParser, Seconds};
 use sha2::{Digest, Sha256};
 
+/// `t` plus `d`, saturating instead of overflowing (a duration from config can be
+/// absurdly long).
+pub fn after(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    t + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
 /// A subscription's offset in `[0, jitter)`: derived from a hash of its name, so it is
 /// the same on every run and every machine (restarts do not reshuffle the fleet), and
 /// spread evenly so a fleet does not hit a provider in the same second.

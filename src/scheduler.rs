@@ -27,8 +27,8 @@ use crate::daemon::{Notify, notify};
 use crate::engine::{Engine, EngineError, Outcome};
 use crate::metrics::Metrics;
 use crate::rotation::{Phase, Transition, Trigger};
-use crate::schedule::Schedule;
 pub use crate::schedule::jitter_offset;
+use crate::schedule::{Schedule, after};
 use crate::state::Record;
 
 // ---------------------------------------------------------------------------------
@@ -152,10 +152,6 @@ impl Default for StartRules {
     }
 }
 
-fn plus(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
-    t + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
-}
-
 /// When a rotation due at `due` may start, seen at `now`: never before now, offset by
 /// the subscription's jitter, and inside the window (at the next opening plus the same
 /// offset when it falls outside).
@@ -175,13 +171,13 @@ fn fit(
     due: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> DateTime<Utc> {
-    let t = plus(due, offset).max(now);
+    let t = after(due, offset).max(now);
     match &rules.window {
         None => t,
         Some(w) if w.contains(t, rules.tz) => t,
         Some(w) => {
             let open = w.next_open(t, rules.tz);
-            let shifted = plus(open, offset);
+            let shifted = after(open, offset);
             // DST can make one night's window shorter than the offset.
             if w.contains(shifted, rules.tz) {
                 shifted
@@ -526,7 +522,7 @@ impl Scheduler {
                 detail,
                 quiet: false,
             };
-            if let Err(e) = engine.db().save(&rec, Some(&t), self.engine.now()) {
+            if let Err(e) = engine.db().save(&rec, Some(&t), engine.now()) {
                 tracing::error!(subscription = %sub.name, error = %e, "cannot save state");
             }
         }
@@ -752,7 +748,7 @@ impl Scheduler {
                             humantime::format_duration(COOLDOWN)
                         );
                         self.cooldown
-                            .insert(name.clone(), plus(self.engine.now(), COOLDOWN));
+                            .insert(name.clone(), after(self.engine.now(), COOLDOWN));
                     }
                 }
                 Outcome::Checked => {
@@ -1337,11 +1333,11 @@ mod tests {
         let off = jitter_offset("acme/801", r.jitter);
         let due = utc("2026-11-23T12:00:00Z");
         let start = start_time(&r, "acme/801", due, due);
-        assert_eq!(start, plus(utc("2026-11-24T01:00:00Z"), off));
+        assert_eq!(start, after(utc("2026-11-24T01:00:00Z"), off));
         assert!(r.window.unwrap().contains(start, r.tz));
         // Without a window: due + offset.
         let r = rules(None, 3600);
-        assert_eq!(start_time(&r, "acme/801", due, due), plus(due, off));
+        assert_eq!(start_time(&r, "acme/801", due, due), after(due, off));
     }
 
     #[test]

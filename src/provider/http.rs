@@ -11,6 +11,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use crate::config::RateLimit;
+use crate::http_body::BodyError;
 
 /// Whether a request may be sent again after a failure whose outcome is unknown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,33 +186,20 @@ impl Transport for NetTransport {
     }
 }
 
-/// Reads a body chunk by chunk and gives up past `max` bytes, so a peer that streams
-/// without end cannot exhaust memory.
+/// Reads a body with [`crate::http_body::read_capped`], classified for the retry rules.
 pub async fn read_capped(
     resp: &mut reqwest::Response,
     max: usize,
 ) -> Result<bytes::Bytes, TransportError> {
-    if resp.content_length().is_some_and(|n| n > max as u64) {
-        return Err(TransportError::Broken(format!(
-            "the body is larger than {max} bytes; not read"
-        )));
-    }
-    let mut buf = bytes::BytesMut::new();
-    loop {
-        match resp.chunk().await {
-            Ok(Some(chunk)) => {
-                if buf.len() + chunk.len() > max {
-                    return Err(TransportError::Broken(format!(
-                        "the body is larger than {max} bytes; not read"
-                    )));
-                }
-                buf.extend_from_slice(&chunk);
+    crate::http_body::read_capped(resp, max)
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge => {
+                TransportError::Broken(format!("the body is larger than {max} bytes; not read"))
             }
-            Ok(None) => return Ok(buf.freeze()),
-            Err(e) if e.is_timeout() => return Err(TransportError::Timeout),
-            Err(e) => return Err(TransportError::Broken(crate::errors::chain(&e))),
-        }
-    }
+            BodyError::Read(e) if e.is_timeout() => TransportError::Timeout,
+            BodyError::Read(e) => TransportError::Broken(crate::errors::chain(&e)),
+        })
 }
 
 #[derive(Debug, Clone)]

@@ -28,6 +28,7 @@ use tokio::time::Instant;
 
 use super::{Entry, Expect, SecretStore, StoreError, Versioned};
 use crate::config::{KvVersion, VaultAuth, VaultSettings};
+use crate::http_body::BodyError;
 use crate::secret::{ExposeSecret, SecretString, secret};
 
 /// Where the store reads monotonic time: tokio's clock by default, so a paused runtime
@@ -314,7 +315,7 @@ impl Client {
         &self,
         api_path: &str,
         mut resp: reqwest::Response,
-    ) -> Result<Vec<u8>, StoreError> {
+    ) -> Result<bytes::Bytes, StoreError> {
         let too_large = || StoreError::Other {
             store: self.describe(),
             detail: format!(
@@ -322,23 +323,15 @@ impl Client {
                  (not a Vault answer: a proxy or a broken server in the way?)"
             ),
         };
-        if resp
-            .content_length()
-            .is_some_and(|n| n > MAX_ANSWER_BYTES as u64)
-        {
-            return Err(too_large());
-        }
-        let mut bytes = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| StoreError::Unreachable {
-            store: self.describe(),
-            detail: format!("reading the answer: {}", crate::errors::chain(&e)),
-        })? {
-            if bytes.len() + chunk.len() > MAX_ANSWER_BYTES {
-                return Err(too_large());
-            }
-            bytes.extend_from_slice(&chunk);
-        }
-        Ok(bytes)
+        crate::http_body::read_capped(&mut resp, MAX_ANSWER_BYTES)
+            .await
+            .map_err(|e| match e {
+                BodyError::TooLarge => too_large(),
+                BodyError::Read(e) => StoreError::Unreachable {
+                    store: self.describe(),
+                    detail: format!("reading the answer: {}", crate::errors::chain(&e)),
+                },
+            })
     }
 
     /// Maps a non-success answer onto what it means for a rotation.

@@ -44,7 +44,7 @@ impl Run {
         let now = clock.true_now();
         let records = db.load_all().expect("state readable");
         self.check_retires(db);
-        self.check_secrets(&records, now, last);
+        self.check_secrets(&records, last);
         if last {
             self.check_progress(&records, now);
         } else {
@@ -84,7 +84,7 @@ impl Run {
 
     /// No secret lost: each live secret is published, or held by rekey for a
     /// rotation in flight.
-    fn check_secrets(&self, records: &[Record], now: DateTime<Utc>, last: bool) {
+    fn check_secrets(&self, records: &[Record], last: bool) {
         let w = self.world.lock();
         let mut problems = Vec::new();
         for acct in w.accounts.values() {
@@ -134,7 +134,6 @@ impl Run {
             }
         }
         drop(w);
-        let _ = now;
         for p in problems {
             self.world.violation(p);
         }

@@ -697,7 +697,6 @@ impl SimTransport {
             .accounts
             .get_mut(&self.account)
             .expect("account exists");
-        let pnow = now + acct.skew;
         let skew = acct.skew;
         let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
         let not_found = (StatusCode::NOT_FOUND, json!({"message": "not found"}));
@@ -893,7 +892,6 @@ impl SimTransport {
                     return not_found;
                 };
                 sub.live.push((now, s.clone()));
-                let _ = pnow;
                 match kind {
                     ProviderKind::Fintoro => {
                         (StatusCode::OK, json!({"id": 1, "plainTextSecret": s}))
