@@ -15,7 +15,7 @@ use crate::provider::{self, Provider, RotateError};
 use crate::rotation::{self, Action, Event, Phase, Trigger};
 use crate::schedule::after;
 use crate::secret::{ExposeSecret, Fingerprint};
-use crate::state::{Record, StateDb, StateError};
+use crate::state::{Record, StateDb, StateError, Target};
 use crate::store::{Entry, Expect, FileStore, SecretStore, StoreError, VaultStore};
 
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +93,8 @@ pub struct Engine {
     drift_next: std::sync::Mutex<HashMap<String, DateTime<Utc>>>,
     /// Subscriptions per provider account, for pacing drift checks.
     account_sizes: std::sync::Mutex<HashMap<String, usize>>,
+    /// Rotations under way whose subscription left the config.
+    orphans: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// The share of an account's rate limit that drift checks may use: a fleet too large
@@ -135,6 +137,7 @@ impl Engine {
             seen: Default::default(),
             drift_next: Default::default(),
             account_sizes: Default::default(),
+            orphans: Default::default(),
         }
     }
 
@@ -255,17 +258,149 @@ impl Engine {
         &self.store
     }
 
-    fn policy(&self, sub: &Subscription) -> &Policy {
-        // Config validation guarantees every subscription names an existing policy.
-        self.config
-            .policy(&sub.policy)
-            .expect("validated config: subscription policy exists")
+    /// The subscription's policy. Configured subscriptions always have one (config
+    /// validation); a rotation that outlived its policy in the config has none.
+    fn policy(&self, sub: &Subscription) -> Option<&Policy> {
+        self.config.policy(&sub.policy)
     }
 
-    fn provider(&self, sub: &Subscription) -> &Arc<dyn Provider> {
-        self.providers
-            .get(&sub.provider)
-            .expect("validated config: subscription provider exists")
+    /// The policy's timing, or the defaults for a rotation whose policy is gone.
+    fn timing(&self, sub: &Subscription) -> rotation::Timing {
+        self.policy(sub)
+            .map(|p| p.timing.clone())
+            .unwrap_or_default()
+    }
+
+    /// The next due time by the policy; none once the policy is gone (an orphaned
+    /// rotation finishes, and nothing new starts).
+    fn next_due(&self, sub: &Subscription, rec: &Record) -> Option<DateTime<Utc>> {
+        let p = self.policy(sub)?;
+        p.schedule.next_due(
+            rec.state.last_rotated_at,
+            rec.first_seen_at,
+            p.rotate_on_adopt,
+        )
+    }
+
+    /// The provider account's client; `None` once the account left the config.
+    fn provider(&self, sub: &Subscription) -> Option<&Arc<dyn Provider>> {
+        self.providers.get(&sub.provider)
+    }
+
+    /// The provider account's client, or why there is none.
+    fn client(&self, sub: &Subscription) -> Result<&Arc<dyn Provider>, String> {
+        self.provider(sub).ok_or_else(|| {
+            format!(
+                "provider account `{}` is no longer in the config",
+                sub.provider
+            )
+        })
+    }
+
+    /// Why a rotation left behind by the config cannot take its next step, if so: one
+    /// that has not reached the provider yet is given up (nothing new starts for a
+    /// subscription rekey no longer manages), and one whose provider account is gone
+    /// cannot rotate again or confirm. Publishing and retiring need only the store, so
+    /// those always go ahead.
+    fn orphaned(&self, sub: &Subscription, rec: &Record, action: &Action) -> Option<String> {
+        if !self.is_orphan(&sub.name) {
+            return None;
+        }
+        let s = &rec.state;
+        let rotation = s.rotation_id.as_deref().unwrap_or("-");
+        if matches!(s.phase, Phase::Idle | Phase::Failed) && *action == Action::Preflight {
+            return Some(format!(
+                "`{}` left the config before rotation {rotation} reached the provider; \
+                 the rotation is given up and nothing changed",
+                sub.name
+            ));
+        }
+        let needs_provider = matches!(action, Action::Rotate | Action::Check { .. });
+        if !needs_provider || self.provider(sub).is_some() {
+            return None;
+        }
+        let what = if s.phase == Phase::Rotating {
+            "rotate again after a lost answer (the provider's secret is unknown)"
+        } else {
+            "confirm that receivers verify the new secret"
+        };
+        Some(format!(
+            "`{}` left the config during rotation {rotation}: provider account `{}` is gone, \
+             so rekey cannot {what}. `{}` in the store keeps what this rotation published. \
+             Put the account back under the same name and run `rekey resume {}`, or once \
+             receivers verify the new secret, `rekey retire {}`",
+            sub.name, sub.provider, sub.vault_path, sub.name, sub.name
+        ))
+    }
+
+    /// What a rotation of `sub` starting now works on.
+    fn target_of(&self, sub: &Subscription) -> Target {
+        Target {
+            provider: sub.provider.clone(),
+            kind: self
+                .provider(sub)
+                .map(|p| p.kind().as_str().to_string())
+                .unwrap_or_default(),
+            id: sub.id.clone(),
+            policy: sub.policy.clone(),
+            vault_path: sub.vault_path.clone(),
+        }
+    }
+
+    /// The subscription a record's rotation under way works on: the one its target
+    /// recorded when it started, whatever the config says now.
+    fn working_on(sub: &Subscription, rec: &Record) -> Subscription {
+        match &rec.target {
+            Some(t) if rec.state.rotation_id.is_some() => Subscription {
+                name: sub.name.clone(),
+                provider: t.provider.clone(),
+                id: t.id.clone(),
+                policy: t.policy.clone(),
+                vault_path: t.vault_path.clone(),
+            },
+            _ => sub.clone(),
+        }
+    }
+
+    /// Rotations under way whose subscription is not in `managed` (removed from the
+    /// config, its provider renamed, no longer discovered): they are advanced until
+    /// they rest, so no minted secret stays only in the local database. Remembered
+    /// so that none of them starts a new rotation.
+    pub fn orphans(&self, managed: &[Subscription]) -> Vec<Subscription> {
+        let names: std::collections::HashSet<&str> =
+            managed.iter().map(|s| s.name.as_str()).collect();
+        let records = match self.db.load_all() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the state for rotations left by the config");
+                return vec![];
+            }
+        };
+        let mut orphans = self.orphans.lock().unwrap_or_else(|p| p.into_inner());
+        orphans.clear();
+        records
+            .into_iter()
+            .filter(|r| !names.contains(r.name.as_str()) && r.state.rotation_id.is_some())
+            .filter_map(|r| {
+                let t = r.target?;
+                orphans.insert(r.name.clone());
+                Some(Subscription {
+                    name: r.name,
+                    provider: t.provider,
+                    id: t.id,
+                    policy: t.policy,
+                    vault_path: t.vault_path,
+                })
+            })
+            .collect()
+    }
+
+    /// Whether `name` is a rotation left behind by the config ([`Engine::orphans`]).
+    pub fn is_orphan(&self, name: &str) -> bool {
+        self.orphans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name)
     }
 
     /// The subscriptions of this pass: the configured ones, then every one the
@@ -431,13 +566,10 @@ impl Engine {
         let now = self.now();
         let mut rec = self.db.load_or_create(&sub.name, now)?;
         if rec.next_due_at.is_none() && !rec.state.phase.in_flight() {
-            let p = self.policy(sub);
-            rec.next_due_at = p.schedule.next_due(
-                rec.state.last_rotated_at,
-                rec.first_seen_at,
-                p.rotate_on_adopt,
-            );
-            self.db.save(&rec, None, now)?;
+            rec.next_due_at = self.next_due(sub, &rec);
+            if rec.next_due_at.is_some() {
+                self.db.save(&rec, None, now)?;
+            }
         }
         Ok(rec)
     }
@@ -484,6 +616,11 @@ impl Engine {
         stop: &AtomicBool,
     ) -> Result<(Outcome, Record), EngineError> {
         let mut rec = self.record(sub)?;
+        let sub = &Self::working_on(sub, &rec);
+        if self.is_orphan(&sub.name) && rec.state.rotation_id.is_none() {
+            // Left behind by the config and at rest: nothing more to do, ever.
+            return Ok((Outcome::NotDue, rec));
+        }
         let now0 = self.now();
         let due = rec.next_due_at.is_some_and(|t| t <= now0);
         let retry_due = eager || rec.state.not_before.is_none_or(|t| t <= now0);
@@ -555,7 +692,7 @@ impl Engine {
         // The operator's answer to a drift may be to rotate to a secret rekey knows:
         // that rotation must not stop at the drift it is meant to repair.
         let accept_drift = rec.state.phase == Phase::Drifted;
-        let timing = self.policy(sub).timing.clone();
+        let timing = self.timing(sub);
         let mut urgent_waits = 0;
         loop {
             let event_name = event.name();
@@ -571,12 +708,13 @@ impl Engine {
             }
             rec.state = step.state;
             if matches!(rec.state.phase, Phase::Idle | Phase::Failed) {
-                let p = self.policy(sub);
-                rec.next_due_at = p.schedule.next_due(
-                    rec.state.last_rotated_at,
-                    rec.first_seen_at,
-                    p.rotate_on_adopt,
-                );
+                rec.next_due_at = self.next_due(sub, &rec);
+            }
+            // The target lives exactly as long as the rotation id.
+            match (&rec.state.rotation_id, &rec.target) {
+                (Some(_), None) => rec.target = Some(self.target_of(sub)),
+                (None, Some(_)) => rec.target = None,
+                _ => {}
             }
             if step.transition.quiet {
                 self.db.save(&rec, None, t)?;
@@ -590,6 +728,13 @@ impl Engine {
                 return Ok((Outcome::Waiting(rec.state.phase, self.now()), rec));
             }
 
+            if let Some(detail) = self.orphaned(sub, &rec, &step.action) {
+                event = Event::Orphaned {
+                    detail,
+                    now: self.now(),
+                };
+                continue;
+            }
             event = match step.action {
                 Action::Preflight => match self.preflight(sub, accept_drift).await {
                     Ok(()) => Event::PreflightPassed { now: self.now() },
@@ -607,7 +752,16 @@ impl Engine {
                 }
                 Action::Rotate => {
                     failpoint::hit("before:rotate-call");
-                    let result = self.provider(sub).rotate(&sub.id).await;
+                    let result = match self.client(sub) {
+                        Ok(p) => p.rotate(&sub.id).await,
+                        Err(e) => Err(RotateError::NotRotated(
+                            provider::ProviderError::Malformed {
+                                provider: sub.provider.clone(),
+                                what: "rotate".into(),
+                                detail: e,
+                            },
+                        )),
+                    };
                     failpoint::hit("after:rotate-call");
                     match result {
                         Ok(secret) => Event::RotateSucceeded {
@@ -639,7 +793,15 @@ impl Engine {
                 },
                 Action::Check { since } => {
                     self.redeliver(sub, &rec).await?;
-                    match self.provider(sub).evidence(&sub.id, since).await {
+                    let evidence = match self.client(sub) {
+                        Ok(p) => p.evidence(&sub.id, since).await,
+                        Err(e) => Err(provider::ProviderError::Malformed {
+                            provider: sub.provider.clone(),
+                            what: "confirmation".into(),
+                            detail: e,
+                        }),
+                    };
+                    match evidence {
                         Ok(evidence) => Event::Checked {
                             evidence,
                             now: self.now(),
@@ -700,7 +862,8 @@ impl Engine {
         retire: bool,
     ) -> Result<(Outcome, Record), EngineError> {
         let mut rec = self.record(sub)?;
-        let timing = self.policy(sub).timing.clone();
+        let sub = &Self::working_on(sub, &rec);
+        let timing = self.timing(sub);
         let t = self.now();
         let event = if retire {
             Event::OperatorRetire { now: t }
@@ -724,7 +887,8 @@ impl Engine {
             .preflight(&sub.vault_path)
             .await
             .map_err(|e| Preflight::Failed(e.to_string()))?;
-        self.provider(sub)
+        self.client(sub)
+            .map_err(Preflight::Failed)?
             .preflight(&sub.id)
             .await
             .map_err(|e| Preflight::Failed(e.to_string()))?;
@@ -745,7 +909,7 @@ impl Engine {
     /// The provider's characters are compared, never shown.
     pub async fn drift(&self, sub: &Subscription) -> Result<Option<String>, String> {
         let Some(tail) = self
-            .provider(sub)
+            .client(sub)?
             .secret_hint(&sub.id)
             .await
             .map_err(|e| e.to_string())?
@@ -787,8 +951,11 @@ impl Engine {
         let (Some(from), Some(to)) = (s.intent_at, s.published_at) else {
             return Ok(());
         };
+        let Some(provider) = self.provider(sub) else {
+            return Ok(());
+        };
         let mut rows: Vec<(&'static str, String)> = Vec::new();
-        match self.provider(sub).redeliver(&sub.id, from, to).await {
+        match provider.redeliver(&sub.id, from, to).await {
             Ok(r) => {
                 if !r.done.is_empty() {
                     rows.push((
@@ -863,7 +1030,11 @@ impl Engine {
             previous: previous.clone(),
             rotated_at: s.rotated_at.unwrap_or_else(|| self.now()),
             rotation_id: rotation_id.clone(),
-            provider: self.provider(sub).kind().as_str().to_string(),
+            provider: match (self.provider(sub), &rec.target) {
+                (Some(p), _) => p.kind().as_str().to_string(),
+                (None, Some(t)) => t.kind.clone(),
+                (None, None) => sub.provider.clone(),
+            },
             subscription: sub.id.clone(),
         };
         if let Some(p) = &previous

@@ -103,7 +103,12 @@ async fn pass(
     everything: bool,
     stop: &AtomicBool,
 ) -> u8 {
-    let subs = engine.subscriptions().await;
+    let mut subs = engine.subscriptions().await;
+    if everything {
+        // A rotation whose subscription left the config is finished too.
+        let orphans = engine.orphans(&subs);
+        subs.extend(orphans);
+    }
     let by_name: HashMap<&str, &Subscription> = subs.iter().map(|s| (s.name.as_str(), s)).collect();
     // Asks recorded before this run took the lock (or while it started) join its work.
     if let Some(asks) = take(engine.db(), |_| {}) {

@@ -322,6 +322,13 @@ pub enum Event {
     DriftResolved {
         now: DateTime<Utc>,
     },
+    /// The subscription left the config (removed, its provider renamed or removed)
+    /// while this rotation was under way, and the next step needs what is gone.
+    /// `detail` says what was left where and what the operator can do.
+    Orphaned {
+        detail: String,
+        now: DateTime<Utc>,
+    },
 }
 
 impl Event {
@@ -345,6 +352,7 @@ impl Event {
             Event::OperatorRetire { .. } => "operator-retire",
             Event::DriftDetected { .. } => "drift-detected",
             Event::DriftResolved { .. } => "drift-resolved",
+            Event::Orphaned { .. } => "orphaned",
         }
     }
 
@@ -367,7 +375,8 @@ impl Event {
             | Event::OperatorResume { now }
             | Event::OperatorRetire { now }
             | Event::DriftDetected { now, .. }
-            | Event::DriftResolved { now } => *now,
+            | Event::DriftResolved { now }
+            | Event::Orphaned { now, .. } => *now,
         }
     }
 }
@@ -758,6 +767,27 @@ pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Ste
                 detail = "resuming after a restart: publishing the locally stored secret".into();
             }
             (action, detail)
+        }
+        // Started, but nothing was touched at the provider yet: give the rotation up.
+        (Phase::Idle | Phase::Failed, Event::Orphaned { detail, .. })
+            if s.rotation_id.is_some() =>
+        {
+            s.rotation_id = None;
+            s.not_before = None;
+            s.last_error = Some(detail.clone());
+            (Action::Rest, detail)
+        }
+        // The provider may hold a secret that only a held rotation accounts for:
+        // both secrets stay where they are and an operator decides.
+        (
+            Phase::Rotating | Phase::Published | Phase::Confirming,
+            Event::Orphaned { detail, .. },
+        ) => {
+            s.phase = Phase::Held;
+            s.rotate_in_flight = false;
+            s.not_before = None;
+            s.last_error = Some(detail.clone());
+            (Action::AwaitOperator, detail)
         }
         (_, _) => return Err(invalid()),
     };
@@ -1559,5 +1589,45 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn a_rotation_orphaned_mid_flight_is_held_and_one_not_yet_sent_is_given_up() {
+        let tm = timing();
+        let orphaned = || Event::Orphaned {
+            detail: "left the config".into(),
+            now: t(50),
+        };
+        for phase in [Phase::Rotating, Phase::Published, Phase::Confirming] {
+            let s = RotationState {
+                phase,
+                rotation_id: Some("r1".into()),
+                rotate_in_flight: phase == Phase::Rotating,
+                ..RotationState::new()
+            };
+            let step = apply(&s, orphaned(), &tm).unwrap();
+            assert_eq!(step.state.phase, Phase::Held, "{phase}");
+            assert_eq!(step.action, Action::AwaitOperator);
+            assert!(!step.state.rotate_in_flight);
+            assert_eq!(step.state.last_error.as_deref(), Some("left the config"));
+        }
+        let started = RotationState {
+            rotation_id: Some("r1".into()),
+            ..RotationState::new()
+        };
+        let step = apply(&started, orphaned(), &tm).unwrap();
+        assert_eq!((step.state.phase, step.action), (Phase::Idle, Action::Rest));
+        assert_eq!(step.state.rotation_id, None);
+        // A minted secret is published and a retire finished whatever happened to
+        // the config: those steps need only the store, never this event.
+        for phase in [Phase::Minted, Phase::Retiring, Phase::Held] {
+            let s = RotationState {
+                phase,
+                rotation_id: Some("r1".into()),
+                pending_secret: Some(secret("whsec_x")),
+                ..RotationState::new()
+            };
+            assert!(apply(&s, orphaned(), &tm).is_err(), "{phase}");
+        }
     }
 }

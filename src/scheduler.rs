@@ -259,6 +259,16 @@ pub fn wake_time(
     }
 }
 
+/// When a rotation left behind by the config ([`Engine::orphans`]) next needs the
+/// engine: only the steps of the rotation under way, never a new one.
+pub fn orphan_wake_time(rec: &Record, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    match rec.state.phase {
+        _ if rec.state.rotation_id.is_none() => None,
+        Phase::Held | Phase::Drifted => None,
+        _ => Some(rec.state.not_before.unwrap_or(now).max(now)),
+    }
+}
+
 /// The next `n` start times of a subscription that rotates on schedule from `from` on
 /// (what `rekey check-config` prints as the plan).
 pub fn plan(policy: &Policy, name: &str, from: DateTime<Utc>, n: usize) -> Vec<DateTime<Utc>> {
@@ -371,22 +381,34 @@ impl Scheduler {
 
     /// Refreshes [`Scheduler::subs`]: the configured subscriptions at once; discovered
     /// ones by listing the providers, when due (or `now_please`).
+    ///
+    /// Rotations under way whose subscription left the config are added too
+    /// ([`Engine::orphans`]), so each is advanced until it rests.
     async fn refresh_subscriptions(&mut self, now_please: bool) {
         let config = self.engine.config();
-        if config.discoveries.is_empty() {
-            self.subs = config.subscriptions.clone();
-            self.engine.set_account_sizes(&self.subs);
-            return;
-        }
         let now = self.engine.now();
-        let due = self.listed_at.is_none_or(|t| {
-            now - t >= chrono::Duration::from_std(DISCOVERY_INTERVAL).unwrap_or_default()
-        });
-        if due || now_please {
+        if config.discoveries.is_empty() {
+            // The configured list changes only with the config (a reload asks).
+            if !now_please && self.listed_at.is_some() {
+                return;
+            }
+            self.subs = config.subscriptions.clone();
+        } else {
+            let due = self.listed_at.is_none_or(|t| {
+                now - t >= chrono::Duration::from_std(DISCOVERY_INTERVAL).unwrap_or_default()
+            });
+            if !(due || now_please) {
+                return;
+            }
             self.subs = self.engine.subscriptions().await;
-            self.engine.set_account_sizes(&self.subs);
-            self.listed_at = Some(now);
         }
+        self.listed_at = Some(now);
+        let orphans = self.engine.orphans(&self.subs);
+        for o in &orphans {
+            tracing::warn!(subscription = %o.name, vault_path = %o.vault_path, "rotation under way for a subscription no longer in the config; finishing it");
+        }
+        self.subs.extend(orphans);
+        self.engine.set_account_sizes(&self.subs);
     }
 
     /// When discovery next lists the providers, if any entry uses it.
@@ -613,17 +635,16 @@ impl Scheduler {
             let job = match self.pending.get(&sub.name) {
                 Some(job) => Some(*job),
                 None => {
-                    let Some(policy) = engine.config().policy(&sub.policy) else {
-                        continue;
+                    let policy = engine.config().policy(&sub.policy);
+                    let wake = |rec: &Record| match policy {
+                        _ if engine.is_orphan(&sub.name) => orphan_wake_time(rec, now),
+                        Some(policy) => {
+                            wake_time(policy, &sub.name, rec, now, engine.drift_check_at(sub))
+                        }
+                        None => None,
                     };
                     match engine.record(sub) {
-                        Ok(rec) => match wake_time(
-                            policy,
-                            &sub.name,
-                            &rec,
-                            now,
-                            engine.drift_check_at(sub),
-                        ) {
+                        Ok(rec) => match wake(&rec) {
                             Some(t) if t <= now => match self.cooling(&sub.name, now) {
                                 Some(until) => {
                                     next = Some(next.map_or(until, |n| n.min(until)));
@@ -1152,6 +1173,7 @@ mod tests {
             first_seen_at: utc("2026-11-01T00:00:00Z"),
             next_due_at: Some(utc("2026-11-01T00:00:00Z")),
             phase_since: now,
+            target: None,
         };
         rec.state.phase = Phase::Failed;
         rec.state.not_before = Some(utc("2026-11-23T01:35:00Z"));

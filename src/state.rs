@@ -25,7 +25,7 @@ use crate::secret::{ExposeSecret, Fingerprint, secret};
 /// version `i` to `i + 1`, so a schema change appends a step (an `ALTER TABLE`, say).
 /// [`StateDb::open`] runs the missing steps in the immediate transaction that read the
 /// version, so two openers never both migrate and no reader sees half a schema.
-const MIGRATIONS: &[&str] = &[SCHEMA_1];
+const MIGRATIONS: &[&str] = &[SCHEMA_1, SCHEMA_2];
 
 /// The version this rekey writes; a database from a newer one is refused with a
 /// clear message instead of being misread.
@@ -70,6 +70,9 @@ const SCHEMA_1: &str = "
         requested_at TEXT NOT NULL
     );
 ";
+
+/// Version 2: each record keeps its rotation's [`Target`].
+const SCHEMA_2: &str = "ALTER TABLE subscriptions ADD COLUMN target TEXT;";
 
 /// Tables schema 1 gained after its release, without a version bump (an older rekey
 /// ignores them): created whenever a database is at version 1, before any later step,
@@ -134,6 +137,23 @@ pub struct Record {
     pub next_due_at: Option<DateTime<Utc>>,
     /// When the phase last changed ("time in state").
     pub phase_since: DateTime<Utc>,
+    /// Where the rotation under way publishes and whom it asks; set while a rotation
+    /// id is, `None` otherwise.
+    pub target: Option<Target>,
+}
+
+/// What a rotation works on, fixed when it starts: a config changed mid-rotation (a
+/// moved `vault_path`, a renamed provider, a removed subscription) neither strands
+/// its secret nor sends it somewhere its retire cannot follow.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Target {
+    /// The provider account's name in the config.
+    pub provider: String,
+    /// The provider's kind (`fintoro`…), for the store entry.
+    pub kind: String,
+    pub id: String,
+    pub policy: String,
+    pub vault_path: String,
 }
 
 /// One history row.
@@ -443,7 +463,7 @@ impl StateDb {
                 new_fingerprint = ?9, previous_fingerprint = ?10, rotate_in_flight = ?11,
                 lost_responses = ?12, failures = ?13, not_before = ?14, last_error = ?15,
                 last_rotated_at = ?16, last_outcome = ?17, first_seen_at = ?18,
-                next_due_at = ?19, phase_since = ?20",
+                next_due_at = ?19, phase_since = ?20, target = ?21",
             params![
                 record.name,
                 s.phase.as_str(),
@@ -469,6 +489,10 @@ impl StateDb {
                 ts1(record.first_seen_at),
                 ts(&record.next_due_at),
                 ts1(record.phase_since),
+                record
+                    .target
+                    .as_ref()
+                    .and_then(|t| serde_json::to_string(t).ok()),
             ],
         )?;
         if let Some(t) = transition {
@@ -846,6 +870,7 @@ struct RawRow {
     first_seen_at: String,
     next_due_at: Option<String>,
     phase_since: String,
+    target: Option<String>,
 }
 
 impl RawRow {
@@ -871,6 +896,7 @@ impl RawRow {
             first_seen_at: r.get("first_seen_at")?,
             next_due_at: r.get("next_due_at")?,
             phase_since: r.get("phase_since")?,
+            target: r.get("target")?,
         })
     }
 
@@ -909,6 +935,11 @@ impl RawRow {
                 .unwrap_or_default(),
             next_due_at: parse_ts(&n, "next_due_at", self.next_due_at)?,
             phase_since: parse_ts(&n, "phase_since", Some(self.phase_since))?.unwrap_or_default(),
+            target: self
+                .target
+                .map(|t| serde_json::from_str(&t))
+                .transpose()
+                .map_err(|e| corrupt(format!("column target: {e}")))?,
             name: self.name,
         })
     }

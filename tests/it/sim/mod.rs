@@ -471,6 +471,78 @@ fn regression_a_drift_is_found_while_idle_and_rechecked_at_a_pace() {
     );
 }
 
+/// One Fintoro subscription whose rotation is minted while the store is down, and a
+/// config change (`change`) one minute later; the store comes back after an hour.
+fn minted_then(change: Change) -> Report {
+    use rekey::config::ProviderKind;
+    use scenario::{AccountPlan, PolicyPlan, SubPlan};
+    use world::StoreMode;
+    let mut sc = Scenario::generate(11, 6);
+    sc.accounts = vec![AccountPlan {
+        world: "fintoro-0".into(),
+        name: "fintoro-0".into(),
+        kind: ProviderKind::Fintoro,
+        discovery: false,
+        limit: (120, Duration::from_secs(60)),
+        // Preflight is two calls, the rotate a third: the store fails after them.
+        latency: (1000, 1000),
+        skew_ms: 0,
+    }];
+    sc.policies = vec![PolicyPlan {
+        name: "p0".into(),
+        toml: "[[policies]]\nname = \"p0\"\nevery = \"365d\"\nconfirm_poll = \"5m\"\n".into(),
+    }];
+    sc.subs = vec![SubPlan {
+        account: "fintoro-0".into(),
+        id: "801".into(),
+        policy: "p0".into(),
+        vault_path: "webhooks/fintoro-0/801".into(),
+        interval: Duration::from_secs(600),
+        slow: false,
+        lag: Duration::ZERO,
+        configured: true,
+    }];
+    let at = |ms: i64| sc.start + chrono::Duration::milliseconds(ms);
+    sc.events = vec![
+        (at(0), Event::Request { sub: 0 }),
+        (at(2_500), Event::Store(StoreMode::Down)),
+        (at(60_000), Event::Reload(change)),
+        (at(3_600_000), Event::Store(StoreMode::Up)),
+    ];
+    Run::of(sc).play()
+}
+
+/// Issue 8, defect 2: a minted secret whose subscription leaves the config is still
+/// published (and, its provider still configured, confirmed and retired), never left
+/// only in the local database.
+#[test]
+fn regression_a_rotation_minted_before_its_subscription_left_the_config_is_finished() {
+    let r = minted_then(Change::RemoveSub(0));
+    assert!(r.violations.is_empty(), "{:#?}\n{:#?}", r.violations, r.log);
+    assert_eq!(r.rotations, 1);
+    assert_eq!(r.retired_with_evidence, 1, "{:#?}", r.log);
+}
+
+/// Issue 8, defect 2: with its provider account renamed away mid-rotation, the minted
+/// secret is published and the rotation is held (it cannot be confirmed), never
+/// stranded.
+#[test]
+fn regression_a_rotation_whose_provider_was_renamed_away_is_published_and_held() {
+    let r = minted_then(Change::RenameAccount(0));
+    assert!(r.violations.is_empty(), "{:#?}\n{:#?}", r.violations, r.log);
+    assert_eq!(r.retired_with_evidence, 0);
+}
+
+/// Issue 8, defect 2: a `vault_path` moved in the config mid-rotation does not move
+/// the rotation under way: it publishes, confirms and retires where it started (where
+/// its receivers read), and only the next rotation uses the new path.
+#[test]
+fn regression_a_rotation_in_flight_finishes_at_the_path_it_started_with() {
+    let r = minted_then(Change::MovePath(0));
+    assert!(r.violations.is_empty(), "{:#?}\n{:#?}", r.violations, r.log);
+    assert_eq!(r.retired_with_evidence, 1, "{:#?}", r.log);
+}
+
 #[test]
 fn replay() {
     let Some(seed) = env_u64("REKEY_SIM_SEED") else {

@@ -77,6 +77,9 @@ pub enum Change {
     RemoveSub(usize),
     AddSub(usize),
     RenameAccount(usize),
+    /// A new `vault_path` (drawn only by the regression scenario: receivers would
+    /// have to move with it, which is the operator's migration).
+    MovePath(usize),
     SwitchPolicy(usize),
 }
 
@@ -318,7 +321,8 @@ impl Scenario {
         }
         for _ in 0..rng.random_range(0..5) {
             // (A moved `vault_path` is not drawn: receivers would have to move with it,
-            // which is the operator's migration, not rekey's; tests/it covers it.)
+            // which is the operator's migration, not rekey's; a regression scenario
+            // covers the rotation in flight when it moves.)
             let change = match rng.random_range(0..4) {
                 0 => Change::RemoveSub(rng.random_range(0..subs.len())),
                 1 => Change::AddSub(rng.random_range(0..subs.len())),
@@ -418,6 +422,14 @@ impl Scenario {
                 let old = self.accounts[i].name.clone();
                 self.accounts[i].name = format!("{old}x");
                 format!("renamed provider {old} to {}", self.accounts[i].name)
+            }
+            Change::MovePath(i) => {
+                self.subs[i].vault_path = format!("{}-moved", self.subs[i].vault_path);
+                format!(
+                    "moved {} to {}",
+                    self.name_of(&self.subs[i]),
+                    self.subs[i].vault_path
+                )
             }
             Change::SwitchPolicy(i) => {
                 let n = self.policies.len();
