@@ -417,14 +417,18 @@ impl StateDb {
 
     pub fn load(&self, name: &str) -> Result<Option<Record>, StateError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached("SELECT * FROM subscriptions WHERE name = ?1")?;
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {RECORD_COLUMNS} FROM subscriptions WHERE name = ?1"
+        ))?;
         let row = stmt.query_row([name], RawRow::from_row).optional()?;
         row.map(RawRow::into_record).transpose()
     }
 
     pub fn load_all(&self) -> Result<Vec<Record>, StateError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached("SELECT * FROM subscriptions ORDER BY name")?;
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {RECORD_COLUMNS} FROM subscriptions ORDER BY name"
+        ))?;
         let rows = stmt
             .query_map([], RawRow::from_row)?
             .collect::<Result<Vec<_>, _>>()?;
@@ -770,20 +774,26 @@ impl StateDb {
         now: DateTime<Utc>,
     ) -> Result<bool, StateError> {
         let conn = self.conn();
-        let before: Option<Option<String>> = conn
+        let before: Option<(Option<String>, String)> = conn
             .query_row(
-                "SELECT vanished_at FROM discovered WHERE name = ?1",
+                "SELECT vanished_at, vault_path FROM discovered WHERE name = ?1",
                 [name],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
+        // Listed again as it was: nothing to write (discovery lists every few minutes).
+        if let Some((None, path)) = &before
+            && path == vault_path
+        {
+            return Ok(false);
+        }
         conn.execute(
             "INSERT INTO discovered (name, provider, id, vault_path, first_seen_at)
              VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT (name) DO UPDATE SET vault_path = ?4, vanished_at = NULL",
             params![name, provider, id, vault_path, ts1(now)],
         )?;
-        Ok(!matches!(before, Some(None)))
+        Ok(!matches!(before, Some((None, _))))
     }
 
     /// Marks a discovered subscription as no longer listed.
@@ -848,6 +858,9 @@ impl StateDb {
     }
 }
 
+/// The columns [`RawRow::from_row`] reads, in its order.
+const RECORD_COLUMNS: &str = "name, phase, rotation_id, intent_at, rotated_at, published_at, confirm_deadline, pending_secret, new_fingerprint, previous_fingerprint, rotate_in_flight, lost_responses, failures, not_before, last_error, last_rotated_at, last_outcome, first_seen_at, next_due_at, phase_since, target";
+
 /// A row as stored, before validation: the database is input too.
 struct RawRow {
     name: String,
@@ -874,29 +887,31 @@ struct RawRow {
 }
 
 impl RawRow {
+    /// Reads a row selected with [`RECORD_COLUMNS`], by position: looking columns up by
+    /// name costs a scan of every column name per field, on the scheduler's hot path.
     fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
         Ok(RawRow {
-            name: r.get("name")?,
-            phase: r.get("phase")?,
-            rotation_id: r.get("rotation_id")?,
-            intent_at: r.get("intent_at")?,
-            rotated_at: r.get("rotated_at")?,
-            published_at: r.get("published_at")?,
-            confirm_deadline: r.get("confirm_deadline")?,
-            pending_secret: r.get("pending_secret")?,
-            new_fingerprint: r.get("new_fingerprint")?,
-            previous_fingerprint: r.get("previous_fingerprint")?,
-            rotate_in_flight: r.get("rotate_in_flight")?,
-            lost_responses: r.get("lost_responses")?,
-            failures: r.get("failures")?,
-            not_before: r.get("not_before")?,
-            last_error: r.get("last_error")?,
-            last_rotated_at: r.get("last_rotated_at")?,
-            last_outcome: r.get("last_outcome")?,
-            first_seen_at: r.get("first_seen_at")?,
-            next_due_at: r.get("next_due_at")?,
-            phase_since: r.get("phase_since")?,
-            target: r.get("target")?,
+            name: r.get(0)?,
+            phase: r.get(1)?,
+            rotation_id: r.get(2)?,
+            intent_at: r.get(3)?,
+            rotated_at: r.get(4)?,
+            published_at: r.get(5)?,
+            confirm_deadline: r.get(6)?,
+            pending_secret: r.get(7)?,
+            new_fingerprint: r.get(8)?,
+            previous_fingerprint: r.get(9)?,
+            rotate_in_flight: r.get(10)?,
+            lost_responses: r.get(11)?,
+            failures: r.get(12)?,
+            not_before: r.get(13)?,
+            last_error: r.get(14)?,
+            last_rotated_at: r.get(15)?,
+            last_outcome: r.get(16)?,
+            first_seen_at: r.get(17)?,
+            next_due_at: r.get(18)?,
+            phase_since: r.get(19)?,
+            target: r.get(20)?,
         })
     }
 
