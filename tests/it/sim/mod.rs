@@ -405,12 +405,12 @@ fn a_simulated_year_keeps_every_invariant() {
     run_many((base..base + n).collect(), days);
 }
 
-/// The default budget for `cargo test`, sized for a couple of minutes of a debug
-/// build on two cores: the simulation's speed is bounded today by the scheduler's
-/// per-wake pass over the fleet and discovery's per-listing writes (the fleet-scale
-/// issue removes both). `REKEY_SIM_SEEDS` and `REKEY_SIM_DAYS` raise it.
-const DEFAULT_SEEDS: u64 = 4;
-const DEFAULT_DAYS: u64 = 120;
+/// The default budget for `cargo test`, sized for about a minute and a half of a
+/// debug build on two cores (three simulated years in all): the simulation's speed
+/// is bounded today by the scheduler's per-wake pass over the fleet, which the
+/// fleet-scale issue removes. `REKEY_SIM_SEEDS` and `REKEY_SIM_DAYS` raise it.
+const DEFAULT_SEEDS: u64 = 6;
+const DEFAULT_DAYS: u64 = 180;
 
 /// Issue 8, defect 3: in the daemon an idle Storno subscription was never checked
 /// for drift, and a drifted one was re-checked in a loop that emptied the account's
