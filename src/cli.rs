@@ -698,7 +698,7 @@ async fn check_credentials(config: &Config) -> u8 {
     let mut providers = std::collections::HashMap::new();
     let mut code = exit::OK;
     for p in &config.providers {
-        match crate::provider::build(p) {
+        match crate::provider::build(p, crate::clock::system()) {
             Ok(c) => {
                 providers.insert(p.name.clone(), c);
             }

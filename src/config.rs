@@ -98,6 +98,8 @@ pub struct RawProvider {
     pub token_file: Option<PathBuf>,
     pub rate_limit: Option<String>,
     pub timeout: Option<String>,
+    /// The longest a delivery can take at this provider (evidence rules).
+    pub longest_delivery: Option<String>,
     /// Daemon: subscriptions of this account advanced at the same time.
     pub max_concurrent: Option<usize>,
     // Monite only.
@@ -119,6 +121,8 @@ pub struct RawPolicy {
     pub confirm_timeout: Option<String>,
     pub confirm_poll: Option<String>,
     pub on_timeout: Option<String>,
+    pub fail_after: Option<String>,
+    pub fail_after_failures: Option<u32>,
     pub rotate_on_adopt: Option<bool>,
     pub retry_base: Option<String>,
     pub retry_max: Option<String>,
@@ -260,6 +264,18 @@ impl ProviderKind {
         }
     }
 
+    /// The longest one delivery attempt can take, from its signing to its completion:
+    /// the provider's delivery timeout. Evidence resting on a *completion* time counts
+    /// only completions later than publication + this (see `docs/providers.md`).
+    pub fn default_longest_delivery(self) -> Duration {
+        match self {
+            // "success = 2xx within 10 s"; Storno's delivery timeout is 10 s too.
+            ProviderKind::Fintoro | ProviderKind::Storno => Duration::from_secs(10),
+            // Undocumented; unused by Monite's rule (it reads creation times).
+            ProviderKind::Monite => Duration::from_secs(30),
+        }
+    }
+
     fn default_base_url(self) -> Option<&'static str> {
         match self {
             ProviderKind::Fintoro => Some("https://app.fintoro.sk/api/public/v1"),
@@ -337,6 +353,8 @@ pub struct ProviderSettings {
     pub token: SecretString,
     pub rate_limit: RateLimit,
     pub timeout: Duration,
+    /// The longest a delivery can take at this provider (its delivery timeout).
+    pub longest_delivery: Duration,
     /// Subscriptions of this provider advanced at the same time (daemon); none: only
     /// the global `[daemon] max_concurrent` applies.
     pub max_concurrent: Option<usize>,
@@ -1046,6 +1064,10 @@ fn validate(
                 "must be at least 1 (omit it for no per-provider limit)",
             );
         }
+        let longest_delivery = p
+            .longest_delivery
+            .as_deref()
+            .map(|d| c.duration(&format!("{k}.longest_delivery"), Some(d), Duration::ZERO));
         if let (Some(kind), Some(base_url), Some(token), Some(rate_limit), Some(settings)) =
             (kind, base_url, token, rate_limit, settings)
         {
@@ -1056,6 +1078,8 @@ fn validate(
                 token,
                 rate_limit,
                 timeout,
+                longest_delivery: longest_delivery
+                    .unwrap_or_else(|| kind.default_longest_delivery()),
                 max_concurrent: p.max_concurrent,
                 settings,
             });
@@ -1147,6 +1171,17 @@ fn validate(
                 OnTimeout::Hold
             }
         };
+        let fail_after = c.duration(
+            &format!("{k}.fail_after"),
+            p.fail_after.as_deref(),
+            Duration::from_secs(600),
+        );
+        if p.fail_after_failures == Some(0) {
+            c.problem(
+                format!("{k}.fail_after_failures"),
+                "must be at least 1 (omit it to hold on `fail_after` alone)",
+            );
+        }
         let retry_base = c.duration(
             &format!("{k}.retry_base"),
             p.retry_base.as_deref(),
@@ -1202,6 +1237,8 @@ fn validate(
                     on_timeout,
                     retry_base,
                     retry_max: retry_max.max(retry_base),
+                    fail_after,
+                    fail_after_failures: p.fail_after_failures,
                 },
                 rotate_on_adopt: p.rotate_on_adopt.unwrap_or(false),
                 start: StartRules {

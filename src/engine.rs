@@ -115,7 +115,8 @@ impl Engine {
         };
         let mut providers = HashMap::new();
         for p in &config.providers {
-            let client = provider::build(p).map_err(|e| EngineError::Setup(e.to_string()))?;
+            let client = provider::build(p, crate::clock::system())
+                .map_err(|e| EngineError::Setup(e.to_string()))?;
             providers.insert(p.name.clone(), client);
         }
         Ok(Engine::with_parts(config, db, store, providers))
@@ -513,16 +514,14 @@ impl Engine {
                 {
                     rec.state.last_error = None;
                 }
-                let t = rotation::Transition {
-                    from: rec.state.phase,
-                    to: rec.state.phase,
-                    event: "discovered",
-                    detail: format!(
+                let t = rotation::Transition::note(
+                    rec.state.phase,
+                    "discovered",
+                    format!(
                         "listed by {} (active: {}); managed with policy `{}`, published at `{}`",
                         d.provider, r.active, sub.policy, sub.vault_path
                     ),
-                    quiet: false,
-                };
+                );
                 self.db.save(&rec, Some(&t), now)?;
                 log_transition(&sub, &rec, &t);
             }
@@ -548,13 +547,7 @@ impl Engine {
                 d.provider, k.vault_path
             );
             rec.state.last_error = Some(detail.clone());
-            let t = rotation::Transition {
-                from: rec.state.phase,
-                to: rec.state.phase,
-                event: "vanished",
-                detail,
-                quiet: false,
-            };
+            let t = rotation::Transition::note(rec.state.phase, "vanished", detail);
             self.db.save(&rec, Some(&t), now)?;
             log_transition(&sub, &rec, &t);
         }
@@ -793,7 +786,7 @@ impl Engine {
                 },
                 Action::Check { since } => {
                     self.redeliver(sub, &rec).await?;
-                    let evidence = match self.client(sub) {
+                    let finding = match self.client(sub) {
                         Ok(p) => p.evidence(&sub.id, since).await,
                         Err(e) => Err(provider::ProviderError::Malformed {
                             provider: sub.provider.clone(),
@@ -801,9 +794,13 @@ impl Engine {
                             detail: e,
                         }),
                     };
-                    match evidence {
-                        Ok(evidence) => Event::Checked {
-                            evidence,
+                    match finding {
+                        Ok(finding) => Event::Checked {
+                            finding,
+                            store_path: rec
+                                .target
+                                .as_ref()
+                                .map_or_else(|| sub.vault_path.clone(), |t| t.vault_path.clone()),
                             now: self.now(),
                         },
                         Err(e) => Event::CheckFailed {
@@ -988,13 +985,7 @@ impl Engine {
             )),
         }
         for (event, detail) in rows {
-            let t = rotation::Transition {
-                from: s.phase,
-                to: s.phase,
-                event,
-                detail,
-                quiet: false,
-            };
+            let t = rotation::Transition::note(s.phase, event, detail);
             self.db.save(rec, Some(&t), self.now())?;
             log_transition(sub, rec, &t);
         }
@@ -1166,8 +1157,11 @@ mod tests {
             &self,
             _: &str,
             _: DateTime<Utc>,
-        ) -> Result<Option<String>, crate::provider::ProviderError> {
-            Ok(None)
+        ) -> Result<crate::evidence::Finding, crate::provider::ProviderError> {
+            Ok(crate::evidence::Finding::Nothing)
+        }
+        fn clock_offset(&self) -> Option<crate::skew::Offset> {
+            None
         }
         async fn list(
             &self,

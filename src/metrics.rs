@@ -301,6 +301,7 @@ mod tests {
                 .unwrap()
                 .with_timezone(&Utc),
             rotation_id: Some("r1".into()),
+            evidence: None,
             from: from.into(),
             to: to.into(),
             event: event.into(),

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use crate::evidence::{Evidence, FailureTally, Finding};
 use crate::secret::{Fingerprint, SecretString};
 
 /// Where a subscription is in its rotation cycle. The names are part of the CLI's
@@ -112,6 +113,12 @@ pub struct Timing {
     /// First wait after a failed step; doubles per consecutive failure up to `retry_max`.
     pub retry_base: Duration,
     pub retry_max: Duration,
+    /// Hold this long after the first delivery signed with the new secret failed, if
+    /// none has succeeded since: receivers are rejecting the new secret, and an
+    /// operator must hear of it in minutes, not at the deadline.
+    pub fail_after: Duration,
+    /// Or hold after this many such failures, when set.
+    pub fail_after_failures: Option<u32>,
 }
 
 impl Default for Timing {
@@ -122,6 +129,8 @@ impl Default for Timing {
             on_timeout: OnTimeout::Hold,
             retry_base: Duration::from_secs(30),
             retry_max: Duration::from_secs(3600),
+            fail_after: Duration::from_secs(600),
+            fail_after_failures: None,
         }
     }
 }
@@ -167,6 +176,8 @@ pub struct RotationState {
     pub last_rotated_at: Option<DateTime<Utc>>,
     /// Evidence that let the old secret go, or why it went without.
     pub last_outcome: Option<String>,
+    /// Deliveries signed with the new secret that failed during this confirmation.
+    pub delivery_failures: FailureTally,
 }
 
 impl fmt::Debug for RotationState {
@@ -185,6 +196,7 @@ impl fmt::Debug for RotationState {
             .field("failures", &self.failures)
             .field("not_before", &self.not_before)
             .field("last_error", &self.last_error)
+            .field("delivery_failures", &self.delivery_failures.count())
             .finish_non_exhaustive()
     }
 }
@@ -208,6 +220,7 @@ impl RotationState {
             last_error: None,
             last_rotated_at: None,
             last_outcome: None,
+            delivery_failures: FailureTally::default(),
         }
     }
 }
@@ -280,9 +293,11 @@ pub enum Event {
         error: String,
         now: DateTime<Utc>,
     },
-    /// A confirmation check ran; `evidence` describes what was found, if anything.
+    /// A confirmation check ran and found `finding`. `store_path` is where receivers
+    /// read the new secret (named when they are found rejecting it).
     Checked {
-        evidence: Option<String>,
+        finding: Finding,
+        store_path: String,
         now: DateTime<Utc>,
     },
     CheckFailed {
@@ -410,9 +425,25 @@ pub struct Transition {
     pub event: &'static str,
     /// Human detail; never contains a secret (fingerprints only).
     pub detail: String,
+    /// What a confirmation rested on (only on the transition that confirms).
+    pub evidence: Option<Evidence>,
     /// Routine (another poll without evidence, waking from a wait): persisted, but not
     /// worth a history row each time.
     pub quiet: bool,
+}
+
+impl Transition {
+    /// A history row that changes no phase (discovery, redelivery, a skipped start).
+    pub fn note(phase: Phase, event: &'static str, detail: String) -> Transition {
+        Transition {
+            from: phase,
+            to: phase,
+            event,
+            detail,
+            quiet: false,
+            evidence: None,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -494,6 +525,7 @@ pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Ste
     };
 
     let mut quiet = false;
+    let mut evidence = None;
     let (action, detail) = match (from, event) {
         // A drifted subscription rotates only when an operator asks: rotating makes
         // the provider's secret known again, which is one way to recover.
@@ -550,6 +582,7 @@ pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Ste
             s.failures = 0;
             s.not_before = None;
             s.last_error = None;
+            s.delivery_failures = FailureTally::default();
             (Action::Rotate, "preflight passed; intent recorded".into())
         }
         (Phase::Idle | Phase::Failed | Phase::Drifted, Event::PreflightFailed { error, .. }) => {
@@ -632,46 +665,18 @@ pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Ste
                 format!("publish failed (secret kept locally): {error}"),
             )
         }
-        (Phase::Published | Phase::Confirming, Event::Checked { evidence, .. }) => {
-            let deadline = s.confirm_deadline.unwrap_or(now);
-            s.failures = 0;
-            s.last_error = None;
-            match evidence {
-                Some(ev) => {
-                    s.phase = Phase::Retiring;
-                    s.not_before = None;
-                    s.last_outcome = Some(format!("confirmed: {ev}"));
-                    (Action::Retire, format!("evidence: {ev}"))
-                }
-                None if now >= deadline => match timing.on_timeout {
-                    OnTimeout::Hold => {
-                        s.phase = Phase::Held;
-                        s.not_before = None;
-                        let msg = "no delivery signed with the new secret succeeded before the \
-                                   confirmation deadline; both secrets stay published"
-                            .to_string();
-                        s.last_error = Some(msg.clone());
-                        (Action::AwaitOperator, msg)
-                    }
-                    OnTimeout::Retire => {
-                        s.phase = Phase::Retiring;
-                        s.not_before = None;
-                        s.last_outcome =
-                            Some("retired without evidence (policy on_timeout = retire)".into());
-                        (
-                            Action::Retire,
-                            "no evidence by the deadline; policy on_timeout = retire".into(),
-                        )
-                    }
-                },
-                None => {
-                    quiet = from == Phase::Confirming;
-                    s.phase = Phase::Confirming;
-                    let next = add(now, timing.confirm_poll).min(deadline);
-                    s.not_before = Some(next);
-                    (Action::WaitUntil(next), "no evidence yet".into())
-                }
-            }
+        (
+            Phase::Published | Phase::Confirming,
+            Event::Checked {
+                finding,
+                store_path,
+                ..
+            },
+        ) => {
+            let c = checked(&mut s, finding, &store_path, now, timing);
+            quiet = from == Phase::Confirming && c.routine;
+            evidence = c.evidence;
+            (c.action, c.detail)
         }
         (Phase::Published | Phase::Confirming, Event::CheckFailed { error, .. }) => {
             s.phase = Phase::Confirming;
@@ -726,6 +731,7 @@ pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Ste
         ),
         (Phase::Held, Event::OperatorResume { .. }) => {
             s.phase = Phase::Confirming;
+            s.delivery_failures.acknowledge();
             s.confirm_deadline = Some(add(now, timing.confirm_timeout));
             s.not_before = None;
             s.last_error = None;
@@ -798,12 +804,138 @@ pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Ste
         event: name,
         detail,
         quiet,
+        evidence,
     };
     Ok(Step {
         state: s,
         action,
         transition,
     })
+}
+
+/// What a check's finding leads to.
+struct Checked {
+    action: Action,
+    detail: String,
+    evidence: Option<Evidence>,
+    /// Another poll without news: persisted, no history row.
+    routine: bool,
+}
+
+impl Checked {
+    fn to(action: Action, detail: String) -> Checked {
+        Checked {
+            action,
+            detail,
+            evidence: None,
+            routine: false,
+        }
+    }
+}
+
+/// A check's finding: retire on evidence; hold when deliveries signed with the new
+/// secret keep failing (by count or for `fail_after`) or the deadline passes;
+/// otherwise poll again.
+fn checked(
+    s: &mut RotationState,
+    finding: Finding,
+    store_path: &str,
+    now: DateTime<Utc>,
+    timing: &Timing,
+) -> Checked {
+    let deadline = s.confirm_deadline.unwrap_or(now);
+    s.failures = 0;
+    s.last_error = None;
+    let failing = match finding {
+        Finding::Confirmed(ev) => {
+            s.phase = Phase::Retiring;
+            s.not_before = None;
+            s.last_outcome = Some(format!("confirmed: {ev}"));
+            return Checked {
+                action: Action::Retire,
+                detail: format!("evidence: {ev}"),
+                evidence: Some(ev),
+                routine: false,
+            };
+        }
+        Finding::Failing(f) => Some(f),
+        Finding::Nothing => None,
+    };
+    let news = failing
+        .as_ref()
+        .is_some_and(|f| s.delivery_failures.add(f, now));
+    if let Some(reason) = failing_too_long(&s.delivery_failures, store_path, now, timing) {
+        s.phase = Phase::Held;
+        s.not_before = None;
+        s.last_error = Some(reason.clone());
+        return Checked::to(Action::AwaitOperator, reason);
+    }
+    if now >= deadline {
+        return deadline_passed(s, store_path, timing);
+    }
+    s.phase = Phase::Confirming;
+    let next = add(now, timing.confirm_poll).min(deadline);
+    s.not_before = Some(next);
+    let mut c = Checked::to(Action::WaitUntil(next), "no evidence yet".into());
+    c.routine = !news;
+    if let (Some(f), true) = (&failing, news) {
+        c.detail = format!(
+            "a delivery signed with the new secret failed ({}; {} so far): receivers may \
+             not have the new secret yet",
+            f.detail,
+            s.delivery_failures.count()
+        );
+    }
+    c
+}
+
+/// Why to hold now because deliveries signed with the new secret keep failing, if so.
+fn failing_too_long(
+    tally: &FailureTally,
+    store_path: &str,
+    now: DateTime<Utc>,
+    timing: &Timing,
+) -> Option<String> {
+    let first = tally.first_seen?;
+    let count = tally.count();
+    let by_count = timing
+        .fail_after_failures
+        .is_some_and(|n| count >= n.max(1));
+    let by_time = now >= add(first, timing.fail_after);
+    (by_count || by_time).then(|| {
+        format!(
+            "receivers are rejecting the new secret: {count} delivery(ies) signed with it \
+             failed since {} and none succeeded (last: {}). Receivers must read `current` \
+             from `{store_path}` and accept `previous` until the rotation ends; both secrets \
+             stay published. Then `rekey resume` to confirm again, or `rekey retire`",
+            first.to_rfc3339(),
+            tally.last.as_deref().unwrap_or("-"),
+        )
+    })
+}
+
+/// No evidence by the deadline: hold (the default) or retire as the policy says.
+fn deadline_passed(s: &mut RotationState, store_path: &str, timing: &Timing) -> Checked {
+    s.not_before = None;
+    match timing.on_timeout {
+        OnTimeout::Hold => {
+            s.phase = Phase::Held;
+            let msg = format!(
+                "no delivery signed with the new secret succeeded before the confirmation \
+                 deadline; both secrets stay published at `{store_path}`"
+            );
+            s.last_error = Some(msg.clone());
+            Checked::to(Action::AwaitOperator, msg)
+        }
+        OnTimeout::Retire => {
+            s.phase = Phase::Retiring;
+            s.last_outcome = Some("retired without evidence (policy on_timeout = retire)".into());
+            Checked::to(
+                Action::Retire,
+                "no evidence by the deadline; policy on_timeout = retire".into(),
+            )
+        }
+    }
 }
 
 fn fp_str(s: &RotationState) -> String {
@@ -829,6 +961,35 @@ mod tests {
             on_timeout: OnTimeout::Hold,
             retry_base: Duration::from_secs(5),
             retry_max: Duration::from_secs(60),
+            fail_after: Duration::from_secs(30),
+            fail_after_failures: None,
+        }
+    }
+
+    fn nothing(now: DateTime<Utc>) -> Event {
+        Event::Checked {
+            finding: Finding::Nothing,
+            store_path: "secret/webhooks/acme".into(),
+            now,
+        }
+    }
+
+    fn confirmed(detail: &str, now: DateTime<Utc>) -> Event {
+        Event::Checked {
+            finding: Finding::Confirmed(Evidence::untimed("test", detail.into())),
+            store_path: "secret/webhooks/acme".into(),
+            now,
+        }
+    }
+
+    fn failing(seen: crate::evidence::FailureCount, now: DateTime<Utc>) -> Event {
+        Event::Checked {
+            finding: Finding::Failing(crate::evidence::Failures {
+                seen: vec![seen],
+                detail: "status 401".into(),
+            }),
+            store_path: "secret/webhooks/acme".into(),
+            now,
         }
     }
 
@@ -881,35 +1042,14 @@ mod tests {
         if phase == Phase::Published {
             return s;
         }
-        s = step(
-            &s,
-            Event::Checked {
-                evidence: None,
-                now: t(4),
-            },
-        )
-        .state;
+        s = step(&s, nothing(t(4))).state;
         if phase == Phase::Confirming {
             return s;
         }
         if phase == Phase::Held {
-            return step(
-                &s,
-                Event::Checked {
-                    evidence: None,
-                    now: t(200),
-                },
-            )
-            .state;
+            return step(&s, nothing(t(200))).state;
         }
-        s = step(
-            &s,
-            Event::Checked {
-                evidence: Some("lastSuccessAt".into()),
-                now: t(20),
-            },
-        )
-        .state;
+        s = step(&s, confirmed("lastSuccessAt", t(20))).state;
         assert_eq!(s.phase, Phase::Retiring);
         s
     }
@@ -960,21 +1100,12 @@ mod tests {
             "plaintext wiped after publish"
         );
         assert_eq!(d.state.confirm_deadline, Some(t(103)));
-        let e = step(
-            &d.state,
-            Event::Checked {
-                evidence: None,
-                now: t(4),
-            },
-        );
+        let e = step(&d.state, nothing(t(4)));
         assert_eq!(e.state.phase, Phase::Confirming);
         assert_eq!(e.action, Action::WaitUntil(t(14)));
         let f = step(
             &e.state,
-            Event::Checked {
-                evidence: Some("lastSuccessAt 2026-11-23T00:00:10Z".into()),
-                now: t(14),
-            },
+            confirmed("lastSuccessAt 2026-11-23T00:00:10Z", t(14)),
         );
         assert_eq!(
             (f.state.phase, &f.action),
@@ -1144,13 +1275,7 @@ mod tests {
     #[test]
     fn no_evidence_by_deadline_holds_by_default() {
         let s = at(Phase::Confirming);
-        let h = step(
-            &s,
-            Event::Checked {
-                evidence: None,
-                now: t(103),
-            },
-        );
+        let h = step(&s, nothing(t(103)));
         assert_eq!(
             (h.state.phase, &h.action),
             (Phase::Held, &Action::AwaitOperator)
@@ -1172,21 +1297,87 @@ mod tests {
     }
 
     #[test]
+    fn failures_after_publication_hold_after_fail_after_naming_the_store_path() {
+        use crate::evidence::FailureCount::Newest;
+        let s = at(Phase::Confirming);
+        // The first failure is news: a history row, not a quiet poll.
+        let a = step(&s, failing(Newest(t(8)), t(10)));
+        assert_eq!(a.state.phase, Phase::Confirming);
+        assert!(!a.transition.quiet, "{:?}", a.transition);
+        assert!(
+            a.transition.detail.contains("failed"),
+            "{}",
+            a.transition.detail
+        );
+        // The same failure seen again is no news.
+        let b = step(&a.state, failing(Newest(t(8)), t(20)));
+        assert!(b.transition.quiet);
+        assert_eq!(b.state.delivery_failures.count(), 1);
+        // fail_after (30 s) after the first failure was seen, with no success: held,
+        // long before the deadline (t(103)).
+        let h = step(&b.state, failing(Newest(t(35)), t(40)));
+        assert_eq!(
+            (h.state.phase, &h.action),
+            (Phase::Held, &Action::AwaitOperator)
+        );
+        let why = h.state.last_error.as_deref().unwrap_or_default();
+        assert!(why.contains("rejecting the new secret"), "{why}");
+        assert!(why.contains("secret/webhooks/acme"), "{why}");
+        assert!(why.contains("2 delivery"), "{why}");
+    }
+
+    #[test]
+    fn failures_hold_by_count_when_set_and_a_success_still_confirms_first() {
+        use crate::evidence::FailureCount::Listed;
+        let tm = Timing {
+            fail_after_failures: Some(3),
+            ..timing()
+        };
+        let s = at(Phase::Confirming);
+        let a = apply(&s, failing(Listed(2), t(10)), &tm).unwrap();
+        assert_eq!(a.state.phase, Phase::Confirming);
+        let ok = apply(&a.state, confirmed("delivery log", t(11)), &tm).unwrap();
+        assert_eq!(ok.state.phase, Phase::Retiring);
+        assert!(ok.transition.evidence.is_some());
+        let h = apply(&a.state, failing(Listed(3), t(11)), &tm).unwrap();
+        assert_eq!(h.state.phase, Phase::Held);
+    }
+
+    #[test]
+    fn a_resumed_hold_counts_only_new_failures_and_a_new_rotation_starts_clean() {
+        use crate::evidence::FailureCount::{Listed, Probe};
+        let s = at(Phase::Confirming);
+        let a = step(&s, failing(Listed(4), t(10)));
+        let h = step(&a.state, failing(Listed(4), t(41)));
+        assert_eq!(h.state.phase, Phase::Held);
+        let r = step(&h.state, Event::OperatorResume { now: t(50) });
+        assert_eq!(r.state.delivery_failures.count(), 0);
+        // The four already seen do not hold it again; a new failure starts the clock.
+        let b = step(&r.state, failing(Listed(4), t(90)));
+        assert_eq!(b.state.phase, Phase::Confirming);
+        let c = step(&b.state, failing(Probe, t(95)));
+        assert_eq!(c.state.delivery_failures.first_seen, Some(t(95)));
+        let d = step(&c.state, failing(Probe, t(126)));
+        assert_eq!(d.state.phase, Phase::Held);
+        // The next rotation starts with no failures.
+        let mut idle = d.state.clone();
+        idle.phase = Phase::Idle;
+        idle.rotation_id = None;
+        let next = step(
+            &start(&idle, 200).state,
+            Event::PreflightPassed { now: t(201) },
+        );
+        assert_eq!(next.state.delivery_failures, FailureTally::default());
+    }
+
+    #[test]
     fn on_timeout_retire_retires_and_says_so() {
         let s = at(Phase::Confirming);
         let tm = Timing {
             on_timeout: OnTimeout::Retire,
             ..timing()
         };
-        let r = apply(
-            &s,
-            Event::Checked {
-                evidence: None,
-                now: t(103),
-            },
-            &tm,
-        )
-        .unwrap();
+        let r = apply(&s, nothing(t(103)), &tm).unwrap();
         assert_eq!(r.state.phase, Phase::Retiring);
         assert!(r.state.last_outcome.unwrap().contains("without evidence"));
     }
@@ -1194,13 +1385,7 @@ mod tests {
     #[test]
     fn confirm_polls_never_overshoot_the_deadline() {
         let s = at(Phase::Confirming);
-        let c = step(
-            &s,
-            Event::Checked {
-                evidence: None,
-                now: t(98),
-            },
-        );
+        let c = step(&s, nothing(t(98)));
         assert_eq!(c.action, Action::WaitUntil(t(103)));
     }
 
@@ -1435,10 +1620,7 @@ mod tests {
                 now: t(0),
             },
             Event::Retired { now: t(0) },
-            Event::Checked {
-                evidence: Some("x".into()),
-                now: t(0),
-            },
+            confirmed("x", t(0)),
             Event::OperatorRetire { now: t(0) },
             Event::PreflightPassed { now: t(0) },
         ];

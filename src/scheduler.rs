@@ -537,13 +537,7 @@ impl Scheduler {
             );
             tracing::info!(subscription = %sub.name, "{detail}");
             rec.next_due_at = Some(new_due);
-            let t = Transition {
-                from: Phase::Idle,
-                to: Phase::Idle,
-                event: "catch-up-skipped",
-                detail,
-                quiet: false,
-            };
+            let t = Transition::note(Phase::Idle, "catch-up-skipped", detail);
             if let Err(e) = engine.db().save(&rec, Some(&t), engine.now()) {
                 tracing::error!(subscription = %sub.name, error = %e, "cannot save state");
             }
@@ -944,8 +938,13 @@ mod tests {
             &self,
             _id: &str,
             _since: DateTime<Utc>,
-        ) -> Result<Option<String>, crate::provider::ProviderError> {
-            Ok(Some("a delivery succeeded".into()))
+        ) -> Result<crate::evidence::Finding, crate::provider::ProviderError> {
+            Ok(crate::evidence::Finding::Confirmed(
+                crate::evidence::Evidence::untimed("test", "a delivery succeeded".into()),
+            ))
+        }
+        fn clock_offset(&self) -> Option<crate::skew::Offset> {
+            None
         }
         async fn list(
             &self,

@@ -18,6 +18,7 @@ use rusqlite::{
     Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
 };
 
+use crate::evidence::{Evidence, FailureTally};
 use crate::rotation::{Phase, RotationState, Transition};
 use crate::secret::{ExposeSecret, Fingerprint, secret};
 
@@ -25,7 +26,7 @@ use crate::secret::{ExposeSecret, Fingerprint, secret};
 /// version `i` to `i + 1`, so a schema change appends a step (an `ALTER TABLE`, say).
 /// [`StateDb::open`] runs the missing steps in the immediate transaction that read the
 /// version, so two openers never both migrate and no reader sees half a schema.
-const MIGRATIONS: &[&str] = &[SCHEMA_1, SCHEMA_2];
+const MIGRATIONS: &[&str] = &[SCHEMA_1, SCHEMA_2, SCHEMA_3];
 
 /// The version this rekey writes; a database from a newer one is refused with a
 /// clear message instead of being misread.
@@ -73,6 +74,13 @@ const SCHEMA_1: &str = "
 
 /// Version 2: each record keeps its rotation's [`Target`].
 const SCHEMA_2: &str = "ALTER TABLE subscriptions ADD COLUMN target TEXT;";
+
+/// Version 3: a confirmation's failed deliveries (JSON [`FailureTally`]) and, in the
+/// history, what a confirmation rested on (JSON [`Evidence`]).
+const SCHEMA_3: &str = "
+    ALTER TABLE subscriptions ADD COLUMN delivery_failures TEXT;
+    ALTER TABLE history ADD COLUMN evidence TEXT;
+";
 
 /// Tables schema 1 gained after its release, without a version bump (an older rekey
 /// ignores them): created whenever a database is at version 1, before any later step,
@@ -167,6 +175,9 @@ pub struct HistoryRow {
     pub to: String,
     pub event: String,
     pub detail: String,
+    /// What a confirmation rested on (confirming rows only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<Evidence>,
 }
 
 pub struct StateDb {
@@ -459,15 +470,16 @@ impl StateDb {
             "INSERT INTO subscriptions (name, phase, rotation_id, intent_at, rotated_at,
                 published_at, confirm_deadline, pending_secret, new_fingerprint,
                 previous_fingerprint, rotate_in_flight, lost_responses, failures, not_before,
-                last_error, last_rotated_at, last_outcome, first_seen_at, next_due_at, phase_since)
+                last_error, last_rotated_at, last_outcome, first_seen_at, next_due_at, phase_since,
+                target, delivery_failures)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                ?18, ?19, ?20)
+                ?18, ?19, ?20, ?21, ?22)
              ON CONFLICT (name) DO UPDATE SET phase = ?2, rotation_id = ?3, intent_at = ?4,
                 rotated_at = ?5, published_at = ?6, confirm_deadline = ?7, pending_secret = ?8,
                 new_fingerprint = ?9, previous_fingerprint = ?10, rotate_in_flight = ?11,
                 lost_responses = ?12, failures = ?13, not_before = ?14, last_error = ?15,
                 last_rotated_at = ?16, last_outcome = ?17, first_seen_at = ?18,
-                next_due_at = ?19, phase_since = ?20, target = ?21",
+                next_due_at = ?19, phase_since = ?20, target = ?21, delivery_failures = ?22",
             params![
                 record.name,
                 s.phase.as_str(),
@@ -497,12 +509,16 @@ impl StateDb {
                     .target
                     .as_ref()
                     .and_then(|t| serde_json::to_string(t).ok()),
+                (s.delivery_failures != FailureTally::default())
+                    .then(|| serde_json::to_string(&s.delivery_failures).ok())
+                    .flatten(),
             ],
         )?;
         if let Some(t) = transition {
             tx.execute(
-                "INSERT INTO history (subscription, at, rotation_id, from_phase, to_phase, event, detail)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO history (subscription, at, rotation_id, from_phase, to_phase, event,
+                    detail, evidence)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![
                     record.name,
                     ts1(now),
@@ -510,7 +526,10 @@ impl StateDb {
                     t.from.as_str(),
                     t.to.as_str(),
                     t.event,
-                    t.detail
+                    t.detail,
+                    t.evidence
+                        .as_ref()
+                        .and_then(|e| serde_json::to_string(e).ok()),
                 ],
             )?;
         }
@@ -577,7 +596,8 @@ impl StateDb {
     ) -> Result<Vec<HistoryRow>, StateError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(&format!(
-            "SELECT seq, subscription, at, rotation_id, from_phase, to_phase, event, detail
+            "SELECT seq, subscription, at, rotation_id, from_phase, to_phase, event, detail,
+                evidence
              FROM history WHERE {condition} ORDER BY seq"
         ))?;
         let rows = stmt
@@ -591,13 +611,21 @@ impl StateDb {
                     r.get::<_, String>(5)?,
                     r.get::<_, String>(6)?,
                     r.get::<_, String>(7)?,
+                    r.get::<_, Option<String>>(8)?,
                 ))
             })?
             .collect::<Result<Vec<_>, _>>()?;
         rows.into_iter()
             .map(
-                |(seq, subscription, at, rotation_id, from, to, event, detail)| {
+                |(seq, subscription, at, rotation_id, from, to, event, detail, evidence)| {
                     let at = parse_ts(&subscription, "history.at", Some(at))?.unwrap_or_default();
+                    let evidence = evidence
+                        .map(|e| serde_json::from_str(&e))
+                        .transpose()
+                        .map_err(|e| StateError::Corrupt {
+                            subscription: subscription.clone(),
+                            detail: format!("history row {seq}, column evidence: {e}"),
+                        })?;
                     Ok(HistoryRow {
                         seq,
                         subscription,
@@ -607,6 +635,7 @@ impl StateDb {
                         to,
                         event,
                         detail,
+                        evidence,
                     })
                 },
             )
@@ -859,7 +888,7 @@ impl StateDb {
 }
 
 /// The columns [`RawRow::from_row`] reads, in its order.
-const RECORD_COLUMNS: &str = "name, phase, rotation_id, intent_at, rotated_at, published_at, confirm_deadline, pending_secret, new_fingerprint, previous_fingerprint, rotate_in_flight, lost_responses, failures, not_before, last_error, last_rotated_at, last_outcome, first_seen_at, next_due_at, phase_since, target";
+const RECORD_COLUMNS: &str = "name, phase, rotation_id, intent_at, rotated_at, published_at, confirm_deadline, pending_secret, new_fingerprint, previous_fingerprint, rotate_in_flight, lost_responses, failures, not_before, last_error, last_rotated_at, last_outcome, first_seen_at, next_due_at, phase_since, target, delivery_failures";
 
 /// A row as stored, before validation: the database is input too.
 struct RawRow {
@@ -884,6 +913,7 @@ struct RawRow {
     next_due_at: Option<String>,
     phase_since: String,
     target: Option<String>,
+    delivery_failures: Option<String>,
 }
 
 impl RawRow {
@@ -912,6 +942,7 @@ impl RawRow {
             next_due_at: r.get(18)?,
             phase_since: r.get(19)?,
             target: r.get(20)?,
+            delivery_failures: r.get(21)?,
         })
     }
 
@@ -943,6 +974,12 @@ impl RawRow {
             last_error: self.last_error,
             last_rotated_at: parse_ts(&n, "last_rotated_at", self.last_rotated_at)?,
             last_outcome: self.last_outcome,
+            delivery_failures: self
+                .delivery_failures
+                .map(|t| serde_json::from_str(&t))
+                .transpose()
+                .map_err(|e| corrupt(format!("column delivery_failures: {e}")))?
+                .unwrap_or_default(),
         };
         Ok(Record {
             state,
@@ -972,6 +1009,43 @@ mod tests {
     }
 
     #[test]
+    fn evidence_and_failure_tallies_round_trip() {
+        use crate::evidence::{Evidence, FailureCount, Failures};
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(&dir.path().join("state")).unwrap();
+        let mut r = db.load_or_create("fintoro/801", now()).unwrap();
+        r.state.phase = Phase::Confirming;
+        r.state.delivery_failures.add(
+            &Failures {
+                seen: vec![FailureCount::Newest(now()), FailureCount::Listed(2)],
+                detail: "status 401".into(),
+            },
+            now(),
+        );
+        let ev = Evidence {
+            source: "lastSuccessAt".into(),
+            stamp: Some(now()),
+            counted_after: Some(now() - chrono::Duration::seconds(11)),
+            offset: Some(crate::skew::UNMEASURED),
+            detail: "Fintoro lastSuccessAt".into(),
+        };
+        let t = Transition {
+            from: Phase::Confirming,
+            to: Phase::Retiring,
+            event: "checked",
+            detail: format!("evidence: {ev}"),
+            quiet: false,
+            evidence: Some(ev.clone()),
+        };
+        db.save(&r, Some(&t), now()).unwrap();
+        let back = db.load("fintoro/801").unwrap().unwrap();
+        assert_eq!(back.state.delivery_failures, r.state.delivery_failures);
+        assert_eq!(back.state.delivery_failures.count(), 3);
+        let rows = db.history(Some("fintoro/801")).unwrap();
+        assert_eq!(rows.last().unwrap().evidence.as_ref(), Some(&ev));
+    }
+
+    #[test]
     fn creates_owner_only_files_and_round_trips_a_minted_record() {
         let dir = tempfile::tempdir().unwrap();
         let sd = dir.path().join("state");
@@ -993,6 +1067,7 @@ mod tests {
             event: "rotate-succeeded",
             detail: "x".into(),
             quiet: false,
+            evidence: None,
         };
         db.save(&r, Some(&t), now()).unwrap();
         drop(db);

@@ -2,8 +2,19 @@
 //!
 //! Rotate is `POST /webhook-subscriptions/{id}/rotate-secret`, answering the
 //! subscription with `plainTextSecret` — the only copy of the new secret. Fintoro has no
-//! delivery log and no test endpoint; the only confirmation signal is `lastSuccessAt` on
-//! the subscription, which must pass the publication time.
+//! delivery log and no test endpoint; the only confirmation signals are `lastSuccessAt`
+//! and `lastFailureAt` on the subscription, and both say when a delivery *completed*.
+//!
+//! **Evidence rule.** A success counts only if `lastSuccessAt` is later than the
+//! publication, plus the provider's measured clock offset, plus `longest_delivery`
+//! (Fintoro's 10 s delivery timeout): such a delivery was sent, so signed, after the
+//! publication. Fintoro signs every attempt when it sends it (its `webhook-timestamp`
+//! must be within ±300 s of receipt, which a retry 1000 s later could not meet
+//! otherwise), so a retry of an older event counts only if its attempt was sent after
+//! the publication — and then it carried the new secret. A `lastFailureAt` past the
+//! same mark with no such success is a delivery signed with the new secret that a
+//! receiver refused. Worst case: a confirmation is seen up to `longest_delivery` plus
+//! the offset later than it could have been.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -12,7 +23,9 @@ use serde::Deserialize;
 use super::http::{HttpClient, HttpError, Idempotency, Response};
 use super::{Provider, ProviderError, RemoteSubscription, RotateError};
 use crate::config::ProviderKind;
+use crate::evidence::{FailureCount, Failures, Finding};
 use crate::secret::{ExposeSecret, SecretString};
+use crate::skew::Offset;
 
 /// The fields rekey reads from a `WebhookSubscription`.
 #[derive(Debug, Deserialize)]
@@ -46,11 +59,22 @@ struct List {
 pub struct FintoroClient {
     http: HttpClient,
     token: SecretString,
+    longest_delivery: std::time::Duration,
 }
 
 impl FintoroClient {
     pub fn new(http: HttpClient, token: SecretString) -> Self {
-        FintoroClient { http, token }
+        FintoroClient {
+            http,
+            token,
+            longest_delivery: ProviderKind::Fintoro.default_longest_delivery(),
+        }
+    }
+
+    /// The longest a delivery can take (`longest_delivery` in the config).
+    pub fn with_longest_delivery(mut self, d: std::time::Duration) -> Self {
+        self.longest_delivery = d;
+        self
     }
 
     async fn get(&self, path: &str) -> Result<Response, HttpError> {
@@ -146,31 +170,41 @@ impl Provider for FintoroClient {
     async fn evidence(
         &self,
         id: &str,
-        since: DateTime<Utc>,
-    ) -> Result<Option<String>, ProviderError> {
+        published_at: DateTime<Utc>,
+    ) -> Result<Finding, ProviderError> {
         let sub = self.subscription(id).await?;
         let what = format!("GET /webhook-subscriptions/{id}");
         let success = parse_time("lastSuccessAt", &sub.last_success_at)
             .map_err(|e| self.malformed(&what, e))?;
         let failure = parse_time("lastFailureAt", &sub.last_failure_at)
             .map_err(|e| self.malformed(&what, e))?;
-        Ok(match success {
-            Some(t) if t > since => Some(format!(
-                "Fintoro lastSuccessAt {} is after the publication at {}",
-                t.to_rfc3339(),
-                since.to_rfc3339()
-            )),
-            _ => {
-                if let Some(f) = failure.filter(|f| *f > since) {
-                    tracing::warn!(
-                        subscription = id,
-                        last_failure_at = %f.to_rfc3339(),
-                        "a delivery failed after publication; receivers may not have the new secret"
-                    );
-                }
-                None
-            }
+        // Taken after the answer, so its `Date` is part of the offset used.
+        let anchor = self.http.anchor(published_at, self.longest_delivery);
+        let mark = anchor.completed_after();
+        if let Some(t) = success.filter(|t| *t > mark) {
+            return Ok(Finding::Confirmed(anchor.evidence(
+                "lastSuccessAt",
+                t,
+                mark,
+                format!(
+                    "Fintoro lastSuccessAt {} is past the publication at {} plus the longest \
+                     delivery and the clock offset",
+                    t.to_rfc3339(),
+                    published_at.to_rfc3339()
+                ),
+            )));
+        }
+        Ok(match failure.filter(|f| *f > mark) {
+            Some(f) => Finding::Failing(Failures {
+                seen: vec![FailureCount::Newest(f)],
+                detail: format!("Fintoro lastFailureAt {}", f.to_rfc3339()),
+            }),
+            None => Finding::Nothing,
         })
+    }
+
+    fn clock_offset(&self) -> Option<Offset> {
+        self.http.skew().offset()
     }
 
     async fn list(&self) -> Result<Vec<RemoteSubscription>, ProviderError> {

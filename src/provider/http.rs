@@ -6,12 +6,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
+use chrono::{DateTime, Utc};
 use reqwest::StatusCode;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
+use crate::clock::Clock;
 use crate::config::RateLimit;
+use crate::evidence::Anchor;
 use crate::http_body::BodyError;
+use crate::skew::SkewMeter;
 
 /// Whether a request may be sent again after a failure whose outcome is unknown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -320,6 +324,10 @@ pub struct HttpClient {
     timeout: Duration,
     limiter: Arc<RateLimiter>,
     retry: RetryPolicy,
+    /// Rekey's wall clock, read around each call to measure the provider's.
+    clock: Arc<dyn Clock>,
+    /// The provider's clock offset, from the `Date` of every answer.
+    skew: Arc<SkewMeter>,
 }
 
 impl HttpClient {
@@ -350,7 +358,29 @@ impl HttpClient {
             timeout,
             limiter: Arc::new(RateLimiter::new(limit)),
             retry: RetryPolicy::default(),
+            clock: crate::clock::system(),
+            skew: Arc::new(SkewMeter::new(name)),
         })
+    }
+
+    /// Reads wall time from `clock` (the simulation's) instead of the system's.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The provider's clock offset as measured so far.
+    pub fn skew(&self) -> &SkewMeter {
+        &self.skew
+    }
+
+    /// The inputs of an evidence rule for a secret published at `published_at`.
+    pub fn anchor(&self, published_at: DateTime<Utc>, longest_delivery: Duration) -> Anchor {
+        Anchor {
+            published_at,
+            offset: self.skew.offset_or_assumed(),
+            longest_delivery,
+        }
     }
 
     /// Sends every request through `transport` instead of the network (the
@@ -431,6 +461,7 @@ impl HttpClient {
             provider: self.name.clone(),
             detail: crate::errors::chain(&e),
         })?;
+        let sent = self.clock.now();
         let resp = self
             .transport
             .execute(request, self.timeout)
@@ -452,6 +483,8 @@ impl HttpClient {
                     detail,
                 },
             })?;
+        let date = header(&resp.headers, "date");
+        self.skew.observe(sent, self.clock.now(), date.as_deref());
         let status = resp.status;
         let request_id = header(&resp.headers, "x-request-id");
         let retry_after = header(&resp.headers, "retry-after").and_then(|v| parse_retry_after(&v));

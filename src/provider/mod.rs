@@ -15,8 +15,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use crate::clock::Clock;
 use crate::config::{KindSettings, ProviderKind, ProviderSettings};
+use crate::evidence::Finding;
 use crate::secret::SecretString;
+use crate::skew::Offset;
 
 pub use http::{HttpClient, HttpError, RawResponse, Transport, TransportError};
 
@@ -148,13 +151,20 @@ pub trait Provider: Send + Sync {
     /// Rotates the subscription's secret and returns the new one.
     async fn rotate(&self, id: &str) -> Result<SecretString, RotateError>;
 
-    /// Looks for evidence that a delivery signed with the new secret succeeded after
-    /// `since`; `Ok(None)` when there is none yet. The text describes the evidence.
+    /// Looks for a delivery signed with the new secret, published (by rekey's clock)
+    /// at `published_at`: one that succeeded confirms; ones that failed, with none
+    /// succeeding, say receivers reject the new secret. Each provider's rule — why a
+    /// delivery signed before the publication cannot count — is in its module doc
+    /// and `docs/providers.md`.
     async fn evidence(
         &self,
         id: &str,
-        since: DateTime<Utc>,
-    ) -> Result<Option<String>, ProviderError>;
+        published_at: DateTime<Utc>,
+    ) -> Result<Finding, ProviderError>;
+
+    /// The provider's clock offset from rekey's, as measured from its answers
+    /// (`None` before the first answer with a usable `Date`).
+    fn clock_offset(&self) -> Option<Offset>;
 
     /// Every subscription the account has (discovery).
     async fn list(&self) -> Result<Vec<RemoteSubscription>, ProviderError>;
@@ -188,8 +198,11 @@ pub trait Provider: Send + Sync {
 }
 
 /// Builds the client for a configured provider account.
-pub fn build(settings: &ProviderSettings) -> Result<Arc<dyn Provider>, HttpError> {
-    build_with(settings, None, None)
+pub fn build(
+    settings: &ProviderSettings,
+    clock: Arc<dyn Clock>,
+) -> Result<Arc<dyn Provider>, HttpError> {
+    build_with(settings, clock, None, None)
 }
 
 /// As [`build`], sending through `transport` instead of the network, and retrying by
@@ -197,6 +210,7 @@ pub fn build(settings: &ProviderSettings) -> Result<Arc<dyn Provider>, HttpError
 /// way, with a retry policy without random jitter).
 pub fn build_with(
     settings: &ProviderSettings,
+    clock: Arc<dyn Clock>,
     transport: Option<Arc<dyn Transport>>,
     retry: Option<http::RetryPolicy>,
 ) -> Result<Arc<dyn Provider>, HttpError> {
@@ -205,7 +219,8 @@ pub fn build_with(
         &settings.base_url,
         settings.timeout,
         settings.rate_limit,
-    )?;
+    )?
+    .with_clock(clock);
     if let Some(t) = transport {
         http = http.with_transport(t);
     }
@@ -213,9 +228,10 @@ pub fn build_with(
         http = http.with_retry(r);
     }
     Ok(match &settings.settings {
-        KindSettings::Fintoro => {
-            Arc::new(fintoro::FintoroClient::new(http, settings.token.clone()))
-        }
+        KindSettings::Fintoro => Arc::new(
+            fintoro::FintoroClient::new(http, settings.token.clone())
+                .with_longest_delivery(settings.longest_delivery),
+        ),
         KindSettings::Monite {
             client_id,
             entity_id,
@@ -227,10 +243,9 @@ pub fn build_with(
             entity_id.clone(),
             api_version.clone(),
         )),
-        KindSettings::Storno { company } => Arc::new(storno::StornoClient::new(
-            http,
-            settings.token.clone(),
-            company.clone(),
-        )),
+        KindSettings::Storno { company } => Arc::new(
+            storno::StornoClient::new(http, settings.token.clone(), company.clone())
+                .with_longest_delivery(settings.longest_delivery),
+        ),
     })
 }

@@ -9,6 +9,16 @@
 //! carry neither the subscription id nor a time, so rekey asks only for deliveries
 //! created since the publication (`created_at__gte`) and matches them by the
 //! subscription's `url`.
+//!
+//! **Evidence rule.** A successful delivery to the subscription's url counts only if
+//! Monite created it after the publication plus the measured clock offset (asked for
+//! with `created_at__gte`, at full precision). A delivery is signed no earlier than it
+//! is created, so every signature it carried was made with the new secret; retries
+//! of deliveries created earlier never count. Unsuccessful deliveries in the same
+//! window, with none successful, are receivers refusing the new secret. Worst case:
+//! a confirmation is seen the offset later than it could have been; a receiver that
+//! shares its url with another subscription of the entity could confirm for both
+//! (Monite's log does not say which subscription a delivery belongs to).
 
 use std::time::Duration;
 
@@ -21,7 +31,9 @@ use tokio::time::Instant;
 use super::http::{HttpClient, HttpError, Idempotency, Response};
 use super::{Provider, ProviderError, RemoteSubscription, RotateError};
 use crate::config::ProviderKind;
+use crate::evidence::{Evidence, FailureCount, Failures, Finding};
 use crate::secret::{ExposeSecret, SecretString, secret};
+use crate::skew::Offset;
 
 /// Monite caps `limit` at 100.
 const PAGE_LIMIT: u32 = 100;
@@ -99,6 +111,10 @@ pub struct MoniteClient {
     /// One token for the account, shared by every call; the lock also makes
     /// concurrent callers wait for one renewal instead of each asking for a token.
     token: Mutex<Option<CachedToken>>,
+}
+
+fn status_text(code: Option<i64>) -> String {
+    code.map_or_else(|| "-".to_string(), |c| c.to_string())
 }
 
 /// How long before expiry to renew: a minute, or a tenth of a short lifetime.
@@ -326,18 +342,20 @@ impl Provider for MoniteClient {
     async fn evidence(
         &self,
         id: &str,
-        since: DateTime<Utc>,
-    ) -> Result<Option<String>, ProviderError> {
+        published_at: DateTime<Utc>,
+    ) -> Result<Finding, ProviderError> {
         let sub = self.subscription(id).await?;
+        let anchor = self.http.anchor(published_at, Duration::ZERO);
+        let mark = anchor.sent_after();
         let mut found: Option<Delivery> = None;
-        let mut failed = 0usize;
+        let mut failed: Vec<Delivery> = Vec::new();
         let first = vec![
             ("limit", PAGE_LIMIT.to_string()),
             // Full precision: truncating to the second would admit deliveries from
             // just before the publication, which may have used the old secret.
             (
                 "created_at__gte",
-                since.to_rfc3339_opts(SecondsFormat::Micros, true),
+                mark.to_rfc3339_opts(SecondsFormat::Micros, true),
             ),
         ];
         self.pages("/webhook_deliveries", first, true, |data: Vec<Delivery>| {
@@ -347,29 +365,45 @@ impl Provider for MoniteClient {
                         found = Some(d);
                         return false;
                     }
-                    Some(false) => failed += 1,
+                    Some(false) => failed.push(d),
                     None => {}
                 }
             }
             true
         })
         .await?;
-        if found.is_none() && failed > 0 {
-            tracing::warn!(
-                subscription = id,
-                failed,
-                "deliveries failed after publication; receivers may not have the new secret"
-            );
+        if let Some(d) = found {
+            return Ok(Finding::Confirmed(Evidence {
+                source: "delivery log".into(),
+                stamp: None,
+                counted_after: Some(mark),
+                offset: Some(anchor.offset),
+                detail: format!(
+                    "Monite delivery {} to the subscription's url succeeded (status {}), \
+                     created after the publication at {}",
+                    d.id,
+                    status_text(d.response_status_code),
+                    published_at.to_rfc3339()
+                ),
+            }));
         }
-        Ok(found.map(|d| {
-            format!(
-                "Monite delivery {} to the subscription's url succeeded (status {}), created after the publication at {}",
-                d.id,
-                d.response_status_code
-                    .map_or_else(|| "-".to_string(), |c| c.to_string()),
-                since.to_rfc3339()
-            )
-        }))
+        Ok(match failed.last() {
+            None => Finding::Nothing,
+            Some(d) => Finding::Failing(Failures {
+                seen: vec![FailureCount::Listed(
+                    u32::try_from(failed.len()).unwrap_or(u32::MAX),
+                )],
+                detail: format!(
+                    "Monite delivery {} answered {}",
+                    d.id,
+                    status_text(d.response_status_code)
+                ),
+            }),
+        })
+    }
+
+    fn clock_offset(&self) -> Option<Offset> {
+        self.http.skew().offset()
     }
 
     async fn list(&self) -> Result<Vec<RemoteSubscription>, ProviderError> {
@@ -508,9 +542,12 @@ mod tests {
         store.publish("p", &first, None);
         let c = client_for(&sim);
         let new = c.rotate(&id).await.expect("rotate");
-        let published = Utc::now();
-        // Successes for another subscription's url and failures for ours prove
-        // nothing; the log pages by 2, so the match is on a later page.
+        // 2 s back, so that the offset bound measured from the simulator's `Date` (a
+        // second wide at first) stays clear of the deliveries below.
+        let published = Utc::now() - chrono::Duration::seconds(2);
+        // Successes for another subscription's url prove nothing, and failures for
+        // ours are receivers refusing the new secret; the log pages by 2, so the
+        // match is on a later page.
         for _ in 0..3 {
             assert!(
                 sim.deliver(&other, "created")
@@ -520,18 +557,23 @@ mod tests {
             );
         }
         assert!(!sim.deliver(&id, "created").await.expect("d").was_successful);
-        assert_eq!(c.evidence(&id, published).await.expect("check"), None);
+        match c.evidence(&id, published).await.expect("check") {
+            Finding::Failing(f) => assert_eq!(f.seen, vec![FailureCount::Listed(1)]),
+            other => panic!("the failed delivery is a failure: {other:?}"),
+        }
         store.publish("p", new.expose_secret(), Some(&first));
         assert!(sim.deliver(&id, "updated").await.expect("d").was_successful);
-        let ev = c
-            .evidence(&id, published)
-            .await
-            .expect("check")
-            .expect("evidence");
-        assert!(ev.contains("Monite delivery"), "{ev}");
-        // A success before the publication does not count.
+        let Finding::Confirmed(ev) = c.evidence(&id, published).await.expect("check") else {
+            panic!("the successful delivery confirms");
+        };
+        assert!(ev.detail.contains("Monite delivery"), "{ev}");
+        assert_eq!(ev.source, "delivery log");
+        // Deliveries before the publication (plus the offset) do not count.
         let later = Utc::now() + chrono::Duration::seconds(5);
-        assert_eq!(c.evidence(&id, later).await.expect("check"), None);
+        assert_eq!(
+            c.evidence(&id, later).await.expect("check"),
+            Finding::Nothing
+        );
         let listed = c.list().await.expect("list");
         assert_eq!(listed.len(), 2, "both pages");
     }

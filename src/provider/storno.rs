@@ -9,6 +9,17 @@
 //! accepted it, so rekey does not have to wait for real traffic. Real deliveries
 //! (`GET /webhooks/{uuid}/deliveries`) that succeeded after the publication count
 //! as evidence too and are checked first, which spares the receiver a test event.
+//!
+//! **Evidence rule.** Storno signs each attempt when it sends it (its retry endpoint
+//! exists to resend, with the live secret, what failed while a secret changed). A
+//! logged delivery counts if its last attempt was *sent* after the publication plus
+//! the measured clock offset: sent = `completedAt − durationMs` (or, without a
+//! duration, `completedAt − longest_delivery`), and never earlier than `triggeredAt`.
+//! The test delivery needs no clock at all: rekey asks for it after the publication
+//! and Storno signs it then with the live secret. Failed logged deliveries past the
+//! same mark, and a failed test delivery, are receivers refusing the new secret.
+//! Worst case: a confirmation by the log is seen the offset later than it could
+//! have been; the test delivery confirms at the first check.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -17,7 +28,9 @@ use serde::Deserialize;
 use super::http::{HttpClient, HttpError, Idempotency, Response};
 use super::{Provider, ProviderError, Redelivery, RemoteSubscription, RotateError};
 use crate::config::ProviderKind;
+use crate::evidence::{Anchor, Evidence, FailureCount, Failures, Finding};
 use crate::secret::{ExposeSecret, SecretString};
+use crate::skew::Offset;
 
 /// Storno caps `limit` at 100.
 const PAGE_LIMIT: u64 = 100;
@@ -99,14 +112,22 @@ pub(crate) struct Delivery {
 }
 
 impl Delivery {
-    /// When the last attempt was sent, hence signed: its completion minus its
-    /// duration. Storno signs at send time, so only an attempt *sent* after the
+    /// When the last attempt was sent, hence signed (Storno's clock): its completion
+    /// minus its duration, or minus `longest` when the log gives no duration, and
+    /// never before the delivery was triggered. Only an attempt *sent* after the
     /// publication is known to carry the new secret; one sent earlier and completed
     /// later may have been signed with the old one.
-    fn sent_at(&self) -> Option<DateTime<Utc>> {
+    fn sent_at(&self, longest: std::time::Duration) -> Option<DateTime<Utc>> {
         let done = parse_time(self.completed_at.as_deref())?;
-        let took = chrono::Duration::milliseconds(i64::try_from(self.duration_ms?).ok()?);
-        Some(done - took)
+        let took = match self.duration_ms {
+            Some(ms) => chrono::Duration::milliseconds(i64::try_from(ms).ok()?),
+            None => chrono::Duration::from_std(longest).ok()?,
+        };
+        let sent = done.checked_sub_signed(took)?;
+        Some(match parse_time(self.triggered_at.as_deref()) {
+            Some(t) => sent.max(t),
+            None => sent,
+        })
     }
 }
 
@@ -127,6 +148,7 @@ pub struct StornoClient {
     http: HttpClient,
     token: SecretString,
     company: String,
+    longest_delivery: std::time::Duration,
 }
 
 /// The `Authorization` value for a credential: API keys go bare, JWTs as bearer.
@@ -136,6 +158,10 @@ pub fn authorization(token: &str) -> String {
     } else {
         format!("Bearer {token}")
     }
+}
+
+fn status_text(code: Option<i64>) -> String {
+    code.map_or_else(|| "-".into(), |c| c.to_string())
 }
 
 fn parse_time(v: Option<&str>) -> Option<DateTime<Utc>> {
@@ -149,7 +175,14 @@ impl StornoClient {
             http,
             token,
             company,
+            longest_delivery: ProviderKind::Storno.default_longest_delivery(),
         }
+    }
+
+    /// The longest a delivery can take (`longest_delivery` in the config).
+    pub fn with_longest_delivery(mut self, d: std::time::Duration) -> Self {
+        self.longest_delivery = d;
+        self
     }
 
     fn malformed(&self, what: &str, detail: impl Into<String>) -> ProviderError {
@@ -239,17 +272,19 @@ impl StornoClient {
         Ok(())
     }
 
-    /// Failed deliveries triggered in `[from, to]`: the ones a receiver may have
-    /// rejected while it did not yet hold the new secret. Storno's timestamps may
-    /// be coarser than rekey's clock, so the window is widened to whole seconds: a
-    /// failed delivery just outside it is redelivered too, which costs a duplicate
-    /// at worst, while one missed would be an event lost.
+    /// Failed deliveries triggered in `[from, to]` (rekey's clock): the ones a
+    /// receiver may have rejected while it did not yet hold the new secret. The
+    /// window is moved onto Storno's clock by the measured offset, widened both ways,
+    /// and widened to whole seconds for Storno's coarser timestamps: a failed delivery
+    /// just outside it is redelivered too, which costs a duplicate at worst, while one
+    /// missed would be an event lost.
     pub async fn failed_between(
         &self,
         id: &str,
         from: DateTime<Utc>,
         to: DateTime<Utc>,
     ) -> Result<Vec<String>, ProviderError> {
+        let (from, to) = self.http.skew().offset_or_assumed().covering(from, to);
         let from = from - chrono::Duration::seconds(1);
         let to = to + chrono::Duration::seconds(1);
         let mut out = Vec::new();
@@ -262,6 +297,61 @@ impl StornoClient {
         })
         .await?;
         Ok(out)
+    }
+
+    /// A logged delivery sent after the publication that succeeded (evidence), or
+    /// else the ids of those that failed.
+    async fn logged_evidence(
+        &self,
+        id: &str,
+        published_at: DateTime<Utc>,
+    ) -> Result<(Option<Evidence>, Vec<String>), ProviderError> {
+        let mut found = None;
+        let mut failed = Vec::new();
+        // The offset known before the first page; the pages only narrow it.
+        let anchor: Anchor = self.http.anchor(published_at, self.longest_delivery);
+        let mark = anchor.sent_after();
+        self.deliveries(id, |d| {
+            let Some(sent) = d.sent_at(self.longest_delivery).filter(|t| *t > mark) else {
+                return true;
+            };
+            match d.status.as_str() {
+                "success" => {
+                    found = Some(anchor.evidence(
+                        "delivery sent",
+                        sent,
+                        mark,
+                        format!(
+                            "Storno delivery {} ({}) sent at {} succeeded, after the \
+                             publication at {}",
+                            d.id,
+                            d.event_type.as_deref().unwrap_or("?"),
+                            sent.to_rfc3339(),
+                            published_at.to_rfc3339()
+                        ),
+                    ));
+                    false
+                }
+                "failed" => {
+                    failed.push(d.id.clone());
+                    true
+                }
+                _ => true,
+            }
+        })
+        .await?;
+        Ok((found, failed))
+    }
+
+    /// Asks Storno to send a signed test delivery now and says how it went.
+    async fn test_delivery(&self, id: &str) -> Result<TestResult, ProviderError> {
+        let path = format!("/webhooks/{}/test", crate::provider::uuid_id("Storno", id)?);
+        let what = format!("POST {path}");
+        let resp = self
+            .send(reqwest::Method::POST, &path, &[], Idempotency::Idempotent)
+            .await
+            .map_err(ProviderError::from)?;
+        serde_json::from_slice(&resp.body).map_err(|e| self.malformed(&what, e.to_string()))
     }
 
     /// Asks Storno to deliver a failed delivery again (signed with the live secret).
@@ -334,58 +424,53 @@ impl Provider for StornoClient {
     async fn evidence(
         &self,
         id: &str,
-        since: DateTime<Utc>,
-    ) -> Result<Option<String>, ProviderError> {
-        let mut found = None;
-        let listed = self
-            .deliveries(id, |d| {
-                let sent = d.sent_at();
-                if d.status == "success" && sent.is_some_and(|t| t > since) {
-                    found = Some(format!(
-                        "Storno delivery {} ({}) sent at {} succeeded, after the publication at {}",
-                        d.id,
-                        d.event_type.as_deref().unwrap_or("?"),
-                        sent.map(|t| t.to_rfc3339()).unwrap_or_default(),
-                        since.to_rfc3339()
-                    ));
-                    return false;
-                }
-                true
-            })
-            .await;
-        if let Err(e) = listed {
-            // The test delivery below is evidence of its own: a delivery list this key
-            // cannot read must not hold every rotation until its deadline.
-            tracing::warn!(subscription = id, error = %e, "cannot read the delivery list; probing with a test delivery");
-        }
-        if found.is_some() {
-            return Ok(found);
-        }
+        published_at: DateTime<Utc>,
+    ) -> Result<Finding, ProviderError> {
+        let (logged, failed) = match self.logged_evidence(id, published_at).await {
+            Ok((Some(ev), _)) => return Ok(Finding::Confirmed(ev)),
+            Ok((None, failed)) => (true, failed),
+            Err(e) => {
+                // The test delivery below is evidence of its own: a delivery list this
+                // key cannot read must not hold every rotation until its deadline.
+                tracing::warn!(subscription = id, error = %e, "cannot read the delivery list; probing with a test delivery");
+                (false, Vec::new())
+            }
+        };
         // No real delivery yet: probe. The test is signed with the live (new) secret
         // and sent now, after the publication, so success means the receiver holds it.
-        let path = format!("/webhooks/{}/test", crate::provider::uuid_id("Storno", id)?);
-        let what = format!("POST {path}");
-        let resp = self
-            .send(reqwest::Method::POST, &path, &[], Idempotency::Idempotent)
-            .await
-            .map_err(ProviderError::from)?;
-        let t: TestResult =
-            serde_json::from_slice(&resp.body).map_err(|e| self.malformed(&what, e.to_string()))?;
+        let t = self.test_delivery(id).await?;
         if t.success {
-            Ok(Some(format!(
-                "Storno test delivery accepted by the receiver (status {}) after the publication at {}",
-                t.status_code.map_or_else(|| "-".into(), |c| c.to_string()),
-                since.to_rfc3339()
-            )))
-        } else {
-            tracing::warn!(
-                subscription = id,
-                status = ?t.status_code,
-                error = t.error.as_deref().map(|e| e.chars().take(200).collect::<String>()).unwrap_or_default(),
-                "Storno test delivery failed; receivers may not have the new secret"
-            );
-            Ok(None)
+            return Ok(Finding::Confirmed(Evidence::untimed(
+                "test delivery",
+                format!(
+                    "Storno test delivery accepted by the receiver (status {}), sent after \
+                     the publication at {}",
+                    status_text(t.status_code),
+                    published_at.to_rfc3339()
+                ),
+            )));
         }
+        let mut seen = vec![FailureCount::Probe];
+        if logged && !failed.is_empty() {
+            seen.push(FailureCount::Listed(
+                u32::try_from(failed.len()).unwrap_or(u32::MAX),
+            ));
+        }
+        Ok(Finding::Failing(Failures {
+            seen,
+            detail: format!(
+                "Storno test delivery refused (status {}{})",
+                status_text(t.status_code),
+                t.error
+                    .as_deref()
+                    .map(|e| format!(": {}", e.chars().take(200).collect::<String>()))
+                    .unwrap_or_default()
+            ),
+        }))
+    }
+
+    fn clock_offset(&self) -> Option<Offset> {
+        self.http.skew().offset()
     }
 
     fn shows_secret_hint(&self) -> bool {
@@ -568,34 +653,35 @@ mod tests {
         store.publish("p", &first, None);
         let c = client_for(&sim, &sim.options().api_key.clone());
         let new = c.rotate(&id).await.expect("rotate");
-        // Unpublished: no real success, and the test delivery is rejected.
-        let since = Utc::now();
-        // Storno's times are in milliseconds and rekey's estimate of a delivery's send
-        // time (completedAt - durationMs) errs up to 2 ms early, on the safe side: a
-        // delivery sent within 2 ms of `since` does not count. Keep this test's
-        // deliveries clear of that margin even on a fast machine.
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        assert_eq!(c.evidence(&id, since).await.expect("check"), None);
+        // Unpublished: no real success, and the test delivery is rejected. The
+        // publication is put 2 s back so that the offset bound measured from the
+        // simulator's `Date` (a second wide at first) stays clear of what follows.
+        let since = Utc::now() - chrono::Duration::seconds(2);
+        match c.evidence(&id, since).await.expect("check") {
+            Finding::Failing(f) => assert_eq!(f.seen, vec![FailureCount::Probe]),
+            other => panic!("a refused test delivery is a failure: {other:?}"),
+        }
         assert_eq!(rx.stats("storno/e").rejected, 1);
         store.publish("p", new.expose_secret(), Some(&first));
-        let ev = c
-            .evidence(&id, since)
-            .await
-            .expect("check")
-            .expect("evidence");
-        assert!(ev.contains("test delivery"), "{ev}");
+        let Finding::Confirmed(ev) = c.evidence(&id, since).await.expect("check") else {
+            panic!("the accepted test delivery confirms");
+        };
+        assert_eq!(ev.source, "test delivery");
+        assert!(
+            c.clock_offset().is_some(),
+            "measured from the answers' Date"
+        );
         // A real success after `since` is found first; no test is sent then.
         let tests_before = sim.request_count(crate::sandbox::storno::Route::Test);
         assert_eq!(
             sim.deliver(&id, "invoice.created").await.expect("d").status,
             "success"
         );
-        let ev = c
-            .evidence(&id, since)
-            .await
-            .expect("check")
-            .expect("evidence");
-        assert!(ev.contains("invoice.created"), "{ev}");
+        let Finding::Confirmed(ev) = c.evidence(&id, since).await.expect("check") else {
+            panic!("the real delivery confirms");
+        };
+        assert!(ev.detail.contains("invoice.created"), "{ev}");
+        assert!(ev.counted_after.is_some() && ev.offset.is_some(), "{ev:?}");
         assert_eq!(
             sim.request_count(crate::sandbox::storno::Route::Test),
             tests_before

@@ -1188,10 +1188,16 @@ mod kv2_contract {
             &self,
             _id: &str,
             _since: chrono::DateTime<chrono::Utc>,
-        ) -> Result<Option<String>, crate::provider::ProviderError> {
-            Ok(Some(
-                "a delivery signed with the new secret succeeded".into(),
+        ) -> Result<crate::evidence::Finding, crate::provider::ProviderError> {
+            Ok(crate::evidence::Finding::Confirmed(
+                crate::evidence::Evidence::untimed(
+                    "test",
+                    "a delivery signed with the new secret succeeded".into(),
+                ),
             ))
+        }
+        fn clock_offset(&self) -> Option<crate::skew::Offset> {
+            None
         }
         async fn list(
             &self,

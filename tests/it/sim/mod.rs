@@ -166,9 +166,13 @@ impl Run {
                 jitter: false,
                 ..RetryPolicy::default()
             };
-            let client =
-                rekey::provider::build_with(p, Some(self.world.transport(world_name)), Some(retry))
-                    .expect("provider client");
+            let client = rekey::provider::build_with(
+                p,
+                clock.clone(),
+                Some(self.world.transport(world_name)),
+                Some(retry),
+            )
+            .expect("provider client");
             providers.insert(p.name.clone(), client);
         }
         Arc::new(Engine::with_parts(config, db, self.world.store(), providers).with_clock(clock))
