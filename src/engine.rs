@@ -152,6 +152,21 @@ impl Engine {
         &self.clock
     }
 
+    /// Each peer's measured clock offset (provider accounts by name, and `vault`), for
+    /// the metrics; unmeasured peers are left out.
+    pub fn clock_offsets(&self) -> Vec<(String, crate::skew::Offset)> {
+        let mut out: Vec<(String, crate::skew::Offset)> = self
+            .providers
+            .iter()
+            .filter_map(|(name, p)| p.clock_offset().map(|o| (name.clone(), o)))
+            .collect();
+        if let Some(o) = self.store.clock_offset() {
+            out.push(("vault".to_string(), o));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// Wall time now, by this engine's clock.
     pub fn now(&self) -> DateTime<Utc> {
         self.clock.now()

@@ -44,6 +44,14 @@ struct SubscriptionLabels {
     subscription: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OffsetLabels {
+    peer: String,
+    bound: &'static str,
+}
+
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
 pub struct Metrics {
     registry: Registry,
     rotations: Family<RotationLabels, Counter>,
@@ -52,6 +60,7 @@ pub struct Metrics {
     confirmation: Histogram,
     next_rotation: Family<SubscriptionLabels, Gauge>,
     last_success: Family<SubscriptionLabels, Gauge>,
+    clock_offset: Family<OffsetLabels, FloatGauge>,
     /// rotation id → when its secret was minted / published, until the next step of
     /// the same rotation is seen.
     minted_at: Mutex<HashMap<String, DateTime<Utc>>>,
@@ -111,8 +120,15 @@ impl Metrics {
             "When each subscription last completed a rotation (Unix time)",
             last_success.clone(),
         );
+        let clock_offset = Family::<OffsetLabels, FloatGauge>::default();
+        registry.register(
+            "clock_offset_seconds",
+            "Bounds (bound=\"low\"|\"high\") on each peer's clock minus this host's, measured from the Date header of its answers; evidence comparisons allow for them",
+            clock_offset.clone(),
+        );
         Metrics {
             registry,
+            clock_offset,
             rotations,
             subscriptions,
             exposure,
@@ -224,6 +240,20 @@ impl Metrics {
         }
     }
 
+    /// Sets each measured peer's clock offset bounds.
+    pub fn set_clock_offsets(&self, offsets: &[(String, crate::skew::Offset)]) {
+        for (peer, o) in offsets {
+            for (bound, d) in [("low", o.low), ("high", o.high)] {
+                self.clock_offset
+                    .get_or_create(&OffsetLabels {
+                        peer: peer.clone(),
+                        bound,
+                    })
+                    .set(d.num_milliseconds() as f64 / 1000.0);
+            }
+        }
+    }
+
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut out = String::new();
@@ -307,6 +337,27 @@ mod tests {
             event: event.into(),
             detail: detail.into(),
         }
+    }
+
+    #[test]
+    fn clock_offsets_are_exported_as_bounds_per_peer() {
+        let m = Metrics::new();
+        m.set_clock_offsets(&[(
+            "acme-fintoro".into(),
+            crate::skew::Offset {
+                low: chrono::TimeDelta::milliseconds(4_950),
+                high: chrono::TimeDelta::milliseconds(5_020),
+            },
+        )]);
+        let text = m.encode().unwrap();
+        assert!(
+            text.contains(r#"rekey_clock_offset_seconds{peer="acme-fintoro",bound="low"} 4.95"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"rekey_clock_offset_seconds{peer="acme-fintoro",bound="high"} 5.02"#),
+            "{text}"
+        );
     }
 
     #[test]

@@ -815,6 +815,7 @@ impl Scheduler {
         // What is managed now counts, discovered subscriptions included.
         if let Some(m) = &self.metrics {
             m.set_records(&self.subs, &records);
+            m.set_clock_offsets(&self.engine.clock_offsets());
         }
         let managed: std::collections::HashSet<&str> =
             self.subs.iter().map(|s| s.name.as_str()).collect();

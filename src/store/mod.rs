@@ -162,6 +162,12 @@ pub trait SecretStore: Send + Sync {
     /// Short human description, e.g. `vault https://vault:8200 (kv v2 at secret/)`.
     fn describe(&self) -> String;
 
+    /// The store's clock offset from this host's, where it is measured (Vault: from
+    /// each answer's `Date`); `None` for stores without a clock of their own.
+    fn clock_offset(&self) -> Option<crate::skew::Offset> {
+        None
+    }
+
     /// Checks that a rotation of `path` could be published: the store is reachable,
     /// unsealed, the credentials are valid for long enough, and `path` is readable and
     /// writable. Called before the provider is touched.

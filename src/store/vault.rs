@@ -174,6 +174,10 @@ struct Client {
     /// of each renewing (or logging in) on its own.
     refresh: Mutex<()>,
     clock: MonotonicClock,
+    /// Vault's clock offset from this host's, from each answer's `Date`: token TTLs
+    /// are relative, but an operator reading Vault's audit log next to rekey's
+    /// journal needs to know the clocks agree.
+    skew: crate::skew::SkewMeter,
 }
 
 /// A Vault answer: status and JSON body (`Null` when empty or not JSON).
@@ -216,6 +220,7 @@ impl VaultStore {
             }),
             refresh: Mutex::new(()),
             clock,
+            skew: crate::skew::SkewMeter::new("vault"),
         });
         if client.is_approle() {
             client.login().await?;
@@ -299,10 +304,16 @@ impl Client {
         if let Some(b) = body {
             req = req.json(b);
         }
+        let sent = chrono::Utc::now();
         let resp = req.send().await.map_err(|e| StoreError::Unreachable {
             store: self.describe(),
             detail: crate::errors::chain(&e),
         })?;
+        let date = resp
+            .headers()
+            .get(reqwest::header::DATE)
+            .and_then(|v| v.to_str().ok());
+        self.skew.observe(sent, chrono::Utc::now(), date);
         let status = resp.status();
         let bytes = self.read_capped(api_path, resp).await?;
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
@@ -725,6 +736,10 @@ fn vault_errors(body: &Value) -> String {
 impl SecretStore for VaultStore {
     fn describe(&self) -> String {
         self.client.describe()
+    }
+
+    fn clock_offset(&self) -> Option<crate::skew::Offset> {
+        self.client.skew.offset()
     }
 
     async fn preflight(&self, path: &str) -> Result<(), StoreError> {
