@@ -105,6 +105,9 @@ pub enum FailureCount {
 pub struct FailureTally {
     /// Rekey's clock when the first failure was seen.
     pub first_seen: Option<DateTime<Utc>>,
+    /// Rekey's clock when the latest new failure was seen.
+    #[serde(default)]
+    pub last_seen: Option<DateTime<Utc>>,
     /// The largest listed count seen.
     #[serde(default)]
     pub listed: u32,
@@ -147,9 +150,20 @@ impl FailureTally {
         let grew = self.count() > before;
         if grew {
             self.first_seen.get_or_insert(now);
+            self.last_seen = Some(now);
             self.last = Some(f.detail.clone());
         }
         grew
+    }
+
+    /// How long failures have kept coming: from the first seen to the latest new one.
+    /// A single failure followed by silence spans nothing — the receiver may have
+    /// caught up since, and only the next delivery can say.
+    pub fn span(&self) -> chrono::TimeDelta {
+        match (self.first_seen, self.last_seen) {
+            (Some(a), Some(b)) => b - a,
+            _ => chrono::TimeDelta::zero(),
+        }
     }
 
     /// An operator resumed confirmation: what was seen so far is answered for, and

@@ -113,9 +113,10 @@ pub struct Timing {
     /// First wait after a failed step; doubles per consecutive failure up to `retry_max`.
     pub retry_base: Duration,
     pub retry_max: Duration,
-    /// Hold this long after the first delivery signed with the new secret failed, if
-    /// none has succeeded since: receivers are rejecting the new secret, and an
-    /// operator must hear of it in minutes, not at the deadline.
+    /// Hold once deliveries signed with the new secret have kept failing this long
+    /// (failures seen at least this far apart) with none succeeding: receivers are
+    /// rejecting the new secret, and an operator must hear of it in minutes, not at
+    /// the deadline.
     pub fail_after: Duration,
     /// Or hold after this many such failures, when set.
     pub fail_after_failures: Option<u32>,
@@ -864,7 +865,7 @@ fn checked(
     let news = failing
         .as_ref()
         .is_some_and(|f| s.delivery_failures.add(f, now));
-    if let Some(reason) = failing_too_long(&s.delivery_failures, store_path, now, timing) {
+    if let Some(reason) = failing_too_long(&s.delivery_failures, store_path, timing) {
         s.phase = Phase::Held;
         s.not_before = None;
         s.last_error = Some(reason.clone());
@@ -890,18 +891,17 @@ fn checked(
 }
 
 /// Why to hold now because deliveries signed with the new secret keep failing, if so.
-fn failing_too_long(
-    tally: &FailureTally,
-    store_path: &str,
-    now: DateTime<Utc>,
-    timing: &Timing,
-) -> Option<String> {
+fn failing_too_long(tally: &FailureTally, store_path: &str, timing: &Timing) -> Option<String> {
     let first = tally.first_seen?;
     let count = tally.count();
     let by_count = timing
         .fail_after_failures
         .is_some_and(|n| count >= n.max(1));
-    let by_time = now >= add(first, timing.fail_after);
+    // Failures that kept coming for `fail_after`, not one failure and then silence:
+    // a receiver that reloads its secret late fails a delivery or two and then
+    // accepts the next, and that must not page anyone.
+    let by_time = tally.span()
+        >= chrono::TimeDelta::from_std(timing.fail_after).unwrap_or(chrono::TimeDelta::MAX);
     (by_count || by_time).then(|| {
         format!(
             "receivers are rejecting the new secret: {count} delivery(ies) signed with it \
@@ -1327,6 +1327,19 @@ mod tests {
     }
 
     #[test]
+    fn one_failure_then_silence_waits_for_the_next_delivery_not_fail_after() {
+        use crate::evidence::FailureCount::Newest;
+        // A receiver that reloads late rejects one delivery; nothing since.
+        let s = at(Phase::Confirming);
+        let a = step(&s, failing(Newest(t(8)), t(10)));
+        let b = step(&a.state, failing(Newest(t(8)), t(60)));
+        assert_eq!(b.state.phase, Phase::Confirming, "{:?}", b.transition);
+        // Its next delivery succeeds: confirmed, no hold on the way.
+        let c = step(&b.state, confirmed("lastSuccessAt", t(70)));
+        assert_eq!(c.state.phase, Phase::Retiring);
+    }
+
+    #[test]
     fn failures_hold_by_count_when_set_and_a_success_still_confirms_first() {
         use crate::evidence::FailureCount::Listed;
         let tm = Timing {
@@ -1348,7 +1361,7 @@ mod tests {
         use crate::evidence::FailureCount::{Listed, Probe};
         let s = at(Phase::Confirming);
         let a = step(&s, failing(Listed(4), t(10)));
-        let h = step(&a.state, failing(Listed(4), t(41)));
+        let h = step(&a.state, failing(Listed(5), t(41)));
         assert_eq!(h.state.phase, Phase::Held);
         let r = step(&h.state, Event::OperatorResume { now: t(50) });
         assert_eq!(r.state.delivery_failures.count(), 0);
