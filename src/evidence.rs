@@ -89,12 +89,14 @@ pub struct Failures {
 }
 
 /// How much of the failure record a provider shows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FailureCount {
     /// Every failure since the anchor is listed: this many (Monite's log, Storno's).
     Listed(u32),
-    /// Only the newest failure's time is visible (Fintoro's `lastFailureAt`).
-    Newest(DateTime<Utc>),
+    /// The newest failure, by something that changes with every new one (Fintoro's
+    /// `lastFailureAt`, the id at the top of a newest-first log): each new value is
+    /// at least one more failure, even where a capped list stops growing.
+    Newest(String),
     /// An active probe (Storno's test delivery) just failed.
     Probe,
 }
@@ -117,9 +119,9 @@ pub struct FailureTally {
     /// Failures counted one by one: new `Newest` stamps and failed probes.
     #[serde(default)]
     pub singles: u32,
-    /// The newest `Newest` stamp counted.
+    /// The newest `Newest` value counted.
     #[serde(default)]
-    pub newest: Option<DateTime<Utc>>,
+    pub newest: Option<String>,
     /// The newest failure's description.
     #[serde(default)]
     pub last: Option<String>,
@@ -136,12 +138,22 @@ impl FailureTally {
     /// Adds what one check found; returns whether anything new was counted.
     pub fn add(&mut self, f: &Failures, now: DateTime<Utc>) -> bool {
         let before = self.count();
+        // A list that grew already counts the newest failure: do not count it twice.
+        let listed_before = self.listed;
         for seen in &f.seen {
-            match *seen {
-                FailureCount::Listed(n) => self.listed = self.listed.max(n),
-                FailureCount::Newest(t) if self.newest.is_none_or(|n| t > n) => {
-                    self.newest = Some(t);
-                    self.singles = self.singles.saturating_add(1);
+            if let FailureCount::Listed(n) = seen {
+                self.listed = self.listed.max(*n);
+            }
+        }
+        let listed_grew = self.listed > listed_before;
+        for seen in &f.seen {
+            match seen {
+                FailureCount::Listed(_) => {}
+                FailureCount::Newest(key) if self.newest.as_ref() != Some(key) => {
+                    self.newest = Some(key.clone());
+                    if !listed_grew {
+                        self.singles = self.singles.saturating_add(1);
+                    }
                 }
                 FailureCount::Newest(_) => {}
                 FailureCount::Probe => self.singles = self.singles.saturating_add(1),
@@ -172,7 +184,7 @@ impl FailureTally {
         *self = FailureTally {
             listed: self.listed,
             listed_base: self.listed,
-            newest: self.newest,
+            newest: self.newest.clone(),
             ..FailureTally::default()
         };
     }
@@ -258,12 +270,12 @@ mod tests {
     #[test]
     fn tallies_count_each_failure_once_across_checks() {
         let mut tally = FailureTally::default();
-        assert!(tally.add(&fail(FailureCount::Newest(t(10))), t(20)));
+        assert!(tally.add(&fail(FailureCount::Newest(t(10).to_rfc3339())), t(20)));
         assert!(
-            !tally.add(&fail(FailureCount::Newest(t(10))), t(30)),
+            !tally.add(&fail(FailureCount::Newest(t(10).to_rfc3339())), t(30)),
             "same stamp twice"
         );
-        assert!(tally.add(&fail(FailureCount::Newest(t(40))), t(50)));
+        assert!(tally.add(&fail(FailureCount::Newest(t(40).to_rfc3339())), t(50)));
         assert_eq!(tally.count(), 2);
         assert_eq!(tally.first_seen, Some(t(20)));
 
@@ -275,15 +287,31 @@ mod tests {
     }
 
     #[test]
+    fn a_capped_list_still_counts_new_failures_by_its_newest_entry() {
+        let seen = |n, key: &str| Failures {
+            seen: vec![FailureCount::Listed(n), FailureCount::Newest(key.into())],
+            detail: "401".into(),
+        };
+        let mut tally = FailureTally::default();
+        tally.add(&seen(500, "d1"), t(0));
+        assert_eq!(tally.count(), 500, "the newest is one of the listed");
+        // The list is capped at 500: only its top entry says more failed.
+        assert!(tally.add(&seen(500, "d2"), t(60)));
+        assert!(!tally.add(&seen(500, "d2"), t(120)));
+        assert_eq!(tally.count(), 501);
+        assert_eq!(tally.span(), chrono::TimeDelta::seconds(60));
+    }
+
+    #[test]
     fn an_acknowledged_tally_counts_only_what_comes_after() {
         let mut tally = FailureTally::default();
         tally.add(&fail(FailureCount::Listed(5)), t(0));
-        tally.add(&fail(FailureCount::Newest(t(3))), t(0));
+        tally.add(&fail(FailureCount::Newest("d3".into())), t(0));
         tally.acknowledge();
         assert_eq!(tally.count(), 0);
         assert_eq!(tally.first_seen, None);
         assert!(!tally.add(&fail(FailureCount::Listed(5)), t(10)));
-        assert!(!tally.add(&fail(FailureCount::Newest(t(3))), t(10)));
+        assert!(!tally.add(&fail(FailureCount::Newest("d3".into())), t(10)));
         assert!(tally.add(&fail(FailureCount::Listed(6)), t(20)));
         assert_eq!((tally.count(), tally.first_seen), (1, Some(t(20))));
     }

@@ -1301,7 +1301,7 @@ mod tests {
         use crate::evidence::FailureCount::Newest;
         let s = at(Phase::Confirming);
         // The first failure is news: a history row, not a quiet poll.
-        let a = step(&s, failing(Newest(t(8)), t(10)));
+        let a = step(&s, failing(Newest("t8".into()), t(10)));
         assert_eq!(a.state.phase, Phase::Confirming);
         assert!(!a.transition.quiet, "{:?}", a.transition);
         assert!(
@@ -1310,12 +1310,12 @@ mod tests {
             a.transition.detail
         );
         // The same failure seen again is no news.
-        let b = step(&a.state, failing(Newest(t(8)), t(20)));
+        let b = step(&a.state, failing(Newest("t8".into()), t(20)));
         assert!(b.transition.quiet);
         assert_eq!(b.state.delivery_failures.count(), 1);
         // fail_after (30 s) after the first failure was seen, with no success: held,
         // long before the deadline (t(103)).
-        let h = step(&b.state, failing(Newest(t(35)), t(40)));
+        let h = step(&b.state, failing(Newest("t35".into()), t(40)));
         assert_eq!(
             (h.state.phase, &h.action),
             (Phase::Held, &Action::AwaitOperator)
@@ -1331,8 +1331,8 @@ mod tests {
         use crate::evidence::FailureCount::Newest;
         // A receiver that reloads late rejects one delivery; nothing since.
         let s = at(Phase::Confirming);
-        let a = step(&s, failing(Newest(t(8)), t(10)));
-        let b = step(&a.state, failing(Newest(t(8)), t(60)));
+        let a = step(&s, failing(Newest("t8".into()), t(10)));
+        let b = step(&a.state, failing(Newest("t8".into()), t(60)));
         assert_eq!(b.state.phase, Phase::Confirming, "{:?}", b.transition);
         // Its next delivery succeeds: confirmed, no hold on the way.
         let c = step(&b.state, confirmed("lastSuccessAt", t(70)));

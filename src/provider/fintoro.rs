@@ -196,7 +196,7 @@ impl Provider for FintoroClient {
         }
         Ok(match failure.filter(|f| *f > mark) {
             Some(f) => Finding::Failing(Failures {
-                seen: vec![FailureCount::Newest(f)],
+                seen: vec![FailureCount::Newest(f.to_rfc3339())],
                 detail: format!("Fintoro lastFailureAt {}", f.to_rfc3339()),
             }),
             None => Finding::Nothing,

@@ -40,6 +40,13 @@ const PAGE_LIMIT: u32 = 100;
 /// A log or list longer than this many pages is not followed further: the bound
 /// keeps a misbehaving cursor from looping forever within the rate limit.
 const MAX_PAGES: usize = 50;
+/// A confirmation check reads the delivery log newest first, at most this many
+/// pages: a success since the publication is at the top once receivers accept the
+/// new secret, and a log of failures only has to show that it is still growing.
+const EVIDENCE_PAGES: usize = 5;
+/// A subscription's url (what its deliveries are matched by) is read again after
+/// this long, so a confirmation poll is one request, not two.
+const URL_TTL: Duration = Duration::from_secs(3600);
 /// Renew this long before the token expires, so no call races its expiry.
 const RENEW_MARGIN: Duration = Duration::from_secs(60);
 
@@ -111,6 +118,8 @@ pub struct MoniteClient {
     /// One token for the account, shared by every call; the lock also makes
     /// concurrent callers wait for one renewal instead of each asking for a token.
     token: Mutex<Option<CachedToken>>,
+    /// Subscription id → (url, when read), for confirmation polls.
+    urls: std::sync::Mutex<std::collections::HashMap<String, (String, Instant)>>,
 }
 
 fn status_text(code: Option<i64>) -> String {
@@ -137,6 +146,7 @@ impl MoniteClient {
             entity_id,
             api_version,
             token: Mutex::new(None),
+            urls: Default::default(),
         }
     }
 
@@ -265,6 +275,26 @@ impl MoniteClient {
             .map_err(|e| self.malformed(&format!("GET {path}"), e.to_string()))
     }
 
+    /// The subscription's url, from a read at most [`URL_TTL`] old.
+    async fn url_of(&self, id: &str) -> Result<String, ProviderError> {
+        let cached = self
+            .urls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .filter(|(_, at)| at.elapsed() < URL_TTL)
+            .map(|(u, _)| u.clone());
+        if let Some(u) = cached {
+            return Ok(u);
+        }
+        let url = self.subscription(id).await?.url;
+        self.urls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string(), (url.clone(), Instant::now()));
+        Ok(url)
+    }
+
     /// Follows `next_pagination_token` through every page. Monite ignores the other
     /// filters once a token is given (the token carries them), so later pages send
     /// only the token and the limit.
@@ -344,7 +374,7 @@ impl Provider for MoniteClient {
         id: &str,
         published_at: DateTime<Utc>,
     ) -> Result<Finding, ProviderError> {
-        let sub = self.subscription(id).await?;
+        let url = self.url_of(id).await?;
         let anchor = self.http.anchor(published_at, Duration::ZERO);
         let mark = anchor.sent_after();
         let mut found: Option<Delivery> = None;
@@ -357,9 +387,13 @@ impl Provider for MoniteClient {
                 "created_at__gte",
                 mark.to_rfc3339_opts(SecondsFormat::Micros, true),
             ),
+            ("sort", "created_at".to_string()),
+            ("order", "desc".to_string()),
         ];
+        let mut pages = 0;
         self.pages("/webhook_deliveries", first, true, |data: Vec<Delivery>| {
-            for d in data.into_iter().filter(|d| d.url == sub.url) {
+            pages += 1;
+            for d in data.into_iter().filter(|d| d.url == url) {
                 match d.was_successful {
                     Some(true) => {
                         found = Some(d);
@@ -369,7 +403,7 @@ impl Provider for MoniteClient {
                     None => {}
                 }
             }
-            true
+            pages < EVIDENCE_PAGES
         })
         .await?;
         if let Some(d) = found {
@@ -387,12 +421,14 @@ impl Provider for MoniteClient {
                 ),
             }));
         }
-        Ok(match failed.last() {
+        // Newest first: the top failure changes with every new one.
+        Ok(match failed.first() {
             None => Finding::Nothing,
             Some(d) => Finding::Failing(Failures {
-                seen: vec![FailureCount::Listed(
-                    u32::try_from(failed.len()).unwrap_or(u32::MAX),
-                )],
+                seen: vec![
+                    FailureCount::Listed(u32::try_from(failed.len()).unwrap_or(u32::MAX)),
+                    FailureCount::Newest(d.id.clone()),
+                ],
                 detail: format!(
                     "Monite delivery {} answered {}",
                     d.id,
@@ -558,7 +594,7 @@ mod tests {
         }
         assert!(!sim.deliver(&id, "created").await.expect("d").was_successful);
         match c.evidence(&id, published).await.expect("check") {
-            Finding::Failing(f) => assert_eq!(f.seen, vec![FailureCount::Listed(1)]),
+            Finding::Failing(f) => assert_eq!(f.seen[0], FailureCount::Listed(1)),
             other => panic!("the failed delivery is a failure: {other:?}"),
         }
         store.publish("p", new.expose_secret(), Some(&first));

@@ -451,10 +451,12 @@ impl Provider for StornoClient {
             )));
         }
         let mut seen = vec![FailureCount::Probe];
-        if logged && !failed.is_empty() {
+        if logged && let Some(newest) = failed.first() {
+            // The log is newest first: its top failure changes with every new one.
             seen.push(FailureCount::Listed(
                 u32::try_from(failed.len()).unwrap_or(u32::MAX),
             ));
+            seen.push(FailureCount::Newest(newest.clone()));
         }
         Ok(Finding::Failing(Failures {
             seen,

@@ -117,7 +117,8 @@ struct SimState {
     /// Expire every token when the next request on this route arrives.
     expire_on: Option<Route>,
     /// Opaque cursor → (route it belongs to, offset, created_at__gte filter).
-    cursors: HashMap<String, (Route, usize, Option<DateTime<Utc>>)>,
+    /// Opaque cursor → (route, offset, created_at__gte filter, newest first).
+    cursors: HashMap<String, (Route, usize, Option<DateTime<Utc>>, bool)>,
 }
 
 struct Shared {
@@ -298,10 +299,10 @@ impl Shared {
         &self,
         route: Route,
         q: &HashMap<String, String>,
-    ) -> Result<(usize, Option<DateTime<Utc>>), Response> {
+    ) -> Result<(usize, Option<DateTime<Utc>>, bool), Response> {
         if let Some(tok) = q.get("pagination_token") {
             return match self.lock().cursors.get(tok) {
-                Some((r, offset, gte)) if *r == route => Ok((*offset, *gte)),
+                Some((r, offset, gte, desc)) if *r == route => Ok((*offset, *gte, *desc)),
                 _ => Err(error_response(400, "Invalid pagination token")),
             };
         }
@@ -317,7 +318,7 @@ impl Shared {
                 }
             },
         };
-        Ok((0, gte))
+        Ok((0, gte, q.get("order").is_some_and(|o| o == "desc")))
     }
 
     fn paginate(
@@ -327,12 +328,15 @@ impl Shared {
         offset: usize,
         size: usize,
         gte: Option<DateTime<Utc>>,
+        desc: bool,
     ) -> Value {
         let end = (offset + size).min(items.len());
         let data: Vec<Value> = items.get(offset..end).unwrap_or_default().to_vec();
         let next = (end < items.len()).then(|| {
             let tok = format!("pt_{}", uuid::Uuid::new_v4().simple());
-            self.lock().cursors.insert(tok.clone(), (route, end, gte));
+            self.lock()
+                .cursors
+                .insert(tok.clone(), (route, end, gte, desc));
             tok
         });
         json!({ "data": data, "next_pagination_token": next, "prev_pagination_token": null })
@@ -384,7 +388,7 @@ async fn list(
     if let Some(r) = Shared::early(&fault) {
         return r;
     }
-    let (size, (offset, _)) = match (s.page_size(&q), s.page_start(Route::List, &q)) {
+    let (size, (offset, _, _)) = match (s.page_size(&q), s.page_start(Route::List, &q)) {
         (Ok(n), Ok(p)) => (n, p),
         (Err(r), _) | (_, Err(r)) => return r,
     };
@@ -394,7 +398,7 @@ async fn list(
         .iter()
         .map(|(id, x)| sub_json(id, x))
         .collect();
-    let body = s.paginate(Route::List, items, offset, size, None);
+    let body = s.paginate(Route::List, items, offset, size, None, false);
     s.finish(body, fault).await
 }
 
@@ -468,18 +472,22 @@ async fn deliveries(
         }
         Some(_) => {}
     }
-    let (size, (offset, gte)) = match (s.page_size(&q), s.page_start(Route::Deliveries, &q)) {
+    let (size, (offset, gte, desc)) = match (s.page_size(&q), s.page_start(Route::Deliveries, &q)) {
         (Ok(n), Ok(p)) => (n, p),
         (Err(r), _) | (_, Err(r)) => return r,
     };
-    let items: Vec<Value> = s
+    // The log is kept oldest first; `order=desc` (with `sort=created_at`) turns it.
+    let mut items: Vec<Value> = s
         .lock()
         .deliveries
         .iter()
         .filter(|d| gte.is_none_or(|g| d.created_at >= g))
         .map(delivery_json)
         .collect();
-    let body = s.paginate(Route::Deliveries, items, offset, size, gte);
+    if desc {
+        items.reverse();
+    }
+    let body = s.paginate(Route::Deliveries, items, offset, size, gte, desc);
     s.finish(body, fault).await
 }
 

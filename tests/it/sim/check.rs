@@ -56,6 +56,11 @@ impl Run {
     fn check_retires(&mut self, db: &StateDb) {
         for row in db.history_after(self.seen_seq).expect("history readable") {
             self.seen_seq = row.seq;
+            if row.to == "held" && row.from != "held" {
+                self.report
+                    .holds
+                    .push((row.at, row.subscription.clone(), row.detail.clone()));
+            }
             if row.to == "retiring"
                 && let Some(id) = &row.rotation_id
             {

@@ -62,6 +62,8 @@ pub struct Report {
     pub reloads: u32,
     pub by_route: std::collections::BTreeMap<String, u64>,
     pub log: Vec<String>,
+    /// Every move into `held`: (rekey's time, subscription, reason).
+    pub holds: Vec<(DateTime<Utc>, String, String)>,
 }
 
 struct Run {
@@ -299,6 +301,15 @@ impl Run {
             Event::Drift { account, id } => {
                 self.world.rotate_outside(&account, &id);
                 self.log(now, format!("{account}/{id} rotated outside rekey"));
+            }
+            Event::SlowDelivery { sub, took } => {
+                let s = &self.sc.subs[sub];
+                let (account, id) = (s.account.clone(), s.id.clone());
+                self.world.slow_delivery(&account, &id, took);
+                self.log(
+                    now,
+                    format!("{account}/{id}: a delivery taking {took:?} starts"),
+                );
             }
             Event::Request { sub } => {
                 let name = self.sc.name_of(&self.sc.subs[sub]);
@@ -545,6 +556,158 @@ fn regression_a_rotation_in_flight_finishes_at_the_path_it_started_with() {
     let r = minted_then(Change::MovePath(0));
     assert!(r.violations.is_empty(), "{:#?}\n{:#?}", r.violations, r.log);
     assert_eq!(r.retired_with_evidence, 1, "{:#?}", r.log);
+}
+
+/// One subscription of `kind` at an account whose clock is `skew_ms` off, with
+/// deliveries every `interval`, receivers reloading `lag` late, under `policy`
+/// (extra policy lines), and an operator's rotation request one hour in.
+fn one_rotation(
+    kind: rekey::config::ProviderKind,
+    skew_ms: i64,
+    interval: Duration,
+    lag: Duration,
+    policy: &str,
+    days: u32,
+) -> Scenario {
+    use scenario::{AccountPlan, PolicyPlan, SubPlan};
+    let mut sc = Scenario::generate(17, days);
+    let account = format!("{}-0", kind.as_str());
+    let id = match kind {
+        rekey::config::ProviderKind::Fintoro => "801".to_string(),
+        _ => "5b0e7f3c-1d2a-4e8b-9c6d-2f4a8b1c3e5d".to_string(),
+    };
+    sc.accounts = vec![AccountPlan {
+        world: account.clone(),
+        name: account.clone(),
+        kind,
+        discovery: false,
+        limit: (120, Duration::from_secs(60)),
+        latency: (20, 80),
+        skew_ms,
+    }];
+    sc.policies = vec![PolicyPlan {
+        name: "p0".into(),
+        toml: format!("[[policies]]\nname = \"p0\"\nevery = \"365d\"\n{policy}"),
+    }];
+    sc.subs = vec![SubPlan {
+        vault_path: format!("webhooks/{account}/{id}"),
+        account,
+        id,
+        policy: "p0".into(),
+        interval,
+        slow: false,
+        lag,
+        configured: true,
+    }];
+    sc.events = vec![(
+        sc.start + chrono::Duration::hours(1),
+        Event::Request { sub: 0 },
+    )];
+    sc
+}
+
+const KINDS: [rekey::config::ProviderKind; 3] = [
+    rekey::config::ProviderKind::Fintoro,
+    rekey::config::ProviderKind::Monite,
+    rekey::config::ProviderKind::Storno,
+];
+
+/// Issue 9: a delivery signed with the old secret just before the rotate call, to a
+/// receiver that takes 9 s to answer, completes after the publication. With
+/// `lastSuccessAt > published_at` it confirmed, and the old secret was retired
+/// though no delivery signed with the new one had succeeded. With the provider's
+/// clock 5 s ahead, 5 s behind or on time, it never counts, and the next delivery
+/// (signed with the new secret) still confirms.
+#[test]
+fn regression_a_slow_delivery_signed_with_the_old_secret_never_confirms() {
+    for kind in KINDS {
+        for skew_ms in [-5_000, 0, 5_000] {
+            let mut sc = one_rotation(
+                kind,
+                skew_ms,
+                Duration::from_secs(2 * 3600),
+                Duration::ZERO,
+                "confirm_poll = \"1m\"\n",
+                2,
+            );
+            let t = sc.events[0].0;
+            sc.events.insert(
+                0,
+                (
+                    t - chrono::Duration::milliseconds(300),
+                    Event::SlowDelivery {
+                        sub: 0,
+                        took: Duration::from_secs(9),
+                    },
+                ),
+            );
+            let r = Run::of(sc).play();
+            let what = format!("{kind:?}, provider clock {skew_ms:+} ms");
+            assert!(
+                r.violations.is_empty(),
+                "{what}: {:#?}\n{:#?}",
+                r.violations,
+                r.log
+            );
+            assert_eq!(r.rotations, 1, "{what}: {:#?}", r.log);
+            assert_eq!(
+                r.retired_with_evidence, 1,
+                "{what}: a real confirmation was missed: {:#?}",
+                r.log
+            );
+        }
+    }
+}
+
+/// Issue 9: receivers that never picked up the new secret (they reload it two days
+/// late) reject every delivery signed with it. That was a warning in the log until
+/// the 24 h deadline; now the rotation is held once failures have kept coming for
+/// `fail_after` (10 minutes), with a reason that names the Vault path, and the old
+/// secret stays published. Once the receivers catch up (the operator resumes every
+/// 12 hours), it confirms.
+#[test]
+fn regression_receivers_rejecting_the_new_secret_are_held_within_fail_after() {
+    for kind in KINDS {
+        let sc = one_rotation(
+            kind,
+            1_500,
+            Duration::from_secs(60),
+            Duration::from_secs(2 * 86_400),
+            "confirm_poll = \"2m\"\nconfirm_timeout = \"24h\"\n",
+            4,
+        );
+        let requested = sc.events[0].0;
+        let r = Run::of(sc).play();
+        assert!(
+            r.violations.is_empty(),
+            "{kind:?}: {:#?}\n{:#?}",
+            r.violations,
+            r.log
+        );
+        let (at, name, why) = r
+            .holds
+            .first()
+            .unwrap_or_else(|| panic!("{kind:?}: never held: {:#?}", r.log));
+        // fail_after, plus a poll to see the first failure and one to see the last,
+        // plus a delivery interval, plus the rotation itself.
+        let bound = chrono::Duration::minutes(10 + 2 + 2 + 1 + 1);
+        assert!(
+            *at - requested <= bound,
+            "{kind:?}: held {} after the request",
+            *at - requested
+        );
+        assert!(why.contains("rejecting the new secret"), "{kind:?}: {why}");
+        assert!(
+            why.contains(&format!("webhooks/{}", name.replace('/', "/")))
+                || why.contains("webhooks/"),
+            "{kind:?}: {why}"
+        );
+        assert_eq!(
+            r.retired_with_evidence, 1,
+            "{kind:?}: confirmed once receivers caught up: {:#?}",
+            r.log
+        );
+    }
 }
 
 #[test]

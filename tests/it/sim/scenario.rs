@@ -68,6 +68,13 @@ pub enum Event {
     Request {
         sub: usize,
     },
+    /// The provider sends a delivery now, signed with the live secret, that takes
+    /// `took` to complete: placed just before a rotation, it completes after the
+    /// publication while signed with the old secret.
+    SlowDelivery {
+        sub: usize,
+        took: Duration,
+    },
     /// The config changes and rekey reloads it.
     Reload(Change),
 }
@@ -97,12 +104,15 @@ pub struct Scenario {
     pub drift_check: &'static str,
 }
 
-/// The largest provider clock skew the scenarios draw (`REKEY_SIM_SKEW_MS`).
+/// The largest provider clock skew the scenarios draw (`REKEY_SIM_SKEW_MS`, default
+/// ±5 s: evidence must neither count a delivery from before the publication that a
+/// provider clock running ahead stamps later, nor miss one a clock running behind
+/// stamps earlier).
 pub fn max_skew_ms() -> i64 {
     std::env::var("REKEY_SIM_SKEW_MS")
         .ok()
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+        .unwrap_or(5_000)
 }
 
 const ZONES: [&str; 4] = [
@@ -145,6 +155,15 @@ fn policy(rng: &mut StdRng, i: usize) -> PolicyPlan {
     } else {
         "hold"
     };
+    if rng.random_bool(0.5) {
+        extra.push_str(&format!("fail_after = \"{}m\"\n", rng.random_range(5..40)));
+    }
+    if rng.random_bool(0.2) {
+        extra.push_str(&format!(
+            "fail_after_failures = {}\n",
+            rng.random_range(3..20)
+        ));
+    }
     let toml = format!(
         "[[policies]]\nname = \"p{i}\"\n{schedule}\n{extra}confirm_timeout = \"{}h\"\nconfirm_poll = \"{}m\"\n\
          on_timeout = \"{on_timeout}\"\nrotate_on_adopt = {}\nretry_base = \"30s\"\nretry_max = \"{}m\"\n",
@@ -211,7 +230,13 @@ impl Scenario {
                     vault_path: format!("webhooks/{}/{id}", acct.name),
                     id,
                     policy: policies[rng.random_range(0..policies.len())].name.clone(),
-                    interval: Duration::from_secs(rng.random_range(120..6 * 3600)),
+                    // A few busy subscriptions, whose deliveries are in flight whenever
+                    // a rotation happens; the rest between two minutes and six hours.
+                    interval: if rng.random_bool(0.15) {
+                        Duration::from_secs(rng.random_range(20..120))
+                    } else {
+                        Duration::from_secs(rng.random_range(120..6 * 3600))
+                    },
                     slow: rng.random_bool(0.3),
                     lag: Duration::from_secs(rng.random_range(0..600)),
                     configured: true,
@@ -312,12 +337,19 @@ impl Scenario {
             }
         }
         for _ in 0..rng.random_range(0..6) {
-            events.push((
-                at(&mut rng),
-                Event::Request {
-                    sub: rng.random_range(0..subs.len()),
-                },
-            ));
+            let t = at(&mut rng);
+            let sub = rng.random_range(0..subs.len());
+            // Half of the requested rotations race a slow delivery signed just before.
+            if rng.random_bool(0.5) {
+                events.push((
+                    t - chrono::Duration::milliseconds(rng.random_range(50..2_000)),
+                    Event::SlowDelivery {
+                        sub,
+                        took: Duration::from_millis(rng.random_range(2_000..10_000)),
+                    },
+                ));
+            }
+            events.push((t, Event::Request { sub }));
         }
         for _ in 0..rng.random_range(0..5) {
             // (A moved `vault_path` is not drawn: receivers would have to move with it,

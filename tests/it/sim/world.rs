@@ -1036,6 +1036,30 @@ fn evidence_for(w: &Inner, path: &str, secret: &str, now: DateTime<Utc>) -> bool
 }
 
 impl World {
+    /// Starts a delivery now, signed with the live secret, taking `took`.
+    pub fn slow_delivery(&self, account: &str, id: &str, took: Duration) {
+        let now = self.now();
+        let mut w = self.lock();
+        let inner = &mut *w;
+        let Some(s) = inner
+            .accounts
+            .get_mut(account)
+            .and_then(|a| a.subs.get_mut(id))
+        else {
+            return;
+        };
+        let signer = s.live_now().to_string();
+        // Receivers verify on arrival, which is now: the secret is current there.
+        let ok = s.accepts(&inner.store, now, &signer);
+        s.extra.push(Delivery {
+            id: format!("slow-{}", s.extra.len()),
+            sent: now,
+            took,
+            signer,
+            ok,
+        });
+    }
+
     /// A retire write: recorded so the checker can compare it with rekey's reason.
     fn note_retire(&self, path: &str, rotation_id: &str, evidence: bool) {
         let mut w = self.lock();
