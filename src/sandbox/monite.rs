@@ -83,6 +83,10 @@ pub struct Fault {
     pub kind: FaultKind,
 }
 
+/// What an opaque cursor stands for: (route, offset, `created_at__gte` filter, newest
+/// first).
+type Cursor = (Route, usize, Option<DateTime<Utc>>, bool);
+
 /// One entry of the delivery log (what `GET /webhook_deliveries` shows, plus the
 /// creation time and secret fingerprint the API does not show).
 #[derive(Debug, Clone)]
@@ -117,8 +121,7 @@ struct SimState {
     /// Expire every token when the next request on this route arrives.
     expire_on: Option<Route>,
     /// Opaque cursor → (route it belongs to, offset, created_at__gte filter).
-    /// Opaque cursor → (route, offset, created_at__gte filter, newest first).
-    cursors: HashMap<String, (Route, usize, Option<DateTime<Utc>>, bool)>,
+    cursors: HashMap<String, Cursor>,
 }
 
 struct Shared {
