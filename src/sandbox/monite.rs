@@ -120,7 +120,7 @@ struct SimState {
     deliveries: Vec<DeliveryRecord>,
     /// Expire every token when the next request on this route arrives.
     expire_on: Option<Route>,
-    /// Opaque cursor → (route it belongs to, offset, created_at__gte filter).
+    /// Opaque cursor → what it stands for.
     cursors: HashMap<String, Cursor>,
 }
 
