@@ -14,9 +14,9 @@ use sd_notify::NotifyState;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
 
-use crate::cli::exit;
 use crate::config::Config;
 use crate::engine::Engine;
+use crate::exit;
 use crate::lock::{Role, StateLock};
 use crate::scheduler::{Control, Scheduler};
 use crate::state::StateDb;

@@ -18,10 +18,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::cli::exit;
 use crate::config::Subscription;
 use crate::daemon::{Signals, leaving};
 use crate::engine::{Engine, EngineError, Outcome};
+use crate::exit;
 use crate::lock::StateLock;
 use crate::rotation::Trigger;
 use crate::state::{Asks, Record, StateDb};

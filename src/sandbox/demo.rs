@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use chrono::Utc;
 
-use crate::cli::{exit, init_logging};
 use crate::config::Config;
 use crate::engine::{Engine, Outcome};
+use crate::exit;
+use crate::logging;
 use crate::rotation::{Phase, Trigger};
 use crate::sandbox::fintoro::{FintoroSim, FintoroSimOptions};
 use crate::sandbox::monite::{MoniteSim, MoniteSimOptions};
@@ -251,7 +252,7 @@ async fn demo(args: SandboxArgs) -> anyhow::Result<u8> {
             .replace("{{ID}}", &id),
     )?;
     let config = Arc::new(Config::load(&config_path)?);
-    init_logging(&config);
+    logging::init(&config);
     let db = Arc::new(StateDb::open(&config.state_dir)?);
     let engine = Engine::new(config.clone(), db.clone()).await?;
     let store: Arc<dyn SecretStore> = engine.store().clone();
