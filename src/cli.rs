@@ -8,13 +8,13 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 use crate::config::{Config, StoreSettings};
-use crate::daemon::Signals;
 use crate::engine::Engine;
 use crate::exit;
 use crate::logging;
 use crate::lock::{Holder, LockError, Role, StateLock};
 use crate::once::Job;
 use crate::rotation::Trigger;
+use crate::signals::Signals;
 use crate::state::{Ask, StateDb};
 use crate::status;
 

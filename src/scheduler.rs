@@ -23,9 +23,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::config::{Config, Policy, Subscription};
-use crate::daemon::{Notify, notify};
 use crate::engine::{Engine, EngineError, Outcome};
 use crate::metrics::Metrics;
+use crate::notify::{self, Notify, notify};
 use crate::rotation::{Phase, Transition, Trigger};
 pub use crate::schedule::jitter_offset;
 use crate::schedule::{Schedule, after};
@@ -369,7 +369,7 @@ impl Scheduler {
             tasks: JoinSet::new(),
             task_names: HashMap::new(),
             stop: Arc::new(AtomicBool::new(false)),
-            watchdog: sd_notify::watchdog_enabled(),
+            watchdog: notify::watchdog_interval(),
             last_status: String::new(),
             metrics: None,
             counted_seq: 0,
