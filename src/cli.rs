@@ -10,9 +10,10 @@ use clap::{Parser, Subcommand};
 use crate::config::{Config, StoreSettings};
 use crate::engine::Engine;
 use crate::exit;
-use crate::logging;
 use crate::lock::{Holder, LockError, Role, StateLock};
+use crate::logging;
 use crate::once::Job;
+use crate::policy_timing::{self, CatchUp};
 use crate::rotation::Trigger;
 use crate::signals::Signals;
 use crate::state::{Ask, StateDb};
@@ -607,7 +608,7 @@ async fn check_config(path: &Path, preflight: bool) -> u8 {
                 humantime::format_duration(p.start.jitter)
             ));
         }
-        if p.start.catch_up == crate::scheduler::CatchUp::Skip {
+        if p.start.catch_up == CatchUp::Skip {
             rules.push_str(", missed rotations skipped");
         }
         println!("  policy {}: {rules}", p.name);
@@ -617,7 +618,7 @@ async fn check_config(path: &Path, preflight: bool) -> u8 {
         let Some(p) = config.policy(&s.policy) else {
             continue;
         };
-        let starts: Vec<String> = crate::scheduler::plan(p, &s.name, now, 3)
+        let starts: Vec<String> = policy_timing::plan(&p.schedule, &p.start, &s.name, now, 3)
             .iter()
             .map(|t| t.format("%Y-%m-%d %H:%M:%SZ").to_string())
             .collect();

@@ -3,7 +3,7 @@
 //!
 //! The pieces, each in one file: the pure rotation state machine ([`rotation`]), its
 //! driver ([`engine`]), durable state ([`state`]), secret stores ([`store`]), providers
-//! ([`provider`]), schedules ([`schedule`]), configuration ([`config`]), the command
+//! ([`provider`]), policy timing ([`policy_timing`]), configuration ([`config`]), the command
 //! line ([`cli`]), the long-running daemon ([`scheduler`], [`daemon`]), one-shot runs
 //! ([`once`]) and the in-process provider simulators ([`sandbox`]).
 
@@ -25,10 +25,10 @@ pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod once;
+pub mod policy_timing;
 pub mod provider;
 pub mod rotation;
 pub mod sandbox;
-pub mod schedule;
 pub mod scheduler;
 pub mod secret;
 pub mod signals;
