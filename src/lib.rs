@@ -1,11 +1,13 @@
 //! rekey rotates the signing secrets of webhook subscriptions at SaaS providers and
 //! publishes them to HashiCorp Vault so receivers always hold a secret that verifies.
 //!
-//! The pieces, each in one file: the pure rotation state machine ([`rotation`]), its
-//! driver ([`engine`]), durable state ([`state`]), secret stores ([`store`]), providers
-//! ([`provider`]), policy timing ([`policy_timing`]), configuration ([`config`]), the command
-//! line ([`cli`]), the long-running daemon ([`scheduler`], [`daemon`]), one-shot runs
-//! ([`once`]) and the in-process provider simulators ([`sandbox`]).
+//! Imports run one way (docs/architecture.md; `scripts/check-layering` checks it): the
+//! command line ([`cli`]) runs a command — the daemon ([`daemon`]) around its task loop
+//! ([`scheduler`]), a one-shot run ([`once`]) or the demo against the provider
+//! simulators ([`sandbox`]); each drives the [`engine`], which feeds the pure rotation
+//! state machine ([`rotation`]) and acts through providers ([`provider`]), secret
+//! stores ([`store`]) and durable state ([`state`]), per the configuration
+//! ([`config`]) and its policy timing ([`policy_timing`]).
 
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
