@@ -7,26 +7,17 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{Config, LogFormat, StoreSettings};
-use crate::daemon::Signals;
+use crate::config::{Config, StoreSettings};
 use crate::engine::Engine;
+use crate::exit;
 use crate::lock::{Holder, LockError, Role, StateLock};
+use crate::logging;
 use crate::once::Job;
+use crate::policy_timing::{self, CatchUp};
 use crate::rotation::Trigger;
+use crate::signals::Signals;
 use crate::state::{Ask, StateDb};
 use crate::status;
-
-/// Exit codes (sysexits where one fits).
-pub mod exit {
-    pub const OK: u8 = 0;
-    /// A rotation failed or is held, or a subscription drifted.
-    pub const FAILED: u8 = 1;
-    pub const USAGE: u8 = 64;
-    pub const SOFTWARE: u8 = 70;
-    /// Another rekey holds the state directory.
-    pub const TEMPFAIL: u8 = 75;
-    pub const CONFIG: u8 = 78;
-}
 
 const DEFAULT_CONFIG: &str = "/etc/rekey/rekey.toml";
 
@@ -182,36 +173,6 @@ fn load(path: &Path) -> Result<Config, u8> {
     })
 }
 
-/// Logs to stderr, as text or JSON per the config; `REKEY_LOG` overrides the level.
-/// Colours only on a terminal; under systemd, lines suited to the journal
-/// ([`crate::journal`]).
-pub fn init_logging(config: &Config) {
-    use std::io::IsTerminal;
-    let filter = std::env::var("REKEY_LOG").unwrap_or_else(|_| config.log.level.clone());
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let journal = crate::journal::connected();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(!journal && std::io::stderr().is_terminal())
-        .with_target(false);
-    let format = tracing_subscriber::fmt::format()
-        .with_target(false)
-        .with_ansi(false);
-    let _ = match (config.log.format, journal) {
-        (LogFormat::Json, false) => builder.json().try_init(),
-        (LogFormat::Text, false) => builder.try_init(),
-        (LogFormat::Json, true) => builder
-            .event_format(crate::journal::Prioritized(format.json()))
-            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
-            .try_init(),
-        (LogFormat::Text, true) => builder
-            .event_format(crate::journal::Prioritized(format.without_time()))
-            .try_init(),
-    };
-}
-
 fn open_db(config: &Config) -> Result<Arc<StateDb>, u8> {
     StateDb::open(&config.state_dir).map(Arc::new).map_err(|e| {
         eprintln!("rekey: {e}");
@@ -241,7 +202,7 @@ async fn run(path: &Path, once: bool, force: Vec<String>) -> u8 {
         Ok(c) => Arc::new(c),
         Err(code) => return code,
     };
-    init_logging(&config);
+    logging::init(&config);
     for f in &force {
         if config.subscription(f).is_none() && config.discovery_for(f).is_none() {
             eprintln!(
@@ -395,7 +356,7 @@ async fn rotate_cmd(path: &Path, names: &[String]) -> u8 {
         Ok(c) => Arc::new(c),
         Err(code) => return code,
     };
-    init_logging(&config);
+    logging::init(&config);
     if let Err(code) = known(&config, names) {
         return code;
     }
@@ -462,7 +423,7 @@ async fn decide_cmd(path: &Path, name: &str, retire: bool, yes: bool) -> u8 {
         Ok(c) => Arc::new(c),
         Err(code) => return code,
     };
-    init_logging(&config);
+    logging::init(&config);
     if let Err(code) = known(&config, &[name.to_string()]) {
         return code;
     }
@@ -647,7 +608,7 @@ async fn check_config(path: &Path, preflight: bool) -> u8 {
                 humantime::format_duration(p.start.jitter)
             ));
         }
-        if p.start.catch_up == crate::scheduler::CatchUp::Skip {
+        if p.start.catch_up == CatchUp::Skip {
             rules.push_str(", missed rotations skipped");
         }
         println!("  policy {}: {rules}", p.name);
@@ -657,7 +618,7 @@ async fn check_config(path: &Path, preflight: bool) -> u8 {
         let Some(p) = config.policy(&s.policy) else {
             continue;
         };
-        let starts: Vec<String> = crate::scheduler::plan(p, &s.name, now, 3)
+        let starts: Vec<String> = policy_timing::plan(&p.schedule, &p.start, &s.name, now, 3)
             .iter()
             .map(|t| t.format("%Y-%m-%d %H:%M:%SZ").to_string())
             .collect();

@@ -17,9 +17,8 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::Deserialize;
 
+use crate::policy_timing::{CatchUp, Schedule, StartRules, Window};
 use crate::rotation::{OnTimeout, Timing};
-use crate::schedule::Schedule;
-use crate::scheduler::{CatchUp, StartRules, Window};
 use crate::secret::{ExposeSecret, SecretString, secret};
 
 /// The config file format version this rekey reads.

@@ -10,71 +10,17 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use sd_notify::NotifyState;
-use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
 
-use crate::cli::exit;
 use crate::config::Config;
 use crate::engine::Engine;
-use crate::lock::{Role, StateLock};
+use crate::exit;
+use crate::lock::{StateLock, leaving};
+use crate::metrics;
+use crate::notify::{Notify, notify};
 use crate::scheduler::{Control, Scheduler};
+use crate::signals::Signals;
 use crate::state::StateDb;
-
-/// The notifications rekey sends.
-#[derive(Debug, Clone, Copy)]
-pub enum Notify<'a> {
-    Ready,
-    /// Sent with MONOTONIC_USEC, as systemd 253+ expects for `Type=notify-reload`.
-    Reloading,
-    Stopping,
-    Watchdog,
-    Status(&'a str),
-}
-
-/// Tells systemd (when it listens) how rekey is doing. Failures are logged, not fatal:
-/// a daemon started by hand has no socket to talk to.
-pub fn notify(states: &[Notify<'_>]) {
-    let mut out: Vec<NotifyState<'_>> = Vec::with_capacity(states.len() + 1);
-    for s in states {
-        match s {
-            Notify::Ready => out.push(NotifyState::Ready),
-            Notify::Reloading => {
-                out.push(NotifyState::Reloading);
-                if let Ok(m) = NotifyState::monotonic_usec_now() {
-                    out.push(m);
-                }
-            }
-            Notify::Stopping => out.push(NotifyState::Stopping),
-            Notify::Watchdog => out.push(NotifyState::Watchdog),
-            Notify::Status(s) => out.push(NotifyState::Status(s)),
-        }
-    }
-    if let Err(e) = sd_notify::notify(&out) {
-        tracing::debug!(error = %e, "cannot notify systemd");
-    }
-}
-
-/// The signals rekey handles. Installed before the state directory is locked, so the
-/// holder of the lock, daemon or not, is never killed by a SIGUSR1 or SIGHUP, and
-/// SIGTERM/SIGINT always drain to a saved step.
-pub struct Signals {
-    pub hup: Signal,
-    pub usr1: Signal,
-    pub term: Signal,
-    pub int: Signal,
-}
-
-impl Signals {
-    pub fn install() -> std::io::Result<Signals> {
-        Ok(Signals {
-            hup: signal(SignalKind::hangup())?,
-            usr1: signal(SignalKind::user_defined1())?,
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
-        })
-    }
-}
 
 /// Runs the daemon until SIGTERM/SIGINT; returns the exit code.
 pub async fn run(
@@ -99,7 +45,7 @@ pub async fn run(
     );
     let mut sched = Scheduler::new(engine.clone(), &force);
     if let Some(addr) = engine.config().metrics_listen {
-        let listener = match crate::metrics::bind(addr).await {
+        let listener = match metrics::bind(addr).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(address = %addr, error = %e, "cannot listen for metrics ([metrics] listen)");
@@ -107,8 +53,8 @@ pub async fn run(
             }
         };
         tracing::info!(address = %addr, "serving /metrics and /healthz");
-        let metrics = Arc::new(crate::metrics::Metrics::new());
-        tokio::spawn(crate::metrics::serve(listener, metrics.clone()));
+        let metrics = Arc::new(metrics::Metrics::new());
+        tokio::spawn(metrics::serve(listener, metrics.clone()));
         sched = sched.with_metrics(metrics);
     }
     let (tx, rx) = mpsc::channel(16);
@@ -147,14 +93,6 @@ pub async fn run(
                 let _ = tx.send(Control::Stop).await;
             }
         }
-    }
-}
-
-/// Tells `rekey rotate|resume|retire` that this process takes no more requests, so
-/// they say the next start does instead of waking it.
-pub fn leaving(lock: &StateLock) {
-    if let Err(e) = lock.set_role(Role::Exiting) {
-        tracing::warn!(error = %e, "cannot mark the lock file as exiting");
     }
 }
 

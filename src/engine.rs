@@ -11,9 +11,9 @@ use chrono::{DateTime, Utc};
 use crate::clock::Clock;
 use crate::config::{Config, Policy, StoreSettings, Subscription};
 use crate::failpoint;
+use crate::policy_timing::{after, jitter_offset};
 use crate::provider::{self, Provider, RotateError};
 use crate::rotation::{self, Action, Event, Phase, Trigger};
-use crate::schedule::after;
 use crate::secret::{ExposeSecret, Fingerprint};
 use crate::state::{Record, StateDb, StateError, Target};
 use crate::store::{Entry, Expect, FileStore, SecretStore, StoreError, VaultStore};
@@ -206,7 +206,7 @@ impl Engine {
             return Some(*t);
         }
         let every = self.drift_interval(sub);
-        let t = after(self.now(), crate::schedule::jitter_offset(&sub.name, every));
+        let t = after(self.now(), jitter_offset(&sub.name, every));
         next.insert(sub.name.clone(), t);
         Some(t)
     }

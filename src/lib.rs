@@ -1,11 +1,13 @@
 //! rekey rotates the signing secrets of webhook subscriptions at SaaS providers and
 //! publishes them to HashiCorp Vault so receivers always hold a secret that verifies.
 //!
-//! The pieces, each in one file: the pure rotation state machine ([`rotation`]), its
-//! driver ([`engine`]), durable state ([`state`]), secret stores ([`store`]), providers
-//! ([`provider`]), schedules ([`schedule`]), configuration ([`config`]), the command
-//! line ([`cli`]), the long-running daemon ([`scheduler`], [`daemon`]), one-shot runs
-//! ([`once`]) and the in-process provider simulators ([`sandbox`]).
+//! Imports run one way (docs/architecture.md; `scripts/check-layering` checks it): the
+//! command line ([`cli`]) runs a command — the daemon ([`daemon`]) around its task loop
+//! ([`scheduler`]), a one-shot run ([`once`]) or the demo against the provider
+//! simulators ([`sandbox`]); each drives the [`engine`], which feeds the pure rotation
+//! state machine ([`rotation`]) and acts through providers ([`provider`]), secret
+//! stores ([`store`]) and durable state ([`state`]), per the configuration
+//! ([`config`]) and its policy timing ([`policy_timing`]).
 
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -17,18 +19,22 @@ pub mod daemon;
 pub mod engine;
 pub mod errors;
 pub mod evidence;
+pub mod exit;
 pub mod failpoint;
 pub mod http_body;
 pub mod journal;
 pub mod lock;
+pub mod logging;
 pub mod metrics;
+pub mod notify;
 pub mod once;
+pub mod policy_timing;
 pub mod provider;
 pub mod rotation;
 pub mod sandbox;
-pub mod schedule;
 pub mod scheduler;
 pub mod secret;
+pub mod signals;
 pub mod skew;
 pub mod state;
 pub mod status;

@@ -179,6 +179,14 @@ pub fn is_held(state_dir: &Path) -> bool {
     }
 }
 
+/// Tells `rekey rotate|resume|retire` that this process takes no more requests, so
+/// they say the next start does instead of waking it.
+pub fn leaving(lock: &StateLock) {
+    if let Err(e) = lock.set_role(Role::Exiting) {
+        tracing::warn!(error = %e, "cannot mark the lock file as exiting");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

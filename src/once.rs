@@ -18,12 +18,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::cli::exit;
 use crate::config::Subscription;
-use crate::daemon::{Signals, leaving};
 use crate::engine::{Engine, EngineError, Outcome};
-use crate::lock::StateLock;
+use crate::exit;
+use crate::lock::{StateLock, leaving};
 use crate::rotation::Trigger;
+use crate::signals::Signals;
 use crate::state::{Asks, Record, StateDb};
 
 /// Looks at the asks recorded while the run works, after its own work: enough for an

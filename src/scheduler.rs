@@ -9,215 +9,26 @@
 //! (SIGUSR1, SIGHUP, SIGTERM from [`crate::daemon`]). Because the times come from the
 //! state database, a restart or a reload loses nothing.
 //!
-//! The first half of this file is pure (explicit times in, times out) so windows, jitter,
-//! DST and catch-up are unit-tested without a clock; the second half is the loop.
+//! When a policy lets a rotation start (schedule, window, jitter, catch-up) is
+//! [`crate::policy_timing`]'s to say; this file combines it with each subscription's
+//! phase ([`wake_time`]) and runs the loop.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use chrono::{DateTime, NaiveDate, NaiveTime, TimeZone, Utc};
-use chrono_tz::Tz;
+use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::config::{Config, Policy, Subscription};
-use crate::daemon::{Notify, notify};
 use crate::engine::{Engine, EngineError, Outcome};
 use crate::metrics::Metrics;
+use crate::notify::{self, Notify, notify};
+use crate::policy_timing::{after, catch_up, retry_start, start_time};
 use crate::rotation::{Phase, Transition, Trigger};
-pub use crate::schedule::jitter_offset;
-use crate::schedule::{Schedule, after};
 use crate::state::Record;
-
-// ---------------------------------------------------------------------------------
-// Start rules: pure.
-
-/// A daily time-of-day range in the policy's zone, `start` inclusive, `end` exclusive.
-/// `end` before `start` wraps midnight (`22:00-04:00`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Window {
-    pub start: NaiveTime,
-    pub end: NaiveTime,
-}
-
-impl Window {
-    /// Parses `"HH:MM-HH:MM"`; `24:00` is accepted as an end meaning midnight.
-    pub fn parse(s: &str) -> Result<Window, String> {
-        let (a, b) = s
-            .split_once('-')
-            .ok_or_else(|| format!("`{s}` is not a window; write e.g. \"02:00-05:00\""))?;
-        let time = |x: &str| {
-            let x = x.trim();
-            if x == "24:00" {
-                return Ok(NaiveTime::MIN);
-            }
-            NaiveTime::parse_from_str(x, "%H:%M")
-                .map_err(|_| format!("`{x}` in `{s}` is not a time of day (HH:MM, 00:00-24:00)"))
-        };
-        let w = Window {
-            start: time(a)?,
-            end: time(b)?,
-        };
-        if w.start == w.end {
-            return Err(format!(
-                "`{s}` is empty (start equals end); omit `window` to allow any time"
-            ));
-        }
-        Ok(w)
-    }
-
-    /// The nominal length, ignoring DST (which can shorten or lengthen one day's window).
-    pub fn length(&self) -> Duration {
-        let secs = (self.end - self.start).num_seconds();
-        let secs = if secs <= 0 { secs + 86_400 } else { secs };
-        Duration::from_secs(secs.unsigned_abs())
-    }
-
-    pub fn contains(&self, t: DateTime<Utc>, tz: Tz) -> bool {
-        let local = t.with_timezone(&tz).time();
-        if self.start < self.end {
-            local >= self.start && local < self.end
-        } else {
-            local >= self.start || local < self.end
-        }
-    }
-
-    /// The earliest instant at or after `t` that lies inside the window.
-    pub fn next_open(&self, t: DateTime<Utc>, tz: Tz) -> DateTime<Utc> {
-        if self.contains(t, tz) {
-            return t;
-        }
-        let today = t.with_timezone(&tz).date_naive();
-        // A window can fall entirely into a DST gap on one day (02:00-02:30 on a
-        // spring-forward night), so look a few days ahead rather than only tomorrow.
-        for day in 0..4 {
-            let Some(date) = today.checked_add_days(chrono::Days::new(day)) else {
-                break;
-            };
-            if let Some(open) = local_instant(tz, date, self.start)
-                && open >= t
-                && self.contains(open, tz)
-            {
-                return open;
-            }
-        }
-        // Unreachable for real zones; starting now beats never starting.
-        t
-    }
-}
-
-/// The instant a local date and time denote in `tz`: the earlier one when the clock
-/// shows it twice (fall-back), the first minute after the gap when it never shows it
-/// (spring-forward).
-fn local_instant(tz: Tz, date: NaiveDate, time: NaiveTime) -> Option<DateTime<Utc>> {
-    let naive = date.and_time(time);
-    (0..=180).find_map(|m| {
-        tz.from_local_datetime(&(naive + chrono::Duration::minutes(m)))
-            .earliest()
-            .map(|t| t.with_timezone(&Utc))
-    })
-}
-
-/// What to do with a rotation whose due time passed while the daemon was not running.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CatchUp {
-    /// Run it as soon as the daemon starts (inside the window, if any).
-    Run,
-    /// Move it to the schedule's next occurrence.
-    Skip,
-}
-
-/// A policy's rules for when a due rotation may *start*. Later steps of a rotation in
-/// flight are never held back by them.
-#[derive(Debug, Clone)]
-pub struct StartRules {
-    pub window: Option<Window>,
-    /// The zone of the window (the policy's `timezone`).
-    pub tz: Tz,
-    /// Each subscription starts a fixed offset in `[0, jitter)` after its due time.
-    pub jitter: Duration,
-    pub catch_up: CatchUp,
-}
-
-impl Default for StartRules {
-    fn default() -> Self {
-        StartRules {
-            window: None,
-            tz: chrono_tz::UTC,
-            jitter: Duration::ZERO,
-            catch_up: CatchUp::Run,
-        }
-    }
-}
-
-/// When a rotation due at `due` may start, seen at `now`: never before now, offset by
-/// the subscription's jitter, and inside the window (at the next opening plus the same
-/// offset when it falls outside).
-pub fn start_time(
-    rules: &StartRules,
-    name: &str,
-    due: DateTime<Utc>,
-    now: DateTime<Utc>,
-) -> DateTime<Utc> {
-    fit(rules, jitter_offset(name, rules.jitter), due, now)
-}
-
-/// As [`start_time`] with an explicit offset (retries after a failure use none).
-fn fit(
-    rules: &StartRules,
-    offset: Duration,
-    due: DateTime<Utc>,
-    now: DateTime<Utc>,
-) -> DateTime<Utc> {
-    let t = after(due, offset).max(now);
-    match &rules.window {
-        None => t,
-        Some(w) if w.contains(t, rules.tz) => t,
-        Some(w) => {
-            let open = w.next_open(t, rules.tz);
-            let shifted = after(open, offset);
-            // DST can make one night's window shorter than the offset.
-            if w.contains(shifted, rules.tz) {
-                shifted
-            } else {
-                open
-            }
-        }
-    }
-}
-
-/// The schedule's first occurrence after `after`, for a subscription that was due at
-/// `due`: an interval keeps its phase (due + k·interval), a cron expression its times.
-pub fn next_occurrence(
-    schedule: &Schedule,
-    due: DateTime<Utc>,
-    after: DateTime<Utc>,
-) -> Option<DateTime<Utc>> {
-    match schedule {
-        Schedule::Every(d) => {
-            let step = i64::try_from(d.as_secs()).ok().filter(|s| *s > 0)?;
-            let behind = (after - due).num_seconds().max(0);
-            let n = behind / step + 1;
-            Some(due + chrono::Duration::seconds(step.checked_mul(n)?))
-        }
-        Schedule::Cron { .. } => schedule.next_after(after),
-    }
-}
-
-/// At daemon start: the new due time of a rotation that was due before `started`, if
-/// its policy says to skip missed rotations; `None` keeps it (it runs now).
-pub fn catch_up(
-    policy: &Policy,
-    due: DateTime<Utc>,
-    started: DateTime<Utc>,
-) -> Option<DateTime<Utc>> {
-    if policy.start.catch_up == CatchUp::Run || due >= started {
-        return None;
-    }
-    next_occurrence(&policy.schedule, due, started)
-}
 
 /// When `rec` next needs the engine, by the daemon's rules: `None` for never (held).
 /// A new rotation (idle, or failed and retrying) starts only per the policy's start
@@ -254,7 +65,7 @@ pub fn wake_time(
             .state
             .not_before
             .or(rec.next_due_at)
-            .map(|t| fit(&policy.start, Duration::ZERO, t, now)),
+            .map(|t| retry_start(&policy.start, t, now)),
         _ => Some(rec.state.not_before.unwrap_or(now).max(now)),
     }
 }
@@ -267,26 +78,6 @@ pub fn orphan_wake_time(rec: &Record, now: DateTime<Utc>) -> Option<DateTime<Utc
         Phase::Held | Phase::Drifted => None,
         _ => Some(rec.state.not_before.unwrap_or(now).max(now)),
     }
-}
-
-/// The next `n` start times of a subscription that rotates on schedule from `from` on
-/// (what `rekey check-config` prints as the plan).
-pub fn plan(policy: &Policy, name: &str, from: DateTime<Utc>, n: usize) -> Vec<DateTime<Utc>> {
-    let mut out = Vec::with_capacity(n);
-    let mut due = policy.schedule.next_due(None, from, false);
-    while let Some(d) = due {
-        if out.len() == n {
-            break;
-        }
-        let start = start_time(&policy.start, name, d, d);
-        out.push(start);
-        due = policy.schedule.next_after(match policy.schedule {
-            // An interval counts from the rotation, which happens at `start`.
-            Schedule::Every(_) => start,
-            Schedule::Cron { .. } => d,
-        });
-    }
-    out
 }
 
 // ---------------------------------------------------------------------------------
@@ -369,7 +160,7 @@ impl Scheduler {
             tasks: JoinSet::new(),
             task_names: HashMap::new(),
             stop: Arc::new(AtomicBool::new(false)),
-            watchdog: sd_notify::watchdog_enabled(),
+            watchdog: notify::watchdog_interval(),
             last_status: String::new(),
             metrics: None,
             counted_seq: 0,
@@ -527,7 +318,8 @@ impl Scheduler {
                 continue;
             }
             let Some(due) = rec.next_due_at else { continue };
-            let Some(new_due) = catch_up(policy, due, self.started_at) else {
+            let Some(new_due) = catch_up(&policy.schedule, &policy.start, due, self.started_at)
+            else {
                 continue;
             };
             let detail = format!(
@@ -847,7 +639,9 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy_timing::{CatchUp, Schedule, StartRules, Window};
     use crate::rotation::Timing;
+    use chrono_tz::Tz;
 
     fn utc(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
@@ -1197,215 +991,5 @@ mod tests {
         );
         rec.state.phase = Phase::Held;
         assert_eq!(wake_time(&p, "a/1", &rec, now, None), None);
-    }
-
-    #[test]
-    fn windows_parse_and_explain_mistakes() {
-        let w = Window::parse("02:00-05:00").unwrap();
-        assert_eq!(w.length(), Duration::from_secs(3 * 3600));
-        assert_eq!(
-            Window::parse("22:00-04:00").unwrap().length(),
-            Duration::from_secs(6 * 3600)
-        );
-        assert_eq!(
-            Window::parse("22:00-24:00").unwrap().length(),
-            Duration::from_secs(2 * 3600)
-        );
-        assert!(Window::parse("02:00").unwrap_err().contains("not a window"));
-        assert!(Window::parse("2am-5am").unwrap_err().contains("HH:MM"));
-        assert!(Window::parse("25:00-05:00").unwrap_err().contains("25:00"));
-        assert!(Window::parse("03:00-03:00").unwrap_err().contains("empty"));
-    }
-
-    #[test]
-    fn a_due_time_outside_the_window_waits_for_the_opening_in_the_policy_zone() {
-        let r = rules(Some("02:00-05:00"), 0);
-        // 12:00 UTC on 23 Nov = 13:00 in Bratislava (CET): next opening 02:00 CET
-        // on 24 Nov = 01:00 UTC.
-        let due = utc("2026-11-23T12:00:00Z");
-        assert_eq!(start_time(&r, "a/1", due, due), utc("2026-11-24T01:00:00Z"));
-        // 02:30 CET is inside: starts at once.
-        let inside = utc("2026-11-24T01:30:00Z");
-        assert_eq!(start_time(&r, "a/1", inside, inside), inside);
-        // 05:00 local is the (exclusive) end.
-        let end = utc("2026-11-24T04:00:00Z");
-        assert_eq!(start_time(&r, "a/1", end, end), utc("2026-11-25T01:00:00Z"));
-        // In summer (CEST, UTC+2) the same window opens at 00:00 UTC.
-        let summer = utc("2026-07-01T12:00:00Z");
-        assert_eq!(
-            start_time(&r, "a/1", summer, summer),
-            utc("2026-07-02T00:00:00Z")
-        );
-    }
-
-    #[test]
-    fn a_window_that_wraps_midnight() {
-        let r = rules(Some("22:00-04:00"), 0);
-        let tz = bratislava();
-        let w = r.window.unwrap();
-        // 23:30 and 03:59 local are inside; 04:00 and 12:00 are not.
-        assert!(w.contains(utc("2026-11-23T22:30:00Z"), tz));
-        assert!(w.contains(utc("2026-11-24T02:59:00Z"), tz));
-        assert!(!w.contains(utc("2026-11-24T03:00:00Z"), tz));
-        assert!(!w.contains(utc("2026-11-24T11:00:00Z"), tz));
-        // From noon, the window opens at 22:00 local the same day.
-        let noon = utc("2026-11-24T11:00:00Z");
-        assert_eq!(
-            start_time(&r, "a/1", noon, noon),
-            utc("2026-11-24T21:00:00Z")
-        );
-        // Just after midnight it is open already.
-        let late = utc("2026-11-23T23:30:00Z");
-        assert_eq!(start_time(&r, "a/1", late, late), late);
-    }
-
-    #[test]
-    fn an_overdue_rotation_starts_now_if_the_window_is_open_else_at_the_opening() {
-        let r = rules(Some("02:00-05:00"), 0);
-        let due = utc("2026-11-20T01:00:00Z");
-        let now_open = utc("2026-11-23T02:00:00Z");
-        assert_eq!(start_time(&r, "a/1", due, now_open), now_open);
-        let now_closed = utc("2026-11-23T10:00:00Z");
-        assert_eq!(
-            start_time(&r, "a/1", due, now_closed),
-            utc("2026-11-24T01:00:00Z")
-        );
-    }
-
-    #[test]
-    fn spring_forward_shortens_the_window_and_a_missing_opening_moves_past_the_gap() {
-        let tz = bratislava();
-        // 2026-03-29: at 02:00 CET clocks jump to 03:00 CEST (01:00 UTC).
-        let w = Window::parse("02:00-05:00").unwrap();
-        // The window opens at the first instant after the gap: 03:00 CEST = 01:00 UTC,
-        // and holds only two hours that night.
-        assert_eq!(
-            w.next_open(utc("2026-03-28T12:00:00Z"), tz),
-            utc("2026-03-29T01:00:00Z")
-        );
-        assert!(w.contains(utc("2026-03-29T02:59:00Z"), tz));
-        assert!(!w.contains(utc("2026-03-29T03:00:00Z"), tz));
-        // A window inside the gap does not exist that night: the next night's opening.
-        let gap = Window::parse("02:15-02:45").unwrap();
-        assert_eq!(
-            gap.next_open(utc("2026-03-28T12:00:00Z"), tz),
-            utc("2026-03-30T00:15:00Z")
-        );
-        // A cron time in the gap still runs that day, right after the jump.
-        let s = Schedule::cron("30 2 * * *", tz).unwrap();
-        let next = s.next_after(utc("2026-03-28T12:00:00Z")).unwrap();
-        assert!(
-            next >= utc("2026-03-29T01:00:00Z") && next <= utc("2026-03-29T01:30:00Z"),
-            "{next}"
-        );
-        // And the day after, 02:30 CEST again.
-        assert_eq!(s.next_after(next), Some(utc("2026-03-30T00:30:00Z")));
-    }
-
-    #[test]
-    fn fall_back_runs_once_and_lengthens_the_window() {
-        let tz = bratislava();
-        // 2026-10-25: at 03:00 CEST clocks go back to 02:00 CET; 02:30 happens twice
-        // (00:30 UTC and 01:30 UTC).
-        let s = Schedule::cron("30 2 * * *", tz).unwrap();
-        let first = s.next_after(utc("2026-10-24T12:00:00Z")).unwrap();
-        assert_eq!(first, utc("2026-10-25T00:30:00Z"));
-        assert_eq!(
-            s.next_after(first),
-            Some(utc("2026-10-26T01:30:00Z")),
-            "no second run at the repeated 02:30"
-        );
-        let w = Window::parse("02:00-05:00").unwrap();
-        // Opens at the first 02:00 (CEST, 00:00 UTC); open four hours that night.
-        assert_eq!(
-            w.next_open(utc("2026-10-24T12:00:00Z"), tz),
-            utc("2026-10-25T00:00:00Z")
-        );
-        assert!(w.contains(utc("2026-10-25T03:59:00Z"), tz));
-        assert!(!w.contains(utc("2026-10-25T04:00:00Z"), tz));
-    }
-
-    #[test]
-    fn jitter_is_stable_per_name_within_bounds_and_spreads_a_fleet() {
-        let j = Duration::from_secs(600);
-        let offsets: Vec<Duration> = (0..500)
-            .map(|i| jitter_offset(&format!("acme/{i}"), j))
-            .collect();
-        assert!(offsets.iter().all(|o| *o < j));
-        assert_eq!(
-            jitter_offset("acme/7", j),
-            offsets[7],
-            "same name, same offset"
-        );
-        // Spread: every tenth of the range is used by someone.
-        for bucket in 0..10u64 {
-            let lo = Duration::from_secs(bucket * 60);
-            let hi = lo + Duration::from_secs(60);
-            assert!(
-                offsets.iter().any(|o| *o >= lo && *o < hi),
-                "no offset in [{lo:?}, {hi:?})"
-            );
-        }
-        assert_eq!(jitter_offset("acme/1", Duration::ZERO), Duration::ZERO);
-    }
-
-    #[test]
-    fn jitter_offsets_the_start_and_stays_inside_the_window() {
-        let r = rules(Some("02:00-05:00"), 3600);
-        let off = jitter_offset("acme/801", r.jitter);
-        let due = utc("2026-11-23T12:00:00Z");
-        let start = start_time(&r, "acme/801", due, due);
-        assert_eq!(start, after(utc("2026-11-24T01:00:00Z"), off));
-        assert!(r.window.unwrap().contains(start, r.tz));
-        // Without a window: due + offset.
-        let r = rules(None, 3600);
-        assert_eq!(start_time(&r, "acme/801", due, due), after(due, off));
-    }
-
-    #[test]
-    fn catch_up_run_keeps_a_missed_rotation_and_skip_moves_it_to_the_next_occurrence() {
-        let tz = bratislava();
-        let monthly = Schedule::cron("0 3 1 * *", tz).unwrap();
-        let mut p = policy(monthly, rules(None, 0));
-        let due = utc("2026-11-01T02:00:00Z");
-        let started = utc("2026-11-23T10:00:00Z");
-        assert_eq!(catch_up(&p, due, started), None, "run: due stays, runs now");
-        assert_eq!(
-            start_time(&p.start, "a/1", due, started),
-            started,
-            "and starts at once"
-        );
-        p.start.catch_up = CatchUp::Skip;
-        assert_eq!(
-            catch_up(&p, due, started),
-            Some(utc("2026-12-01T02:00:00Z"))
-        );
-        // Not missed (due after the start): nothing to skip.
-        assert_eq!(catch_up(&p, utc("2026-12-01T02:00:00Z"), started), None);
-
-        // An interval keeps its phase: due + k·interval past the start.
-        let mut p = policy(
-            Schedule::Every(Duration::from_secs(7 * 86_400)),
-            rules(None, 0),
-        );
-        p.start.catch_up = CatchUp::Skip;
-        assert_eq!(
-            catch_up(&p, utc("2026-11-02T00:00:00Z"), started),
-            Some(utc("2026-11-30T00:00:00Z"))
-        );
-    }
-
-    #[test]
-    fn the_plan_lists_window_adjusted_starts() {
-        let tz = bratislava();
-        let p = policy(
-            Schedule::cron("0 12 * * *", tz).unwrap(),
-            rules(Some("02:00-05:00"), 0),
-        );
-        let from = utc("2026-11-23T00:00:00Z");
-        assert_eq!(
-            plan(&p, "a/1", from, 2),
-            vec![utc("2026-11-24T01:00:00Z"), utc("2026-11-25T01:00:00Z")]
-        );
     }
 }

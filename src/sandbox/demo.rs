@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use chrono::Utc;
 
-use crate::cli::{exit, init_logging};
-use crate::config::Config;
+use crate::config::{Config, Subscription};
 use crate::engine::{Engine, Outcome};
+use crate::exit;
+use crate::logging;
 use crate::rotation::{Phase, Trigger};
 use crate::sandbox::fintoro::{FintoroSim, FintoroSimOptions};
 use crate::sandbox::monite::{MoniteSim, MoniteSimOptions};
@@ -20,7 +21,7 @@ use crate::sandbox::receiver::Receiver;
 use crate::sandbox::storno::{StornoSim, StornoSimOptions};
 use crate::secret::{Fingerprint, secret};
 use crate::state::StateDb;
-use crate::store::{Entry, Expect, SecretStore};
+use crate::store::{Entry, Expect, SecretStore, StoreError};
 
 #[derive(Debug, clap::Args)]
 pub struct SandboxArgs {
@@ -225,75 +226,18 @@ async fn demo(args: SandboxArgs) -> anyhow::Result<u8> {
     println!("rekey sandbox: one rotation of a simulated {kind} subscription, end to end\n");
     step(format!("{kind} simulator listening at {}", sim.base_url()));
 
-    let store_section = match (&args.vault_addr, &args.vault_token_file) {
-        (Some(addr), Some(token)) => format!(
-            "[vault]\naddress = \"{addr}\"\ntoken_file = \"{}\"\nmount = \"secret\"\nkv_version = {}\n",
-            token.canonicalize()?.display(),
-            args.kv_version
-        ),
-        _ => "[file_store]\ndir = \"published\"\n".to_string(),
-    };
-    let credentials = sim.credentials(&dir)?;
-    // The provider assigns the id, so the subscription exists before the config.
-    let (id, initial) = sim.add();
-    let config_path = dir.join("rekey.toml");
-    std::fs::write(
-        &config_path,
-        TEMPLATE
-            .replace("{{STORE}}", &store_section)
-            .replace("{{KIND}}", kind)
-            .replace("{{BASE_URL}}", &sim.base_url())
-            .replace("{{CREDENTIALS}}", credentials.trim_end())
-            .replace(
-                "{{CONFIRM_TIMEOUT}}",
-                &humantime::format_duration(args.timeout).to_string(),
-            )
-            .replace("{{ID}}", &id),
-    )?;
+    let (config_path, id, initial) = write_config(&args, &sim, &dir)?;
     let config = Arc::new(Config::load(&config_path)?);
-    init_logging(&config);
+    logging::init(&config);
     let db = Arc::new(StateDb::open(&config.state_dir)?);
     let engine = Engine::new(config.clone(), db.clone()).await?;
     let store: Arc<dyn SecretStore> = engine.store().clone();
     step(format!("secret store: {}", store.describe()));
 
-    let receiver = Receiver::start(store.clone()).await?;
     let sub = config.subscriptions[0].clone();
-    let route = format!("{kind}/{}", sub.id);
-    let url = receiver.register(&route, &sub.vault_path);
-    anyhow::ensure!(
-        sim.set_url(&id, &url),
-        "the simulator lost subscription {id}"
-    );
-    step(format!(
-        "subscription {} delivers to the receiver at {url}; its secret is {}",
-        sub.name,
-        Fingerprint::of_str(&initial)
-    ));
-    // A receiver that already verifies today: its secret is published before rekey
-    // takes over, as in any real deployment.
-    store
-        .write(
-            &sub.vault_path,
-            &Entry {
-                current: secret(initial.clone()),
-                previous: None,
-                rotated_at: Utc::now(),
-                rotation_id: "initial".into(),
-                provider: kind.into(),
-                subscription: sub.id.clone(),
-            },
-            Expect::Absent,
-        )
-        .await
-        .or_else(|e| match e {
-            crate::store::StoreError::Conflict { .. } => Ok(()),
-            e => Err(e),
-        })?;
-    step(format!(
-        "published the current secret at `{}`",
-        sub.vault_path
-    ));
+    let receiver = Receiver::start(store.clone()).await?;
+    let route = connect_receiver(&sim, &receiver, &sub, &id, &initial)?;
+    publish_initial(store.as_ref(), &sub, kind, &initial).await?;
 
     let traffic = sim.start_traffic(&id, Duration::from_millis(250));
     step(format!("{kind} is sending signed webhooks every 250 ms"));
@@ -305,45 +249,183 @@ async fn demo(args: SandboxArgs) -> anyhow::Result<u8> {
         before.rejected
     ));
 
+    let outcome = rotate(&engine, &db, &sub, args.timeout).await?;
+    sim.stop_traffic(traffic);
+    println!();
+
+    let after = receiver.stats(&route);
+    let matches = compare_secrets(&sim, &id, store.as_ref(), &sub).await?;
+    step(format!(
+        "receiver: {} accepted with the current secret, {} with the previous, {} rejected",
+        after.accepted_with_current, after.accepted_with_previous, after.rejected
+    ));
+    let ok = outcome == Outcome::Rested(Phase::Idle) && matches;
+    conclude(ok, &outcome, args.dir.is_some().then_some(&config_path));
+    Ok(if ok { exit::OK } else { exit::FAILED })
+}
+
+/// The verdict, and how to look at a kept sandbox directory.
+fn conclude(ok: bool, outcome: &Outcome, kept_config: Option<&PathBuf>) {
+    println!();
+    if ok {
+        println!(
+            "Rotation complete: rotated, stored, dual-published, confirmed by a delivery, retired."
+        );
+    } else {
+        println!("Rotation did not complete: {outcome:?}. See the history above.");
+    }
+    if let Some(config_path) = kept_config {
+        println!(
+            "\nInspect it:\n  rekey status --config {0}\n  rekey history --config {0}",
+            config_path.display()
+        );
+    }
+}
+
+/// Writes the credential file and `rekey.toml` into `dir`, after creating the
+/// subscription at the simulator (the provider assigns its id, so it exists before the
+/// config). Returns the config's path, the subscription's id and its initial secret.
+fn write_config(
+    args: &SandboxArgs,
+    sim: &DemoSim,
+    dir: &std::path::Path,
+) -> anyhow::Result<(PathBuf, String, String)> {
+    let store_section = match (&args.vault_addr, &args.vault_token_file) {
+        (Some(addr), Some(token)) => format!(
+            "[vault]\naddress = \"{addr}\"\ntoken_file = \"{}\"\nmount = \"secret\"\nkv_version = {}\n",
+            token.canonicalize()?.display(),
+            args.kv_version
+        ),
+        _ => "[file_store]\ndir = \"published\"\n".to_string(),
+    };
+    let credentials = sim.credentials(dir)?;
+    let (id, initial) = sim.add();
+    let config_path = dir.join("rekey.toml");
+    std::fs::write(
+        &config_path,
+        TEMPLATE
+            .replace("{{STORE}}", &store_section)
+            .replace("{{KIND}}", sim.kind())
+            .replace("{{BASE_URL}}", &sim.base_url())
+            .replace("{{CREDENTIALS}}", credentials.trim_end())
+            .replace(
+                "{{CONFIRM_TIMEOUT}}",
+                &humantime::format_duration(args.timeout).to_string(),
+            )
+            .replace("{{ID}}", &id),
+    )?;
+    Ok((config_path, id, initial))
+}
+
+/// Points the subscription's deliveries at the receiver; returns the receiver route.
+fn connect_receiver(
+    sim: &DemoSim,
+    receiver: &Receiver,
+    sub: &Subscription,
+    id: &str,
+    initial: &str,
+) -> anyhow::Result<String> {
+    let route = format!("{}/{}", sim.kind(), sub.id);
+    let url = receiver.register(&route, &sub.vault_path);
+    anyhow::ensure!(
+        sim.set_url(id, &url),
+        "the simulator lost subscription {id}"
+    );
+    step(format!(
+        "subscription {} delivers to the receiver at {url}; its secret is {}",
+        sub.name,
+        Fingerprint::of_str(initial)
+    ));
+    Ok(route)
+}
+
+/// A receiver that already verifies today: its secret is published before rekey takes
+/// over, as in any real deployment. An entry already there (a kept `--dir`) stays.
+async fn publish_initial(
+    store: &dyn SecretStore,
+    sub: &Subscription,
+    kind: &str,
+    initial: &str,
+) -> anyhow::Result<()> {
+    store
+        .write(
+            &sub.vault_path,
+            &Entry {
+                current: secret(initial.to_string()),
+                previous: None,
+                rotated_at: Utc::now(),
+                rotation_id: "initial".into(),
+                provider: kind.into(),
+                subscription: sub.id.clone(),
+            },
+            Expect::Absent,
+        )
+        .await
+        .or_else(|e| match e {
+            StoreError::Conflict { .. } => Ok(()),
+            e => Err(e),
+        })?;
+    step(format!(
+        "published the current secret at `{}`",
+        sub.vault_path
+    ));
+    Ok(())
+}
+
+/// Forces one rotation and advances it until it rests or `timeout` (plus a margin)
+/// passes, printing each transition as it is recorded.
+async fn rotate(
+    engine: &Engine,
+    db: &StateDb,
+    sub: &Subscription,
+    timeout: Duration,
+) -> anyhow::Result<Outcome> {
     println!();
     step(format!(
         "rotating {} (forced; the policy would wait 30 days)",
         sub.name
     ));
     let mut shown = 0;
-    let mut show_history = || -> anyhow::Result<()> {
-        let rows = db.history(Some(&sub.name))?;
-        for r in rows.iter().skip(shown) {
-            println!(
-                "{}   {:<10} -> {:<10} {}",
-                r.at.format("%H:%M:%S%.3f"),
-                r.from,
-                r.to,
-                r.detail
-            );
-        }
-        shown = rows.len();
-        Ok(())
-    };
-    let deadline = tokio::time::Instant::now() + args.timeout + Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + timeout + Duration::from_secs(5);
     let mut trigger = Some(Trigger::Forced);
-    let outcome = loop {
-        let (outcome, _) = engine.advance(&sub, trigger.take(), false).await?;
-        show_history()?;
+    loop {
+        let (outcome, _) = engine.advance(sub, trigger.take(), false).await?;
+        shown = show_history(db, &sub.name, shown)?;
         match outcome {
             Outcome::Waiting(_, until) if tokio::time::Instant::now() < deadline => {
                 let wait = (until - Utc::now()).to_std().unwrap_or_default();
                 tokio::time::sleep(wait.min(Duration::from_secs(1))).await;
             }
-            other => break other,
+            other => return Ok(other),
         }
-    };
-    sim.stop_traffic(traffic);
-    println!();
+    }
+}
 
-    let after = receiver.stats(&route);
+/// Prints the subscription's history rows after the first `shown`; returns how many
+/// rows are shown now.
+fn show_history(db: &StateDb, name: &str, shown: usize) -> anyhow::Result<usize> {
+    let rows = db.history(Some(name))?;
+    for r in rows.iter().skip(shown) {
+        println!(
+            "{}   {:<10} -> {:<10} {}",
+            r.at.format("%H:%M:%S%.3f"),
+            r.from,
+            r.to,
+            r.detail
+        );
+    }
+    Ok(rows.len())
+}
+
+/// Whether the provider's live secret is the one published as current; says so.
+async fn compare_secrets(
+    sim: &DemoSim,
+    id: &str,
+    store: &dyn SecretStore,
+    sub: &Subscription,
+) -> anyhow::Result<bool> {
     let live = sim
-        .secret_of(&id)
+        .secret_of(id)
         .ok_or_else(|| anyhow::anyhow!("the simulator lost subscription {id}"))?;
     let published = store
         .read(&sub.vault_path)
@@ -351,7 +433,8 @@ async fn demo(args: SandboxArgs) -> anyhow::Result<u8> {
         .ok_or_else(|| anyhow::anyhow!("nothing published at {}", sub.vault_path))?;
     let matches = Fingerprint::of(&published.entry.current) == Fingerprint::of_str(&live);
     step(format!(
-        "{kind}'s live secret {} {} the published current {}; previous: {}",
+        "{}'s live secret {} {} the published current {}; previous: {}",
+        sim.kind(),
         Fingerprint::of_str(&live),
         if matches { "equals" } else { "DIFFERS FROM" },
         Fingerprint::of(&published.entry.current),
@@ -362,24 +445,5 @@ async fn demo(args: SandboxArgs) -> anyhow::Result<u8> {
             .map(|p| Fingerprint::of(p).to_string())
             .unwrap_or_else(|| "none (retired)".into())
     ));
-    step(format!(
-        "receiver: {} accepted with the current secret, {} with the previous, {} rejected",
-        after.accepted_with_current, after.accepted_with_previous, after.rejected
-    ));
-    let ok = outcome == Outcome::Rested(Phase::Idle) && matches;
-    println!();
-    if ok {
-        println!(
-            "Rotation complete: rotated, stored, dual-published, confirmed by a delivery, retired."
-        );
-    } else {
-        println!("Rotation did not complete: {outcome:?}. See the history above.");
-    }
-    if args.dir.is_some() {
-        println!(
-            "\nInspect it:\n  rekey status --config {0}\n  rekey history --config {0}",
-            config_path.display()
-        );
-    }
-    Ok(if ok { exit::OK } else { exit::FAILED })
+    Ok(matches)
 }

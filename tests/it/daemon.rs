@@ -316,8 +316,8 @@ async fn check_config_prints_the_plan_touching_nothing_and_preflight_finds_a_sea
     assert_exit(&out, 0);
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     // 03:00 in Bratislava on the 1st (02:00 UTC in winter, 01:00 in summer).
-    let tz = rekey::schedule::Schedule::parse_zone("Europe/Bratislava").expect("zone");
-    let first = rekey::schedule::Schedule::cron("0 3 1 * *", tz)
+    let tz = rekey::policy_timing::Schedule::parse_zone("Europe/Bratislava").expect("zone");
+    let first = rekey::policy_timing::Schedule::cron("0 3 1 * *", tz)
         .expect("cron")
         .next_after(chrono::Utc::now())
         .expect("next");
