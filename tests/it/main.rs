@@ -4,6 +4,7 @@
 //! the real `rekey` binary.
 
 mod config_errors;
+mod contrib;
 mod crash_matrix;
 mod daemon;
 mod faults;
