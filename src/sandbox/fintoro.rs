@@ -593,6 +593,10 @@ impl FintoroSim {
         format!("http://{}/api/public/v1", self.handle.addr)
     }
 
+    pub fn options(&self) -> &FintoroSimOptions {
+        &self.shared().opts
+    }
+
     /// The one bearer token the simulator accepts.
     pub fn token(&self) -> String {
         self.shared().opts.token.clone()

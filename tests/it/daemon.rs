@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::support::daemon::{Daemon, PATIENCE};
 use crate::support::rekey::{Rekey, assert_exit, stderr};
-use crate::support::util::{next_second, s};
+use crate::support::util::s;
 use crate::support::world::World;
 
 /// Polls `rekey status --json` (each poll is a short process run) until `sub` is in
@@ -155,7 +155,7 @@ async fn rekey_rotate_wakes_the_running_daemon_which_rotates_and_confirms_on_its
 
     // Evidence arrives; the daemon's own confirmation poll (every 1 s) sees it and
     // retires the old secret, with no further command.
-    next_second().await;
+    w.until_evidence_counts().await;
     assert!(w.sim.deliver(w.id, "clients.updated").await.success);
     until_state(&w.rekey, &w.name, "idle").await;
     let entry = w.entry().await;
@@ -230,7 +230,7 @@ async fn sigterm_mid_rotation_lets_the_rotate_call_publish_exits_0_and_a_later_r
     // A later run continues from there and finishes on evidence.
     assert_exit(&w.rekey.once(&[]).await, 0);
     assert_eq!(s(&w.rekey.state_of(&w.name).await, "state"), "confirming");
-    next_second().await;
+    w.until_evidence_counts().await;
     assert!(w.sim.deliver(w.id, "clients.updated").await.success);
     assert_exit(&w.rekey.once(&[]).await, 0);
     assert_eq!(s(&w.rekey.state_of(&w.name).await, "state"), "idle");

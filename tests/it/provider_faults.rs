@@ -18,7 +18,7 @@ use rekey::sandbox::monite::{self, MoniteSim, MoniteSimOptions};
 use rekey::sandbox::storno::{self, StornoSim, StornoSimOptions};
 use serde_json::Value;
 
-use crate::support::util::{next_second, panic_text, s};
+use crate::support::util::{panic_text, s};
 use crate::support::world::{ProviderWorld, Sim};
 
 type MoniteWorld = ProviderWorld<MoniteSim>;
@@ -119,7 +119,7 @@ async fn finish<S: Sim>(w: &ProviderWorld<S>, unknown: &[String], problems: &mut
         if s(&w.rekey.state_of(&w.name).await, "state") == "idle" {
             break;
         }
-        next_second().await;
+        w.until_evidence_counts().await;
         w.sim.deliver_event(&w.id).await;
         w.rekey.once(&[]).await;
         check_vault(w, unknown, "recovering", problems).await;
@@ -684,7 +684,7 @@ async fn confirm_fault<S: Sim>(
         if out.status.code() != Some(0) {
             problems.push(format!("the rotation run exited {:?}", out.status.code()));
         }
-        next_second().await;
+        w.until_evidence_counts().await;
         if !w.sim.deliver_event(&w.id).await {
             problems.push("a delivery after the publication failed".into());
         }

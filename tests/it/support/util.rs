@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use serde_json::Value;
 
 /// A JSON field as a string (empty when missing or not a string).
@@ -9,12 +10,41 @@ pub fn s(v: &Value, key: &str) -> String {
     v[key].as_str().unwrap_or_default().to_string()
 }
 
-/// Waits for the next whole second. Provider timestamps such as Fintoro's
-/// `lastSuccessAt` have whole-second precision, so only a delivery in a later second
-/// than the publication can prove anything.
-pub async fn next_second() {
-    let into = chrono::Utc::now().timestamp_subsec_nanos() as u64;
-    tokio::time::sleep(Duration::from_nanos(1_000_000_000 - into)).await;
+/// How far above a provider's true clock offset rekey's upper bound on it can lie,
+/// for a peer on this host: an HTTP `Date` is truncated to the second, and the
+/// answer may have been formed anywhere in the round trip of the request that
+/// measured it (on loopback, far less than the 200 ms allowed here).
+const OFFSET_BOUND_SLACK: TimeDelta = TimeDelta::milliseconds(1_200);
+
+/// Waits until a delivery made from now on surely counts as evidence for a secret
+/// published at `published_at` (rekey's clock), at a provider whose clock runs
+/// `skew` ahead of this host's and stamps deliveries to `resolution`, with
+/// `longest_delivery` configured for it.
+///
+/// rekey counts only deliveries the provider stamps later than the publication plus
+/// its measured upper bound on the provider's clock offset (plus `longest_delivery`
+/// for completion times): a delivery made before that mark is rightly no evidence.
+/// The mark is a point on the provider's clock that neither side announces, so the
+/// only event to await is the clock passing it; the wait is computed from the
+/// publication rekey recorded, the offset bound and the stamp resolution, and is no
+/// longer than that (about 1.2 s, up to the next whole second where stamps have
+/// whole seconds).
+pub async fn until_evidence_counts(
+    published_at: DateTime<Utc>,
+    skew: TimeDelta,
+    resolution: TimeDelta,
+    longest_delivery: Duration,
+) {
+    // rekey never moves the mark earlier than the publication (a provider that
+    // seems to run behind is not trusted to), so a negative skew is waited out.
+    let offset_high = (skew + OFFSET_BOUND_SLACK).max(TimeDelta::zero());
+    let longest = TimeDelta::from_std(longest_delivery).expect("a short allowance");
+    let mark = published_at + offset_high + longest;
+    let first_counted = mark.duration_trunc(resolution).expect("truncate") + resolution;
+    let wait = (first_counted - skew - Utc::now())
+        .to_std()
+        .unwrap_or_default();
+    tokio::time::sleep(wait).await;
 }
 
 /// A panicked scenario task's message, for a table test's report.
