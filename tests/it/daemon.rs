@@ -6,29 +6,11 @@ use std::time::Duration;
 
 use rekey::sandbox::fintoro::{Fault, FaultKind, Route};
 use rustix::process::Signal;
-use serde_json::Value;
 
-use crate::support::daemon::{Daemon, PATIENCE};
+use crate::support::daemon::{Daemon, PATIENCE, until_state};
 use crate::support::rekey::{Rekey, assert_exit, stderr};
 use crate::support::util::s;
 use crate::support::world::World;
-
-/// Polls `rekey status --json` (each poll is a short process run) until `sub` is in
-/// `state`; a bounded wait on a state change, not a sleep.
-async fn until_state(rekey: &Rekey, sub: &str, state: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let st = rekey.state_of(sub).await;
-        if s(&st, "state") == state {
-            return st;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{sub} never reached {state}: {st}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

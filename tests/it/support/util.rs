@@ -1,6 +1,9 @@
 //! Small helpers every scenario file uses.
 
-use std::time::Duration;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use serde_json::Value;
@@ -58,4 +61,41 @@ pub fn panic_text(e: tokio::task::JoinError) -> String {
         Err(e) => e.to_string(),
     };
     format!("panicked: {}", text.chars().take(2000).collect::<String>())
+}
+
+/// Worlds of one table running at once.
+const PARALLEL: usize = 3;
+
+/// Runs a table's scenarios, [`PARALLEL`] at a time; each returns its problems (a
+/// panic, e.g. from the leak check, counts as one). Prints one summary line.
+pub type Scenario = Pin<Box<dyn Future<Output = Vec<String>> + Send>>;
+
+pub async fn run_table(table: &str, cases: Vec<(String, Scenario)>) {
+    let t0 = Instant::now();
+    let n = cases.len();
+    let permits = Arc::new(tokio::sync::Semaphore::new(PARALLEL));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, (what, scenario)) in cases.into_iter().enumerate() {
+        let permits = permits.clone();
+        tasks.spawn(async move {
+            let _permit = permits.acquire_owned().await.expect("semaphore");
+            (i, what, tokio::spawn(scenario).await)
+        });
+    }
+    let mut failures = vec![];
+    while let Some(joined) = tasks.join_next().await {
+        let (i, what, result) = joined.expect("table task");
+        let problems = result.unwrap_or_else(|e| vec![panic_text(e)]);
+        if !problems.is_empty() {
+            failures.push((i, format!("{what}: {}", problems.join("; "))));
+        }
+    }
+    failures.sort();
+    println!(
+        "{table}: {}/{n} cases as expected ({:.1} s)",
+        n - failures.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    let lines: Vec<String> = failures.into_iter().map(|(_, f)| f).collect();
+    assert!(lines.is_empty(), "{table}:\n{}", lines.join("\n"));
 }
