@@ -170,10 +170,26 @@ async fn rekey_rotate_wakes_the_running_daemon_which_rotates_and_confirms_on_its
             "rekey_confirmation_latency_seconds_count 1",
             r#"rekey_last_success_timestamp_seconds{subscription="acme/801"}"#,
             r#"rekey_next_rotation_timestamp_seconds{subscription="acme/801"}"#,
+            r#"rekey_clock_offset_seconds{peer="acme",bound="low"}"#,
+            r#"rekey_clock_offset_seconds{peer="vault",bound="high"}"#,
         ],
     )
     .await;
     assert!(!metrics.contains(&w.live()) && !metrics.contains(&w.initial));
+    // Clock offsets, measured from the answers' `Date`: the provider's bounds hold
+    // its true offset (none: the simulator shares this host's clock).
+    let bound = |peer: &str, bound: &str| -> f64 {
+        let key = format!(r#"rekey_clock_offset_seconds{{peer="{peer}",bound="{bound}"}} "#);
+        let line = metrics.lines().find(|l| l.starts_with(&key));
+        let value = line.and_then(|l| l[key.len()..].trim().parse().ok());
+        value.unwrap_or_else(|| panic!("no {key}in:\n{metrics}"))
+    };
+    let (low, high) = (bound("acme", "low"), bound("acme", "high"));
+    assert!(
+        low <= 0.0 && 0.0 <= high && high - low <= 1.5,
+        "[{low}, {high}]"
+    );
+    assert!(bound("vault", "low") <= bound("vault", "high"));
 
     d.signal(Signal::INT);
     assert_eq!(d.exit(Duration::from_secs(10)).await.code(), Some(0));

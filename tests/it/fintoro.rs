@@ -81,6 +81,31 @@ async fn rotating_a_fintoro_subscription_publishes_both_secrets_then_retires_the
             .any(|h| s(h, "detail").contains("lastSuccessAt")),
         "the evidence is recorded"
     );
+    // What the confirmation rested on: the field, its stamp, the mark it passed
+    // (the publication plus the clock offset bound) and that bound.
+    let ev = history
+        .iter()
+        .find_map(|h| h.get("evidence"))
+        .unwrap_or_else(|| panic!("no evidence object: {history:?}"));
+    assert_eq!(s(ev, "source"), "lastSuccessAt");
+    let t = |k: &str| chrono::DateTime::parse_from_rfc3339(&s(ev, k)).expect(k);
+    let published = w.rekey.published_at(&w.name).await.expect("published");
+    assert!(t("stamp") > t("counted_after"), "{ev}");
+    assert!(
+        t("counted_after") > published - chrono::TimeDelta::milliseconds(50),
+        "{ev}"
+    );
+    assert!(
+        ev["offset"]["low_ms"].is_i64() && ev["offset"]["high_ms"].is_i64(),
+        "{ev}"
+    );
+    let text = w.rekey.run(&["history", &w.name]).await;
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains(&format!("[lastSuccessAt {} > ", t("stamp").to_rfc3339()))
+            && text.contains("provider clock offset ["),
+        "the text shows the rule: {text}"
+    );
     w.assert_no_leak(&[]);
 }
 
