@@ -6,6 +6,7 @@
 mod config_errors;
 mod crash_matrix;
 mod daemon;
+mod evidence;
 mod faults;
 mod fintoro;
 mod first_start;
