@@ -7,6 +7,7 @@ mod config_errors;
 mod contrib;
 mod crash_matrix;
 mod daemon;
+mod evidence;
 mod faults;
 mod fintoro;
 mod first_start;
