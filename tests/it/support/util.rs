@@ -17,7 +17,7 @@ pub fn s(v: &Value, key: &str) -> String {
 /// for a peer on this host: an HTTP `Date` is truncated to the second, and the
 /// answer may have been formed anywhere in the round trip of the request that
 /// measured it (on loopback, far less than the 200 ms allowed here).
-const OFFSET_BOUND_SLACK: TimeDelta = TimeDelta::milliseconds(1_200);
+const OFFSET_BOUND_SLACK: TimeDelta = TimeDelta::milliseconds(1_700);
 
 /// Waits until a delivery made from now on surely counts as evidence for a secret
 /// published at `published_at` (rekey's clock), at a provider whose clock runs
@@ -30,7 +30,7 @@ const OFFSET_BOUND_SLACK: TimeDelta = TimeDelta::milliseconds(1_200);
 /// The mark is a point on the provider's clock that neither side announces, so the
 /// only event to await is the clock passing it; the wait is computed from the
 /// publication rekey recorded, the offset bound and the stamp resolution, and is no
-/// longer than that (about 1.2 s, up to the next whole second where stamps have
+/// longer than that (about 1.7 s, up to the next whole second where stamps have
 /// whole seconds).
 pub async fn until_evidence_counts(
     published_at: DateTime<Utc>,
