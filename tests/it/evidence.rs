@@ -13,7 +13,7 @@ use rekey::secret::Fingerprint;
 use rustix::process::Signal;
 use serde_json::{Value, json};
 
-use crate::support::daemon::{Daemon, until_state};
+use crate::support::daemon::{Daemon, PATIENCE, until_state};
 use crate::support::rekey::{ProviderConf, assert_exit};
 use crate::support::util::{Scenario, run_table, s};
 use crate::support::world::{FINTORO_TOKEN, ProviderWorld, Sim};
@@ -271,7 +271,19 @@ async fn rejected<S: Sim>(w: ProviderWorld<S>) -> Vec<String> {
 
     let mut d = Daemon::start(&w.rekey, &[]).await;
     d.notified("READY=1").await;
-    let st = until_state(&w.rekey, &w.name, "held").await;
+    // Receivers that never pick up the new secret keep rejecting what comes: one
+    // failure and then silence would be a receiver that may have caught up since,
+    // which does not hold. Deliver until the daemon holds (a bounded wait on it).
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let st = loop {
+        let st = w.rekey.state_of(&w.name).await;
+        if s(&st, "state") == "held" {
+            break st;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never held: {st}");
+        assert!(!w.sim.deliver_event(&w.id).await, "the receiver rejects it");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
     d.signal(Signal::TERM);
     assert_eq!(d.exit(Duration::from_secs(10)).await.code(), Some(0));
     d.record(&w.rekey);
