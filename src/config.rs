@@ -898,6 +898,8 @@ fn is_api_version(v: &str) -> bool {
     chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d").is_ok()
 }
 
+/// Validates every section in file order, collecting all problems in one [`Checker`]
+/// so an operator sees everything wrong at once, in the order the file reads.
 fn validate(
     raw: RawConfig,
     file: &Path,
@@ -908,578 +910,16 @@ fn validate(
         problems: vec![],
         base: base.to_path_buf(),
     };
-
-    match raw.version {
-        Some(CONFIG_VERSION) => {}
-        Some(v) => c.problem(
-            "version",
-            format!("version {v} is not supported; this rekey reads version {CONFIG_VERSION}"),
-        ),
-        None => c.problem(
-            "version",
-            format!("is required (write `version = {CONFIG_VERSION}`)"),
-        ),
-    }
-
-    let state_dir = match raw.state_dir {
-        Some(p) if !p.as_os_str().is_empty() => c.resolve(&p),
-        _ => {
-            c.problem("state_dir", "is required (e.g. \"/var/lib/rekey\")");
-            PathBuf::new()
-        }
-    };
-
-    let store = match (raw.vault, raw.file_store) {
-        (Some(_), Some(_)) => {
-            c.problem(
-                "file_store",
-                "give either [vault] or [file_store], not both",
-            );
-            None
-        }
-        (None, None) => {
-            c.problem("vault", "a [vault] section (or [file_store]) is required");
-            None
-        }
-        (None, Some(f)) => Some(StoreSettings::File {
-            dir: c.resolve(&f.dir),
-        }),
-        (Some(v), None) => validate_vault(&mut c, v, env).map(StoreSettings::Vault),
-    };
-
-    let mut providers = Vec::new();
-    let mut provider_names = HashSet::new();
-    for (i, p) in raw.providers.into_iter().enumerate() {
-        let k = format!("providers[{i}]");
-        let Some(name) = c.name(&format!("{k}.name"), p.name.as_ref()) else {
-            continue;
-        };
-        if !provider_names.insert(name.clone()) {
-            c.problem(
-                format!("{k}.name"),
-                format!("provider `{name}` is defined twice"),
-            );
-            continue;
-        }
-        let kind = match p.kind.as_deref() {
-            Some("fintoro") => Some(ProviderKind::Fintoro),
-            Some("monite") => Some(ProviderKind::Monite),
-            Some("storno") => Some(ProviderKind::Storno),
-            Some(other) => {
-                c.problem(
-                    format!("{k}.kind"),
-                    format!("`{other}` is not a provider kind; expected fintoro, monite or storno"),
-                );
-                None
-            }
-            None => {
-                c.problem(format!("{k}.kind"), "is required");
-                None
-            }
-        };
-        if let Some(kind) = kind {
-            reject_foreign_keys(&mut c, &k, kind, &p);
-        }
-        let base_url = match (
-            p.base_url.as_deref(),
-            kind.and_then(|k| k.default_base_url()),
-        ) {
-            (Some(u), _) | (None, Some(u)) => c.url(&format!("{k}.base_url"), u),
-            (None, None) => {
-                if kind.is_some() {
-                    c.problem(
-                        format!("{k}.base_url"),
-                        "is required for monite (sandbox https://api.sandbox.monite.com/v1, \
-                         EU https://api.monite.com/v1, NA https://us.api.monite.com/v1)",
-                    );
-                }
-                None
-            }
-        };
-        let (token, settings) = match kind {
-            None => (None, None),
-            Some(ProviderKind::Fintoro) => (
-                required_secret(&mut c, &format!("{k}.token_file"), p.token_file.as_deref()),
-                Some(KindSettings::Fintoro),
-            ),
-            Some(ProviderKind::Monite) => {
-                let secret = required_secret(
-                    &mut c,
-                    &format!("{k}.client_secret_file"),
-                    p.client_secret_file.as_deref(),
-                );
-                let client_id = c.plain(&format!("{k}.client_id"), p.client_id.as_deref());
-                let entity_id = c.plain(&format!("{k}.entity_id"), p.entity_id.as_deref());
-                let api_version = match p.api_version.as_deref().map(str::trim) {
-                    None => Some(MONITE_DEFAULT_API_VERSION.to_string()),
-                    Some(v) if is_api_version(v) => Some(v.to_string()),
-                    Some(v) => {
-                        c.problem(
-                            format!("{k}.api_version"),
-                            format!("`{v}` is not a Monite API version (a date, e.g. \"{MONITE_DEFAULT_API_VERSION}\")"),
-                        );
-                        None
-                    }
-                };
-                let settings = match (client_id, entity_id, api_version) {
-                    (Some(client_id), Some(entity_id), Some(api_version)) => {
-                        Some(KindSettings::Monite {
-                            client_id,
-                            entity_id,
-                            api_version,
-                        })
-                    }
-                    _ => None,
-                };
-                (secret, settings)
-            }
-            Some(ProviderKind::Storno) => {
-                let token =
-                    required_secret(&mut c, &format!("{k}.token_file"), p.token_file.as_deref());
-                let company = c
-                    .plain(&format!("{k}.company"), p.company.as_deref())
-                    .map(|company| KindSettings::Storno { company });
-                (token, company)
-            }
-        };
-        let rate_limit = match p.rate_limit.as_deref() {
-            None => kind.map(ProviderKind::default_rate_limit),
-            Some(s) => match RateLimit::parse(s) {
-                Ok(r) => Some(r),
-                Err(m) => {
-                    c.problem(format!("{k}.rate_limit"), m);
-                    None
-                }
-            },
-        };
-        let timeout = c.duration(
-            &format!("{k}.timeout"),
-            p.timeout.as_deref(),
-            Duration::from_secs(30),
-        );
-        if p.max_concurrent == Some(0) {
-            c.problem(
-                format!("{k}.max_concurrent"),
-                "must be at least 1 (omit it for no per-provider limit)",
-            );
-        }
-        let longest_delivery = p
-            .longest_delivery
-            .as_deref()
-            .map(|d| c.duration(&format!("{k}.longest_delivery"), Some(d), Duration::ZERO));
-        if let (Some(kind), Some(base_url), Some(token), Some(rate_limit), Some(settings)) =
-            (kind, base_url, token, rate_limit, settings)
-        {
-            providers.push(ProviderSettings {
-                name,
-                kind,
-                base_url,
-                token,
-                rate_limit,
-                timeout,
-                longest_delivery: longest_delivery
-                    .unwrap_or_else(|| kind.default_longest_delivery()),
-                max_concurrent: p.max_concurrent,
-                settings,
-            });
-        }
-    }
-
-    let mut policies = Vec::new();
-    let mut policy_names = HashSet::new();
-    for (i, p) in raw.policies.into_iter().enumerate() {
-        let k = format!("policies[{i}]");
-        let Some(name) = c.name(&format!("{k}.name"), p.name.as_ref()) else {
-            continue;
-        };
-        if !policy_names.insert(name.clone()) {
-            c.problem(
-                format!("{k}.name"),
-                format!("policy `{name}` is defined twice"),
-            );
-            continue;
-        }
-        let tz = match p.timezone.as_deref() {
-            None => Some(chrono_tz::UTC),
-            Some(z) => match Schedule::parse_zone(z) {
-                Ok(tz) => Some(tz),
-                Err(m) => {
-                    c.problem(format!("{k}.timezone"), m);
-                    None
-                }
-            },
-        };
-        let schedule = match (p.schedule.as_deref(), p.every.as_deref()) {
-            (Some(_), Some(_)) => {
-                c.problem(
-                    format!("{k}.every"),
-                    "give either `schedule` or `every`, not both",
-                );
-                None
-            }
-            (None, None) => {
-                c.problem(
-                    format!("{k}.schedule"),
-                    "a policy needs `schedule` (cron) or `every` (interval)",
-                );
-                None
-            }
-            (Some(expr), None) => tz.and_then(|tz| match Schedule::cron(expr, tz) {
-                Ok(s) => Some(s),
-                Err(m) => {
-                    c.problem(format!("{k}.schedule"), m);
-                    None
-                }
-            }),
-            (None, Some(every)) => {
-                if p.timezone.is_some() && p.window.is_none() {
-                    c.problem(
-                        format!("{k}.timezone"),
-                        "only applies to `schedule` and `window`; an `every` interval has no time zone",
-                    );
-                }
-                let before = c.problems.len();
-                let d = c.duration(&format!("{k}.every"), Some(every), Duration::ZERO);
-                (c.problems.len() == before).then_some(Schedule::Every(d))
-            }
-        };
-        let confirm_timeout = c.duration(
-            &format!("{k}.confirm_timeout"),
-            p.confirm_timeout.as_deref(),
-            Duration::from_secs(24 * 3600),
-        );
-        let confirm_poll = c.duration(
-            &format!("{k}.confirm_poll"),
-            p.confirm_poll.as_deref(),
-            Duration::from_secs(300),
-        );
-        if confirm_poll > confirm_timeout {
-            c.problem(
-                format!("{k}.confirm_poll"),
-                "is longer than confirm_timeout: the deadline would pass between two checks",
-            );
-        }
-        let on_timeout = match p.on_timeout.as_deref() {
-            None | Some("hold") => OnTimeout::Hold,
-            Some("retire") => OnTimeout::Retire,
-            Some(other) => {
-                c.problem(
-                    format!("{k}.on_timeout"),
-                    format!("`{other}` is not one of \"hold\", \"retire\""),
-                );
-                OnTimeout::Hold
-            }
-        };
-        let fail_after = c.duration(
-            &format!("{k}.fail_after"),
-            p.fail_after.as_deref(),
-            Duration::from_secs(600),
-        );
-        if p.fail_after_failures == Some(0) {
-            c.problem(
-                format!("{k}.fail_after_failures"),
-                "must be at least 1 (omit it to hold on `fail_after` alone)",
-            );
-        }
-        let retry_base = c.duration(
-            &format!("{k}.retry_base"),
-            p.retry_base.as_deref(),
-            Duration::from_secs(30),
-        );
-        let retry_max = c.duration(
-            &format!("{k}.retry_max"),
-            p.retry_max.as_deref(),
-            Duration::from_secs(3600),
-        );
-        let window = p.window.as_deref().and_then(|w| match Window::parse(w) {
-            Ok(w) => Some(w),
-            Err(m) => {
-                c.problem(format!("{k}.window"), m);
-                None
-            }
-        });
-        let jitter = match p.jitter.as_deref() {
-            // Zero is a valid jitter ("none"), unlike the other durations.
-            Some("0" | "0s") | None => Duration::ZERO,
-            Some(j) => c.duration(&format!("{k}.jitter"), Some(j), Duration::ZERO),
-        };
-        if let Some(w) = &window
-            && jitter >= w.length()
-        {
-            c.problem(
-                format!("{k}.jitter"),
-                format!(
-                    "`{}` is not shorter than the window ({}): the offset could push a start out of it",
-                    humantime::format_duration(jitter),
-                    humantime::format_duration(w.length())
-                ),
-            );
-        }
-        let catch_up = match p.catch_up.as_deref() {
-            None | Some("run") => CatchUp::Run,
-            Some("skip") => CatchUp::Skip,
-            Some(other) => {
-                c.problem(
-                    format!("{k}.catch_up"),
-                    format!("`{other}` is not one of \"run\", \"skip\""),
-                );
-                CatchUp::Run
-            }
-        };
-        if let Some(schedule) = schedule {
-            policies.push(Policy {
-                name,
-                schedule,
-                timing: Timing {
-                    confirm_timeout,
-                    confirm_poll,
-                    on_timeout,
-                    retry_base,
-                    retry_max: retry_max.max(retry_base),
-                    fail_after,
-                    fail_after_failures: p.fail_after_failures,
-                },
-                rotate_on_adopt: p.rotate_on_adopt.unwrap_or(false),
-                start: StartRules {
-                    window,
-                    tz: tz.unwrap_or(chrono_tz::UTC),
-                    jitter,
-                    catch_up,
-                },
-            });
-        }
-    }
-
-    let mut subscriptions: Vec<Subscription> = Vec::new();
-    let mut discoveries: Vec<Discovery> = Vec::new();
-    // The `subscriptions[i]` of each discovery entry, for errors naming two of them.
-    let mut discovery_keys: Vec<String> = Vec::new();
-    let mut seen_paths: BTreeMap<String, String> = BTreeMap::new();
-    for (i, s) in raw.subscriptions.into_iter().enumerate() {
-        let k = format!("subscriptions[{i}]");
-        let provider = match s.provider.as_deref() {
-            None => {
-                c.problem(format!("{k}.provider"), "is required");
-                None
-            }
-            Some(p) if providers.iter().any(|x| x.name == p) => Some(p.to_string()),
-            // Defined but invalid: its own problems are already reported.
-            Some(p) if provider_names.contains(p) => None,
-            Some(p) => {
-                c.problem(
-                    format!("{k}.provider"),
-                    format!("no [[providers]] entry is named `{p}`"),
-                );
-                None
-            }
-        };
-        let id = match s.id.as_deref().map(str::trim) {
-            None => {
-                c.problem(format!("{k}.id"), "is required");
-                None
-            }
-            Some("") => {
-                c.problem(format!("{k}.id"), "must not be empty");
-                None
-            }
-            Some(id) if id.contains('/') || id.contains(char::is_whitespace) => {
-                c.problem(
-                    format!("{k}.id"),
-                    format!("`{id}` must not contain `/` or spaces"),
-                );
-                None
-            }
-            Some(id) => Some(id.to_string()),
-        };
-        let policy = match s.policy.as_deref() {
-            None => {
-                c.problem(format!("{k}.policy"), "is required");
-                None
-            }
-            Some(p) if policies.iter().any(|x| x.name == p) => Some(p.to_string()),
-            Some(p) if policy_names.contains(p) => None,
-            Some(p) => {
-                c.problem(
-                    format!("{k}.policy"),
-                    format!("no [[policies]] entry is named `{p}`"),
-                );
-                None
-            }
-        };
-        let vault_path = match s.vault_path.as_deref().map(|p| p.trim_matches('/')) {
-            None => {
-                c.problem(format!("{k}.vault_path"), "is required");
-                None
-            }
-            Some("") => {
-                c.problem(format!("{k}.vault_path"), "must not be empty");
-                None
-            }
-            Some(p)
-                if p.split('/')
-                    .any(|seg| seg.is_empty() || seg == "." || seg == "..") =>
-            {
-                c.problem(
-                    format!("{k}.vault_path"),
-                    format!("`{p}` has an empty, `.` or `..` segment"),
-                );
-                None
-            }
-            Some(p) => Some(p.to_string()),
-        };
-        if let (Some(provider), Some("*"), Some(policy), Some(template)) =
-            (&provider, id.as_deref(), &policy, &vault_path)
-        {
-            if let Err(m) = check_template(template) {
-                c.problem(format!("{k}.vault_path"), m);
-                continue;
-            }
-            if discoveries
-                .iter()
-                .any(|d: &Discovery| &d.provider == provider)
-            {
-                c.problem(
-                    format!("{k}.id"),
-                    format!("provider `{provider}` already has an id = \"*\" entry"),
-                );
-                continue;
-            }
-            let kind = providers
-                .iter()
-                .find(|p| &p.name == provider)
-                .map(|p| p.kind)
-                .unwrap_or(ProviderKind::Fintoro);
-            let d = Discovery {
-                provider: provider.clone(),
-                kind,
-                policy: policy.clone(),
-                vault_path_template: template.clone(),
-            };
-            if let Some((other, o, path)) = discovery_keys
-                .iter()
-                .zip(&discoveries)
-                .find_map(|(key, o)| o.shared_path(&d).map(|path| (key, o, path)))
-            {
-                c.problem(
-                    format!("{k}.vault_path"),
-                    format!(
-                        "`{template}` (provider `{provider}`) and `{}` of {other} (provider \
-                         `{}`) can both produce one path (e.g. `{path}`): two accounts' \
-                         subscriptions would share that entry; make the templates differ outside `{{id}}`, \
-                         e.g. with `{{provider}}`",
-                        o.vault_path_template, o.provider
-                    ),
-                );
-                continue;
-            }
-            discoveries.push(d);
-            discovery_keys.push(k.clone());
-            continue;
-        }
-        if let (Some(_), Some(v)) = (&id, &vault_path)
-            && id.as_deref() != Some("*")
-            && (v.contains('{') || v.contains('}'))
-        {
-            c.problem(
-                format!("{k}.vault_path"),
-                format!("`{v}` has a placeholder; placeholders only apply with id = \"*\""),
-            );
-            continue;
-        }
-        if let (Some(provider), Some(id), Some(policy), Some(vault_path)) =
-            (provider, id, policy, vault_path)
-        {
-            let name = format!("{provider}/{id}");
-            if subscriptions.iter().any(|x| x.name == name) {
-                c.problem(
-                    format!("{k}.id"),
-                    format!("subscription `{name}` is listed twice"),
-                );
-                continue;
-            }
-            if let Some(other) = seen_paths.insert(vault_path.clone(), name.clone()) {
-                c.problem(
-                    format!("{k}.vault_path"),
-                    format!("`{vault_path}` is also the path of `{other}`; each subscription needs its own"),
-                );
-                continue;
-            }
-            subscriptions.push(Subscription {
-                name,
-                provider,
-                id,
-                policy,
-                vault_path,
-            });
-        }
-    }
-
-    let log = match raw.log {
-        None => LogSettings {
-            format: LogFormat::Text,
-            level: "info".into(),
-        },
-        Some(l) => {
-            let format = match l.format.as_deref() {
-                None | Some("text") => LogFormat::Text,
-                Some("json") => LogFormat::Json,
-                Some(other) => {
-                    c.problem(
-                        "log.format",
-                        format!("`{other}` is not one of \"text\", \"json\""),
-                    );
-                    LogFormat::Text
-                }
-            };
-            let level = l.level.unwrap_or_else(|| "info".into());
-            if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
-                c.problem(
-                    "log.level",
-                    format!("`{level}` is not a log level or filter"),
-                );
-            }
-            LogSettings { format, level }
-        }
-    };
-
-    let mut daemon = DaemonSettings::default();
-    if let Some(d) = raw.daemon {
-        match d.max_concurrent {
-            Some(0) => c.problem("daemon.max_concurrent", "must be at least 1"),
-            Some(n) => daemon.max_concurrent = n,
-            None => {}
-        }
-        daemon.drain_timeout = c.duration(
-            "daemon.drain_timeout",
-            d.drain_timeout.as_deref(),
-            daemon.drain_timeout,
-        );
-        daemon.drift_check = c.duration(
-            "daemon.drift_check",
-            d.drift_check.as_deref(),
-            daemon.drift_check,
-        );
-        if daemon.drift_check < Duration::from_secs(60) {
-            c.problem(
-                "daemon.drift_check",
-                "must be at least 1m: each check is a provider request per subscription",
-            );
-        }
-    }
-
-    let metrics_listen = match raw.metrics.and_then(|m| m.listen) {
-        None => None,
-        Some(l) => match l.parse::<std::net::SocketAddr>() {
-            Ok(a) => Some(a),
-            Err(_) => {
-                c.problem(
-                    "metrics.listen",
-                    format!("`{l}` is not an address and port, e.g. \"127.0.0.1:9464\""),
-                );
-                None
-            }
-        },
-    };
+    validate_version(&mut c, raw.version);
+    let state_dir = validate_state_dir(&mut c, raw.state_dir);
+    let store = validate_store(&mut c, raw.vault, raw.file_store, env);
+    let providers = validate_providers(&mut c, raw.providers);
+    let policies = validate_policies(&mut c, raw.policies);
+    let (subscriptions, discoveries) =
+        validate_subscriptions(&mut c, raw.subscriptions, &providers, &policies);
+    let log = validate_log(&mut c, raw.log);
+    let daemon = validate_daemon(&mut c, raw.daemon);
+    let metrics_listen = validate_metrics(&mut c, raw.metrics);
 
     if !c.problems.is_empty() {
         return Err(ConfigError {
@@ -1500,14 +940,751 @@ fn validate(
         source: file.to_path_buf(),
         state_dir,
         store,
-        providers,
-        policies,
+        providers: providers.valid,
+        policies: policies.valid,
         subscriptions,
         discoveries,
         log,
         daemon,
         metrics_listen,
     })
+}
+
+fn validate_version(c: &mut Checker, version: Option<u32>) {
+    match version {
+        Some(CONFIG_VERSION) => {}
+        Some(v) => c.problem(
+            "version",
+            format!("version {v} is not supported; this rekey reads version {CONFIG_VERSION}"),
+        ),
+        None => c.problem(
+            "version",
+            format!("is required (write `version = {CONFIG_VERSION}`)"),
+        ),
+    }
+}
+
+fn validate_state_dir(c: &mut Checker, state_dir: Option<PathBuf>) -> PathBuf {
+    match state_dir {
+        Some(p) if !p.as_os_str().is_empty() => c.resolve(&p),
+        _ => {
+            c.problem("state_dir", "is required (e.g. \"/var/lib/rekey\")");
+            PathBuf::new()
+        }
+    }
+}
+
+fn validate_store(
+    c: &mut Checker,
+    vault: Option<RawVault>,
+    file_store: Option<RawFileStore>,
+    env: &dyn Environment,
+) -> Option<StoreSettings> {
+    match (vault, file_store) {
+        (Some(_), Some(_)) => {
+            c.problem(
+                "file_store",
+                "give either [vault] or [file_store], not both",
+            );
+            None
+        }
+        (None, None) => {
+            c.problem("vault", "a [vault] section (or [file_store]) is required");
+            None
+        }
+        (None, Some(f)) => Some(StoreSettings::File {
+            dir: c.resolve(&f.dir),
+        }),
+        (Some(v), None) => validate_vault(c, v, env).map(StoreSettings::Vault),
+    }
+}
+
+/// The `[[providers]]` or `[[policies]]` entries that validated, and the name of every
+/// entry given, valid or not: a subscription naming a defined but invalid entry is not
+/// reported again (that entry's own problems already are).
+struct Entries<T> {
+    valid: Vec<T>,
+    given: HashSet<String>,
+}
+
+impl<T> Entries<T> {
+    fn new() -> Self {
+        Entries {
+            valid: vec![],
+            given: HashSet::new(),
+        }
+    }
+
+    /// The entry's name if it is usable and not already given; `what` names the
+    /// section's kind of entry ("provider", "policy") in the message.
+    fn name(&mut self, c: &mut Checker, k: &str, what: &str, v: Option<&String>) -> Option<String> {
+        let name = c.name(&format!("{k}.name"), v)?;
+        if !self.given.insert(name.clone()) {
+            c.problem(
+                format!("{k}.name"),
+                format!("{what} `{name}` is defined twice"),
+            );
+            return None;
+        }
+        Some(name)
+    }
+
+    /// A subscription's reference to one of these entries, by name; `section` is the
+    /// table it is looked up in ("providers", "policies").
+    fn reference(
+        &self,
+        c: &mut Checker,
+        key: String,
+        v: Option<&str>,
+        section: &str,
+        name_of: fn(&T) -> &str,
+    ) -> Option<String> {
+        match v {
+            None => {
+                c.problem(key, "is required");
+                None
+            }
+            Some(n) if self.valid.iter().any(|x| name_of(x) == n) => Some(n.to_string()),
+            // Defined but invalid: its own problems are already reported.
+            Some(n) if self.given.contains(n) => None,
+            Some(n) => {
+                c.problem(key, format!("no [[{section}]] entry is named `{n}`"));
+                None
+            }
+        }
+    }
+}
+
+fn validate_providers(c: &mut Checker, raw: Vec<RawProvider>) -> Entries<ProviderSettings> {
+    let mut out = Entries::new();
+    for (i, p) in raw.into_iter().enumerate() {
+        let k = format!("providers[{i}]");
+        let Some(name) = out.name(c, &k, "provider", p.name.as_ref()) else {
+            continue;
+        };
+        if let Some(settings) = validate_provider(c, &k, name, &p) {
+            out.valid.push(settings);
+        }
+    }
+    out
+}
+
+/// One `[[providers]]` entry (`k` is its key, `providers[i]`), its name already
+/// checked. Every key is checked even when an earlier one is wrong.
+fn validate_provider(
+    c: &mut Checker,
+    k: &str,
+    name: String,
+    p: &RawProvider,
+) -> Option<ProviderSettings> {
+    let kind = provider_kind(c, k, p.kind.as_deref());
+    if let Some(kind) = kind {
+        reject_foreign_keys(c, k, kind, p);
+    }
+    let base_url = provider_base_url(c, k, kind, p.base_url.as_deref());
+    let (token, settings) = match kind {
+        None => (None, None),
+        Some(ProviderKind::Fintoro) => (
+            required_secret(c, &format!("{k}.token_file"), p.token_file.as_deref()),
+            Some(KindSettings::Fintoro),
+        ),
+        Some(ProviderKind::Monite) => monite_settings(c, k, p),
+        Some(ProviderKind::Storno) => storno_settings(c, k, p),
+    };
+    let rate_limit = match p.rate_limit.as_deref() {
+        None => kind.map(ProviderKind::default_rate_limit),
+        Some(s) => match RateLimit::parse(s) {
+            Ok(r) => Some(r),
+            Err(m) => {
+                c.problem(format!("{k}.rate_limit"), m);
+                None
+            }
+        },
+    };
+    let timeout = c.duration(
+        &format!("{k}.timeout"),
+        p.timeout.as_deref(),
+        Duration::from_secs(30),
+    );
+    if p.max_concurrent == Some(0) {
+        c.problem(
+            format!("{k}.max_concurrent"),
+            "must be at least 1 (omit it for no per-provider limit)",
+        );
+    }
+    let longest_delivery = p
+        .longest_delivery
+        .as_deref()
+        .map(|d| c.duration(&format!("{k}.longest_delivery"), Some(d), Duration::ZERO));
+    let (Some(kind), Some(base_url), Some(token), Some(rate_limit), Some(settings)) =
+        (kind, base_url, token, rate_limit, settings)
+    else {
+        return None;
+    };
+    Some(ProviderSettings {
+        name,
+        kind,
+        base_url,
+        token,
+        rate_limit,
+        timeout,
+        longest_delivery: longest_delivery.unwrap_or_else(|| kind.default_longest_delivery()),
+        max_concurrent: p.max_concurrent,
+        settings,
+    })
+}
+
+fn provider_kind(c: &mut Checker, k: &str, kind: Option<&str>) -> Option<ProviderKind> {
+    match kind {
+        Some("fintoro") => Some(ProviderKind::Fintoro),
+        Some("monite") => Some(ProviderKind::Monite),
+        Some("storno") => Some(ProviderKind::Storno),
+        Some(other) => {
+            c.problem(
+                format!("{k}.kind"),
+                format!("`{other}` is not a provider kind; expected fintoro, monite or storno"),
+            );
+            None
+        }
+        None => {
+            c.problem(format!("{k}.kind"), "is required");
+            None
+        }
+    }
+}
+
+/// The given `base_url`, else the kind's default. With no kind there is nothing to
+/// say about a missing one: the kind's own problem is reported.
+fn provider_base_url(
+    c: &mut Checker,
+    k: &str,
+    kind: Option<ProviderKind>,
+    base_url: Option<&str>,
+) -> Option<String> {
+    match (base_url, kind.and_then(|k| k.default_base_url())) {
+        (Some(u), _) | (None, Some(u)) => c.url(&format!("{k}.base_url"), u),
+        (None, None) => {
+            if kind.is_some() {
+                c.problem(
+                    format!("{k}.base_url"),
+                    "is required for monite (sandbox https://api.sandbox.monite.com/v1, \
+                     EU https://api.monite.com/v1, NA https://us.api.monite.com/v1)",
+                );
+            }
+            None
+        }
+    }
+}
+
+/// A Monite account's client secret and settings.
+fn monite_settings(
+    c: &mut Checker,
+    k: &str,
+    p: &RawProvider,
+) -> (Option<SecretString>, Option<KindSettings>) {
+    let secret = required_secret(
+        c,
+        &format!("{k}.client_secret_file"),
+        p.client_secret_file.as_deref(),
+    );
+    let client_id = c.plain(&format!("{k}.client_id"), p.client_id.as_deref());
+    let entity_id = c.plain(&format!("{k}.entity_id"), p.entity_id.as_deref());
+    let api_version = match p.api_version.as_deref().map(str::trim) {
+        None => Some(MONITE_DEFAULT_API_VERSION.to_string()),
+        Some(v) if is_api_version(v) => Some(v.to_string()),
+        Some(v) => {
+            c.problem(
+                format!("{k}.api_version"),
+                format!("`{v}` is not a Monite API version (a date, e.g. \"{MONITE_DEFAULT_API_VERSION}\")"),
+            );
+            None
+        }
+    };
+    let settings = match (client_id, entity_id, api_version) {
+        (Some(client_id), Some(entity_id), Some(api_version)) => Some(KindSettings::Monite {
+            client_id,
+            entity_id,
+            api_version,
+        }),
+        _ => None,
+    };
+    (secret, settings)
+}
+
+/// A Storno account's token and company.
+fn storno_settings(
+    c: &mut Checker,
+    k: &str,
+    p: &RawProvider,
+) -> (Option<SecretString>, Option<KindSettings>) {
+    let token = required_secret(c, &format!("{k}.token_file"), p.token_file.as_deref());
+    let company = c
+        .plain(&format!("{k}.company"), p.company.as_deref())
+        .map(|company| KindSettings::Storno { company });
+    (token, company)
+}
+
+fn validate_policies(c: &mut Checker, raw: Vec<RawPolicy>) -> Entries<Policy> {
+    let mut out = Entries::new();
+    for (i, p) in raw.into_iter().enumerate() {
+        let k = format!("policies[{i}]");
+        let Some(name) = out.name(c, &k, "policy", p.name.as_ref()) else {
+            continue;
+        };
+        if let Some(policy) = validate_policy(c, &k, name, &p) {
+            out.valid.push(policy);
+        }
+    }
+    out
+}
+
+/// One `[[policies]]` entry (`k` is its key, `policies[i]`), its name already checked.
+fn validate_policy(c: &mut Checker, k: &str, name: String, p: &RawPolicy) -> Option<Policy> {
+    let (tz, schedule) = policy_schedule(c, k, p);
+    let timing = policy_timing(c, k, p);
+    let start = policy_start_rules(c, k, p, tz.unwrap_or(chrono_tz::UTC));
+    Some(Policy {
+        name,
+        schedule: schedule?,
+        timing,
+        rotate_on_adopt: p.rotate_on_adopt.unwrap_or(false),
+        start,
+    })
+}
+
+/// The policy's time zone and its schedule: a cron expression in that zone, or an
+/// interval (which has none).
+fn policy_schedule(
+    c: &mut Checker,
+    k: &str,
+    p: &RawPolicy,
+) -> (Option<chrono_tz::Tz>, Option<Schedule>) {
+    let tz = match p.timezone.as_deref() {
+        None => Some(chrono_tz::UTC),
+        Some(z) => match Schedule::parse_zone(z) {
+            Ok(tz) => Some(tz),
+            Err(m) => {
+                c.problem(format!("{k}.timezone"), m);
+                None
+            }
+        },
+    };
+    let schedule = match (p.schedule.as_deref(), p.every.as_deref()) {
+        (Some(_), Some(_)) => {
+            c.problem(
+                format!("{k}.every"),
+                "give either `schedule` or `every`, not both",
+            );
+            None
+        }
+        (None, None) => {
+            c.problem(
+                format!("{k}.schedule"),
+                "a policy needs `schedule` (cron) or `every` (interval)",
+            );
+            None
+        }
+        (Some(expr), None) => tz.and_then(|tz| match Schedule::cron(expr, tz) {
+            Ok(s) => Some(s),
+            Err(m) => {
+                c.problem(format!("{k}.schedule"), m);
+                None
+            }
+        }),
+        (None, Some(every)) => {
+            if p.timezone.is_some() && p.window.is_none() {
+                c.problem(
+                    format!("{k}.timezone"),
+                    "only applies to `schedule` and `window`; an `every` interval has no time zone",
+                );
+            }
+            let before = c.problems.len();
+            let d = c.duration(&format!("{k}.every"), Some(every), Duration::ZERO);
+            (c.problems.len() == before).then_some(Schedule::Every(d))
+        }
+    };
+    (tz, schedule)
+}
+
+/// How a rotation under this policy waits, confirms, fails and retries.
+fn policy_timing(c: &mut Checker, k: &str, p: &RawPolicy) -> Timing {
+    let confirm_timeout = c.duration(
+        &format!("{k}.confirm_timeout"),
+        p.confirm_timeout.as_deref(),
+        Duration::from_secs(24 * 3600),
+    );
+    let confirm_poll = c.duration(
+        &format!("{k}.confirm_poll"),
+        p.confirm_poll.as_deref(),
+        Duration::from_secs(300),
+    );
+    if confirm_poll > confirm_timeout {
+        c.problem(
+            format!("{k}.confirm_poll"),
+            "is longer than confirm_timeout: the deadline would pass between two checks",
+        );
+    }
+    let on_timeout = match p.on_timeout.as_deref() {
+        None | Some("hold") => OnTimeout::Hold,
+        Some("retire") => OnTimeout::Retire,
+        Some(other) => {
+            c.problem(
+                format!("{k}.on_timeout"),
+                format!("`{other}` is not one of \"hold\", \"retire\""),
+            );
+            OnTimeout::Hold
+        }
+    };
+    let fail_after = c.duration(
+        &format!("{k}.fail_after"),
+        p.fail_after.as_deref(),
+        Duration::from_secs(600),
+    );
+    if p.fail_after_failures == Some(0) {
+        c.problem(
+            format!("{k}.fail_after_failures"),
+            "must be at least 1 (omit it to hold on `fail_after` alone)",
+        );
+    }
+    let retry_base = c.duration(
+        &format!("{k}.retry_base"),
+        p.retry_base.as_deref(),
+        Duration::from_secs(30),
+    );
+    let retry_max = c.duration(
+        &format!("{k}.retry_max"),
+        p.retry_max.as_deref(),
+        Duration::from_secs(3600),
+    );
+    Timing {
+        confirm_timeout,
+        confirm_poll,
+        on_timeout,
+        retry_base,
+        retry_max: retry_max.max(retry_base),
+        fail_after,
+        fail_after_failures: p.fail_after_failures,
+    }
+}
+
+/// When a due rotation may start: its window (in `tz`), jitter and catch-up.
+fn policy_start_rules(c: &mut Checker, k: &str, p: &RawPolicy, tz: chrono_tz::Tz) -> StartRules {
+    let window = p.window.as_deref().and_then(|w| match Window::parse(w) {
+        Ok(w) => Some(w),
+        Err(m) => {
+            c.problem(format!("{k}.window"), m);
+            None
+        }
+    });
+    let jitter = match p.jitter.as_deref() {
+        // Zero is a valid jitter ("none"), unlike the other durations.
+        Some("0" | "0s") | None => Duration::ZERO,
+        Some(j) => c.duration(&format!("{k}.jitter"), Some(j), Duration::ZERO),
+    };
+    if let Some(w) = &window
+        && jitter >= w.length()
+    {
+        c.problem(
+            format!("{k}.jitter"),
+            format!(
+                "`{}` is not shorter than the window ({}): the offset could push a start out of it",
+                humantime::format_duration(jitter),
+                humantime::format_duration(w.length())
+            ),
+        );
+    }
+    let catch_up = match p.catch_up.as_deref() {
+        None | Some("run") => CatchUp::Run,
+        Some("skip") => CatchUp::Skip,
+        Some(other) => {
+            c.problem(
+                format!("{k}.catch_up"),
+                format!("`{other}` is not one of \"run\", \"skip\""),
+            );
+            CatchUp::Run
+        }
+    };
+    StartRules {
+        window,
+        tz,
+        jitter,
+        catch_up,
+    }
+}
+
+/// The subscriptions and discovery entries accepted so far, and what later entries
+/// are checked against.
+struct Subscriptions {
+    listed: Vec<Subscription>,
+    discoveries: Vec<Discovery>,
+    /// The `subscriptions[i]` of each discovery entry, for errors naming two of them.
+    discovery_keys: Vec<String>,
+    /// Each listed subscription's `vault_path`, to the subscription's name.
+    paths: BTreeMap<String, String>,
+}
+
+fn validate_subscriptions(
+    c: &mut Checker,
+    raw: Vec<RawSubscription>,
+    providers: &Entries<ProviderSettings>,
+    policies: &Entries<Policy>,
+) -> (Vec<Subscription>, Vec<Discovery>) {
+    let mut out = Subscriptions {
+        listed: vec![],
+        discoveries: vec![],
+        discovery_keys: vec![],
+        paths: BTreeMap::new(),
+    };
+    for (i, s) in raw.into_iter().enumerate() {
+        let k = format!("subscriptions[{i}]");
+        let provider = providers.reference(
+            c,
+            format!("{k}.provider"),
+            s.provider.as_deref(),
+            "providers",
+            |p| &p.name,
+        );
+        let id = subscription_id(c, &k, s.id.as_deref());
+        let policy = policies.reference(
+            c,
+            format!("{k}.policy"),
+            s.policy.as_deref(),
+            "policies",
+            |p| &p.name,
+        );
+        let vault_path = subscription_vault_path(c, &k, s.vault_path.as_deref());
+        if let (Some(provider), Some("*"), Some(policy), Some(template)) =
+            (&provider, id.as_deref(), &policy, &vault_path)
+        {
+            out.discover(c, &k, provider, policy, template, &providers.valid);
+            continue;
+        }
+        if let (Some(_), Some(v)) = (&id, &vault_path)
+            && id.as_deref() != Some("*")
+            && (v.contains('{') || v.contains('}'))
+        {
+            c.problem(
+                format!("{k}.vault_path"),
+                format!("`{v}` has a placeholder; placeholders only apply with id = \"*\""),
+            );
+            continue;
+        }
+        if let (Some(provider), Some(id), Some(policy), Some(vault_path)) =
+            (provider, id, policy, vault_path)
+        {
+            out.list(c, &k, provider, id, policy, vault_path);
+        }
+    }
+    (out.listed, out.discoveries)
+}
+
+fn subscription_id(c: &mut Checker, k: &str, id: Option<&str>) -> Option<String> {
+    match id.map(str::trim) {
+        None => {
+            c.problem(format!("{k}.id"), "is required");
+            None
+        }
+        Some("") => {
+            c.problem(format!("{k}.id"), "must not be empty");
+            None
+        }
+        Some(id) if id.contains('/') || id.contains(char::is_whitespace) => {
+            c.problem(
+                format!("{k}.id"),
+                format!("`{id}` must not contain `/` or spaces"),
+            );
+            None
+        }
+        Some(id) => Some(id.to_string()),
+    }
+}
+
+fn subscription_vault_path(c: &mut Checker, k: &str, path: Option<&str>) -> Option<String> {
+    match path.map(|p| p.trim_matches('/')) {
+        None => {
+            c.problem(format!("{k}.vault_path"), "is required");
+            None
+        }
+        Some("") => {
+            c.problem(format!("{k}.vault_path"), "must not be empty");
+            None
+        }
+        Some(p)
+            if p.split('/')
+                .any(|seg| seg.is_empty() || seg == "." || seg == "..") =>
+        {
+            c.problem(
+                format!("{k}.vault_path"),
+                format!("`{p}` has an empty, `.` or `..` segment"),
+            );
+            None
+        }
+        Some(p) => Some(p.to_string()),
+    }
+}
+
+impl Subscriptions {
+    /// An `id = "*"` entry: one per provider, and no two entries' templates may
+    /// produce one path.
+    fn discover(
+        &mut self,
+        c: &mut Checker,
+        k: &str,
+        provider: &str,
+        policy: &str,
+        template: &str,
+        providers: &[ProviderSettings],
+    ) {
+        if let Err(m) = check_template(template) {
+            c.problem(format!("{k}.vault_path"), m);
+            return;
+        }
+        if self.discoveries.iter().any(|d| d.provider == provider) {
+            c.problem(
+                format!("{k}.id"),
+                format!("provider `{provider}` already has an id = \"*\" entry"),
+            );
+            return;
+        }
+        let kind = providers
+            .iter()
+            .find(|p| p.name == provider)
+            .map(|p| p.kind)
+            .unwrap_or(ProviderKind::Fintoro);
+        let d = Discovery {
+            provider: provider.to_string(),
+            kind,
+            policy: policy.to_string(),
+            vault_path_template: template.to_string(),
+        };
+        if let Some((other, o, path)) = self
+            .discovery_keys
+            .iter()
+            .zip(&self.discoveries)
+            .find_map(|(key, o)| o.shared_path(&d).map(|path| (key, o, path)))
+        {
+            c.problem(
+                format!("{k}.vault_path"),
+                format!(
+                    "`{template}` (provider `{provider}`) and `{}` of {other} (provider \
+                     `{}`) can both produce one path (e.g. `{path}`): two accounts' \
+                     subscriptions would share that entry; make the templates differ outside `{{id}}`, \
+                     e.g. with `{{provider}}`",
+                    o.vault_path_template, o.provider
+                ),
+            );
+            return;
+        }
+        self.discoveries.push(d);
+        self.discovery_keys.push(k.to_string());
+    }
+
+    /// A listed subscription: listed once, with a `vault_path` of its own.
+    fn list(
+        &mut self,
+        c: &mut Checker,
+        k: &str,
+        provider: String,
+        id: String,
+        policy: String,
+        vault_path: String,
+    ) {
+        let name = format!("{provider}/{id}");
+        if self.listed.iter().any(|x| x.name == name) {
+            c.problem(
+                format!("{k}.id"),
+                format!("subscription `{name}` is listed twice"),
+            );
+            return;
+        }
+        if let Some(other) = self.paths.insert(vault_path.clone(), name.clone()) {
+            c.problem(
+                format!("{k}.vault_path"),
+                format!(
+                    "`{vault_path}` is also the path of `{other}`; each subscription needs its own"
+                ),
+            );
+            return;
+        }
+        self.listed.push(Subscription {
+            name,
+            provider,
+            id,
+            policy,
+            vault_path,
+        });
+    }
+}
+
+fn validate_log(c: &mut Checker, log: Option<RawLog>) -> LogSettings {
+    let Some(l) = log else {
+        return LogSettings {
+            format: LogFormat::Text,
+            level: "info".into(),
+        };
+    };
+    let format = match l.format.as_deref() {
+        None | Some("text") => LogFormat::Text,
+        Some("json") => LogFormat::Json,
+        Some(other) => {
+            c.problem(
+                "log.format",
+                format!("`{other}` is not one of \"text\", \"json\""),
+            );
+            LogFormat::Text
+        }
+    };
+    let level = l.level.unwrap_or_else(|| "info".into());
+    if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+        c.problem(
+            "log.level",
+            format!("`{level}` is not a log level or filter"),
+        );
+    }
+    LogSettings { format, level }
+}
+
+fn validate_daemon(c: &mut Checker, raw: Option<RawDaemon>) -> DaemonSettings {
+    let mut daemon = DaemonSettings::default();
+    let Some(d) = raw else {
+        return daemon;
+    };
+    match d.max_concurrent {
+        Some(0) => c.problem("daemon.max_concurrent", "must be at least 1"),
+        Some(n) => daemon.max_concurrent = n,
+        None => {}
+    }
+    daemon.drain_timeout = c.duration(
+        "daemon.drain_timeout",
+        d.drain_timeout.as_deref(),
+        daemon.drain_timeout,
+    );
+    daemon.drift_check = c.duration(
+        "daemon.drift_check",
+        d.drift_check.as_deref(),
+        daemon.drift_check,
+    );
+    if daemon.drift_check < Duration::from_secs(60) {
+        c.problem(
+            "daemon.drift_check",
+            "must be at least 1m: each check is a provider request per subscription",
+        );
+    }
+    daemon
+}
+
+fn validate_metrics(c: &mut Checker, raw: Option<RawMetrics>) -> Option<std::net::SocketAddr> {
+    let l = raw.and_then(|m| m.listen)?;
+    match l.parse::<std::net::SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            c.problem(
+                "metrics.listen",
+                format!("`{l}` is not an address and port, e.g. \"127.0.0.1:9464\""),
+            );
+            None
+        }
+    }
 }
 
 fn validate_vault(c: &mut Checker, v: RawVault, env: &dyn Environment) -> Option<VaultSettings> {
@@ -1518,37 +1695,7 @@ fn validate_vault(c: &mut Checker, v: RawVault, env: &dyn Environment) -> Option
             None
         }
     };
-    let auth = match (v.token_file, v.approle) {
-        (Some(_), Some(_)) => {
-            c.problem(
-                "vault.approle",
-                "give either token_file or [vault.approle], not both",
-            );
-            None
-        }
-        (Some(f), None) => c.secret_file("vault.token_file", &f).map(VaultAuth::Token),
-        (None, Some(a)) => {
-            if a.role_id.trim().is_empty() {
-                c.problem("vault.approle.role_id", "must not be empty");
-            }
-            c.secret_file("vault.approle.secret_id_file", &a.secret_id_file)
-                .map(|secret_id| VaultAuth::AppRole {
-                    mount: a.mount.unwrap_or_else(|| "approle".into()),
-                    role_id: a.role_id,
-                    secret_id,
-                })
-        }
-        (None, None) => match env.var("VAULT_TOKEN") {
-            Some(t) => Some(VaultAuth::Token(secret(t))),
-            None => {
-                c.problem(
-                    "vault.token_file",
-                    "no Vault credentials: set token_file, [vault.approle], or $VAULT_TOKEN",
-                );
-                None
-            }
-        },
-    };
+    let auth = vault_auth(c, v.token_file, v.approle, env);
     let kv_version = match v.kv_version {
         None | Some(2) => KvVersion::V2,
         Some(1) => KvVersion::V1,
@@ -1603,6 +1750,46 @@ fn validate_vault(c: &mut Checker, v: RawVault, env: &dyn Environment) -> Option
         destroy_old_versions,
         min_token_ttl,
     })
+}
+
+/// A token file, an AppRole login, or $VAULT_TOKEN: exactly one way in.
+fn vault_auth(
+    c: &mut Checker,
+    token_file: Option<PathBuf>,
+    approle: Option<RawAppRole>,
+    env: &dyn Environment,
+) -> Option<VaultAuth> {
+    match (token_file, approle) {
+        (Some(_), Some(_)) => {
+            c.problem(
+                "vault.approle",
+                "give either token_file or [vault.approle], not both",
+            );
+            None
+        }
+        (Some(f), None) => c.secret_file("vault.token_file", &f).map(VaultAuth::Token),
+        (None, Some(a)) => {
+            if a.role_id.trim().is_empty() {
+                c.problem("vault.approle.role_id", "must not be empty");
+            }
+            c.secret_file("vault.approle.secret_id_file", &a.secret_id_file)
+                .map(|secret_id| VaultAuth::AppRole {
+                    mount: a.mount.unwrap_or_else(|| "approle".into()),
+                    role_id: a.role_id,
+                    secret_id,
+                })
+        }
+        (None, None) => match env.var("VAULT_TOKEN") {
+            Some(t) => Some(VaultAuth::Token(secret(t))),
+            None => {
+                c.problem(
+                    "vault.token_file",
+                    "no Vault credentials: set token_file, [vault.approle], or $VAULT_TOKEN",
+                );
+                None
+            }
+        },
+    }
 }
 
 #[cfg(test)]

@@ -6,9 +6,32 @@
 //!   ▲                  │ fails              │ response lost        │ vault fails      │
 //!   │                  ▼                    ▼ (rotate again)       ▼ (keep, retry)    ▼
 //!   │               failed              rotating               minted          confirming
-//!   │                                                                       evidence │ deadline
-//!   └──────────── retired ◀── retiring ◀─────────────────────────────────────────┘      ▼
+//!   │                                                                       evidence │ deadline, or
+//!   └──────────── retired ◀── retiring ◀─────────────────────────────────────────┘      ▼ receivers failing
 //!                                                                                     held
+//! ```
+//!
+//! Every event belongs to one phase of the cycle, and one function holds all of that
+//! phase's transitions; an event in any other phase is an [`InvalidEvent`]:
+//!
+//! ```text
+//!  preflight  idle, failed, drifted   start → [preflight]   (drifted: only when asked, not scheduled)
+//!                                     preflight passed → rotating;  preflight failed → failed
+//!                                     drift found → drifted;  drifted: drift resolved → idle
+//!  rotate     rotating                sent → rotating;  secret → minted;  refused → failed
+//!                                     response lost → rotating (backoff, rotate again)
+//!  publish    minted                  vault ack → published;  vault fails → minted (backoff)
+//!  confirm    published, confirming   evidence → retiring;  nothing yet → confirming (poll)
+//!                                     receivers failing (fail_after, fail_after_failures) → held
+//!                                     deadline → held, or retiring with on_timeout = retire
+//!                                     check fails → confirming (backoff, up to the deadline),
+//!                                       held past it whatever on_timeout says
+//!  retire     retiring                vault ack → idle;  vault fails → retiring (backoff)
+//!  operator   held                    resume → confirming;  retire → retiring
+//!  recover    any                     (re)start or wait over → same phase, its action again
+//!                                     (rotating with the call in flight: response lost, rotate)
+//!  orphaned   idle, failed (started)  → same phase, rotation given up
+//!             rotating, published, confirming → held
 //! ```
 //!
 //! The driver ([`crate::engine`]) persists the state this module returns *before* it
@@ -502,19 +525,76 @@ fn resume_action(s: &RotationState, now: DateTime<Utc>, eager: bool) -> Action {
 }
 
 /// Applies `event` to `state`. Pure: same inputs, same outputs.
+///
+/// Each event belongs to one phase of the cycle, and that phase's function holds
+/// all of its transitions (the map is the table in the module doc). An event its
+/// phase function does not expect in the current phase is invalid.
 pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Step, InvalidEvent> {
     let from = state.phase;
-    let now = event.now();
     let name = event.name();
-    let mut s = state.clone();
-    let invalid = || InvalidEvent {
-        phase: from,
-        event: name,
+    let at = At {
+        from,
+        now: event.now(),
+        timing,
     };
-    let fail_step = |s: &mut RotationState, error: String| -> (Action, String) {
+    let mut s = state.clone();
+    let outcome = match event {
+        e @ (Event::Start { .. }
+        | Event::DriftDetected { .. }
+        | Event::DriftResolved { .. }
+        | Event::PreflightPassed { .. }
+        | Event::PreflightFailed { .. }) => preflight(&mut s, e, &at),
+        e @ (Event::RotateSent { .. }
+        | Event::RotateSucceeded { .. }
+        | Event::RotateRejected { .. }
+        | Event::RotateOutcomeUnknown { .. }) => rotate(&mut s, e, &at),
+        e @ (Event::Published { .. } | Event::PublishFailed { .. }) => publish(&mut s, e, &at),
+        e @ (Event::Checked { .. } | Event::CheckFailed { .. }) => confirm(&mut s, e, &at),
+        e @ (Event::Retired { .. } | Event::RetireFailed { .. }) => retire(&mut s, e, &at),
+        e @ (Event::OperatorResume { .. } | Event::OperatorRetire { .. }) => {
+            operator(&mut s, e, &at)
+        }
+        Event::Recover {
+            restarted, eager, ..
+        } => Some(recover(&mut s, restarted, eager, &at)),
+        Event::Orphaned { detail, .. } => orphaned(&mut s, detail, &at),
+    };
+    let Some(outcome) = outcome else {
+        return Err(InvalidEvent {
+            phase: from,
+            event: name,
+        });
+    };
+    let transition = Transition {
+        from,
+        to: s.phase,
+        event: name,
+        detail: outcome.detail,
+        quiet: outcome.quiet,
+        evidence: outcome.evidence,
+    };
+    Ok(Step {
+        state: s,
+        action: outcome.action,
+        transition,
+    })
+}
+
+/// What every phase function knows besides the state and the event.
+struct At<'a> {
+    /// The phase the event arrived in.
+    from: Phase,
+    /// When the driver observed the event.
+    now: DateTime<Utc>,
+    timing: &'a Timing,
+}
+
+impl At<'_> {
+    /// A step failed: count it, wait the backoff, and say so.
+    fn fail_step(&self, s: &mut RotationState, error: String) -> (Action, String) {
         s.failures += 1;
-        let wait = backoff(timing, s.failures);
-        let until = add(now, wait);
+        let wait = backoff(self.timing, s.failures);
+        let until = add(self.now, wait);
         s.not_before = Some(until);
         let detail = format!(
             "{error}; attempt {} failed, retrying after {}",
@@ -523,11 +603,33 @@ pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Ste
         );
         s.last_error = Some(error);
         (Action::WaitUntil(until), detail)
-    };
+    }
+}
 
-    let mut quiet = false;
-    let mut evidence = None;
-    let (action, detail) = match (from, event) {
+/// What a transition does besides changing the state: the next action and the
+/// history row's detail, quietness and evidence.
+struct Outcome {
+    action: Action,
+    detail: String,
+    quiet: bool,
+    evidence: Option<Evidence>,
+}
+
+impl From<(Action, String)> for Outcome {
+    fn from((action, detail): (Action, String)) -> Outcome {
+        Outcome {
+            action,
+            detail,
+            quiet: false,
+            evidence: None,
+        }
+    }
+}
+
+/// Idle, failed or drifted: a start, and what preflight finds (passed, failed, or
+/// drift; a drifted subscription's drift resolving).
+fn preflight(s: &mut RotationState, event: Event, at: &At) -> Option<Outcome> {
+    let outcome = match (at.from, event) {
         // A drifted subscription rotates only when an operator asks: rotating makes
         // the provider's secret known again, which is one way to recover.
         (
@@ -536,7 +638,7 @@ pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Ste
                 trigger: Trigger::Schedule,
                 ..
             },
-        ) => return Err(invalid()),
+        ) => return None,
         (
             Phase::Idle | Phase::Failed | Phase::Drifted,
             Event::Start {
@@ -569,11 +671,10 @@ pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Ste
             )
         }
         (Phase::Idle | Phase::Failed | Phase::Drifted, Event::PreflightPassed { .. }) => {
-            if s.rotation_id.is_none() {
-                return Err(invalid());
-            }
+            // No start before it: not a preflight this machine asked for.
+            s.rotation_id.as_ref()?;
             s.phase = Phase::Rotating;
-            s.intent_at = Some(now);
+            s.intent_at = Some(at.now);
             s.rotated_at = None;
             s.published_at = None;
             s.confirm_deadline = None;
@@ -590,9 +691,18 @@ pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Ste
             // Nothing was touched at the provider: the old secret is still the live one.
             s.phase = Phase::Failed;
             s.rotation_id = None;
-            let (_, detail) = fail_step(&mut s, format!("preflight failed: {error}"));
+            let (_, detail) = at.fail_step(s, format!("preflight failed: {error}"));
             (Action::Rest, detail)
         }
+        _ => return None,
+    };
+    Some(outcome.into())
+}
+
+/// Rotating: the intent is sent, then the provider's answer (a secret, a refusal, or
+/// no answer anyone can trust).
+fn rotate(s: &mut RotationState, event: Event, at: &At) -> Option<Outcome> {
+    let outcome = match (at.from, event) {
         (Phase::Rotating, Event::RotateSent { .. }) => {
             s.rotate_in_flight = true;
             (Action::Rotate, "rotate call sent".into())
@@ -601,7 +711,7 @@ pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Ste
             let fp = Fingerprint::of(&secret);
             s.phase = Phase::Minted;
             s.rotate_in_flight = false;
-            s.rotated_at = Some(now);
+            s.rotated_at = Some(at.now);
             s.new_fingerprint = Some(fp.clone());
             s.pending_secret = Some(secret);
             s.failures = 0;
@@ -619,8 +729,8 @@ pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Ste
             s.rotate_in_flight = false;
             s.rotation_id = None;
             s.intent_at = None;
-            let (_, detail) = fail_step(
-                &mut s,
+            let (_, detail) = at.fail_step(
+                s,
                 format!("provider refused rotation (old secret unchanged): {error}"),
             );
             (Action::Rest, detail)
@@ -629,19 +739,27 @@ pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Ste
             // The provider may hold a secret nobody has: only another rotation recovers.
             s.rotate_in_flight = false;
             s.lost_responses += 1;
-            let (action, detail) = fail_step(
-                &mut s,
+            at.fail_step(
+                s,
                 format!(
                     "rotate response lost ({error}); the provider's secret is unknown and will be rotated again"
                 ),
-            );
-            (action, detail)
+            )
         }
+        _ => return None,
+    };
+    Some(outcome.into())
+}
+
+/// Minted: the secret store's answer to the dual publication.
+fn publish(s: &mut RotationState, event: Event, at: &At) -> Option<Outcome> {
+    let outcome = match (at.from, event) {
         (Phase::Minted, Event::Published { previous, .. }) => {
+            let now = at.now;
             s.phase = Phase::Published;
             s.pending_secret = None;
             s.published_at = Some(now);
-            s.confirm_deadline = Some(add(now, timing.confirm_timeout));
+            s.confirm_deadline = Some(add(now, at.timing.confirm_timeout));
             s.failures = 0;
             s.not_before = None;
             s.last_error = None;
@@ -650,10 +768,10 @@ pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Ste
                 .map(|r| format!("; exposure window {} ms", (now - r).num_milliseconds()))
                 .unwrap_or_default();
             let detail = match &previous {
-                Some(p) => format!("published current={} previous={p}{window}", fp_str(&s)),
+                Some(p) => format!("published current={} previous={p}{window}", fp_str(s)),
                 None => format!(
                     "published current={} (no previous secret){window}",
-                    fp_str(&s)
+                    fp_str(s)
                 ),
             };
             s.previous_fingerprint = previous;
@@ -661,11 +779,17 @@ pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Ste
         }
         (Phase::Minted, Event::PublishFailed { error, .. }) => {
             // The secret stays in local state; publication is retried.
-            fail_step(
-                &mut s,
-                format!("publish failed (secret kept locally): {error}"),
-            )
+            at.fail_step(s, format!("publish failed (secret kept locally): {error}"))
         }
+        _ => return None,
+    };
+    Some(outcome.into())
+}
+
+/// Published or confirming: a check's finding ([`checked`]: evidence retires, failing
+/// receivers or the deadline hold), or a check that could not run.
+fn confirm(s: &mut RotationState, event: Event, at: &At) -> Option<Outcome> {
+    match (at.from, event) {
         (
             Phase::Published | Phase::Confirming,
             Event::Checked {
@@ -674,47 +798,61 @@ pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Ste
                 ..
             },
         ) => {
-            let c = checked(&mut s, finding, &store_path, now, timing);
-            quiet = from == Phase::Confirming && c.routine;
-            evidence = c.evidence;
-            (c.action, c.detail)
+            let c = checked(s, finding, &store_path, at.now, at.timing);
+            Some(Outcome {
+                action: c.action,
+                detail: c.detail,
+                quiet: at.from == Phase::Confirming && c.routine,
+                evidence: c.evidence,
+            })
         }
         (Phase::Published | Phase::Confirming, Event::CheckFailed { error, .. }) => {
-            s.phase = Phase::Confirming;
-            let deadline = s.confirm_deadline.unwrap_or(now);
-            // A check that fails is not evidence either way, and not "no evidence"
-            // either: `on_timeout = "retire"` trusts a provider that answered. Past the
-            // deadline a failing check holds, whatever the policy.
-            if now >= deadline {
-                s.phase = Phase::Held;
-                s.not_before = None;
-                // Nothing retries from held: the count goes into the reason instead.
-                let failed = s.failures + 1;
-                s.failures = 0;
-                let msg = format!(
-                    "the confirmation check itself kept failing up to the deadline ({failed} \
-                     failure(s) in a row; last error: {error}); failing checks are no evidence \
-                     either way, so both secrets stay published whatever on_timeout says"
-                );
-                s.last_error = Some(msg.clone());
-                (Action::AwaitOperator, msg)
-            } else {
-                let (action, detail) =
-                    fail_step(&mut s, format!("confirmation check failed: {error}"));
-                let action = match action {
-                    Action::WaitUntil(t) => {
-                        let t = t.min(deadline);
-                        s.not_before = Some(t);
-                        Action::WaitUntil(t)
-                    }
-                    other => other,
-                };
-                (action, detail)
-            }
+            Some(check_failed(s, error, at).into())
         }
+        _ => None,
+    }
+}
+
+/// A confirmation check that could not run: retry at the backoff, but never past the
+/// deadline; past it, hold.
+fn check_failed(s: &mut RotationState, error: String, at: &At) -> (Action, String) {
+    s.phase = Phase::Confirming;
+    let deadline = s.confirm_deadline.unwrap_or(at.now);
+    // A check that fails is not evidence either way, and not "no evidence"
+    // either: `on_timeout = "retire"` trusts a provider that answered. Past the
+    // deadline a failing check holds, whatever the policy.
+    if at.now >= deadline {
+        s.phase = Phase::Held;
+        s.not_before = None;
+        // Nothing retries from held: the count goes into the reason instead.
+        let failed = s.failures + 1;
+        s.failures = 0;
+        let msg = format!(
+            "the confirmation check itself kept failing up to the deadline ({failed} \
+             failure(s) in a row; last error: {error}); failing checks are no evidence \
+             either way, so both secrets stay published whatever on_timeout says"
+        );
+        s.last_error = Some(msg.clone());
+        return (Action::AwaitOperator, msg);
+    }
+    let (action, detail) = at.fail_step(s, format!("confirmation check failed: {error}"));
+    let action = match action {
+        Action::WaitUntil(t) => {
+            let t = t.min(deadline);
+            s.not_before = Some(t);
+            Action::WaitUntil(t)
+        }
+        other => other,
+    };
+    (action, detail)
+}
+
+/// Retiring: the secret store's answer to removing the old secret.
+fn retire(s: &mut RotationState, event: Event, at: &At) -> Option<Outcome> {
+    let outcome = match (at.from, event) {
         (Phase::Retiring, Event::Retired { .. }) => {
             s.phase = Phase::Idle;
-            s.last_rotated_at = s.rotated_at.or(Some(now));
+            s.last_rotated_at = s.rotated_at.or(Some(at.now));
             s.previous_fingerprint = None;
             s.rotation_id = None;
             s.rotate_in_flight = false;
@@ -723,22 +861,31 @@ pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Ste
             s.last_error = None;
             (
                 Action::Rest,
-                format!("retired the old secret; current={}", fp_str(&s)),
+                format!("retired the old secret; current={}", fp_str(s)),
             )
         }
-        (Phase::Retiring, Event::RetireFailed { error, .. }) => fail_step(
-            &mut s,
+        (Phase::Retiring, Event::RetireFailed { error, .. }) => at.fail_step(
+            s,
             format!("retire failed (both secrets stay published): {error}"),
         ),
+        _ => return None,
+    };
+    Some(outcome.into())
+}
+
+/// Held: an operator confirms again (the failures seen so far acknowledged) or
+/// retires the old secret without evidence.
+fn operator(s: &mut RotationState, event: Event, at: &At) -> Option<Outcome> {
+    let outcome = match (at.from, event) {
         (Phase::Held, Event::OperatorResume { .. }) => {
             s.phase = Phase::Confirming;
             s.delivery_failures.acknowledge();
-            s.confirm_deadline = Some(add(now, timing.confirm_timeout));
+            s.confirm_deadline = Some(add(at.now, at.timing.confirm_timeout));
             s.not_before = None;
             s.last_error = None;
             (
                 Action::Check {
-                    since: s.published_at.unwrap_or(now),
+                    since: s.published_at.unwrap_or(at.now),
                 },
                 "operator resumed confirmation".into(),
             )
@@ -750,35 +897,45 @@ pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Ste
             s.last_outcome = Some("retired without evidence by an operator".into());
             (Action::Retire, "operator retired the old secret".into())
         }
-        (
-            phase,
-            Event::Recover {
-                restarted, eager, ..
-            },
-        ) => {
-            let mut action = resume_action(&s, now, eager);
-            let mut detail = format!("resuming in {phase} after a restart");
-            quiet = !restarted;
-            if phase == Phase::Rotating && s.rotate_in_flight {
-                // Crashed while the rotate call was out: its response, if any, is gone.
-                s.rotate_in_flight = false;
-                s.lost_responses += 1;
-                detail = "interrupted while the rotate call was in flight; its response \
-                          was lost, rotating again"
-                    .into();
-                quiet = false;
-                action = Action::Rotate;
-            } else if phase == Phase::Idle && action == Action::Preflight {
-                detail = "resuming the rotation that started before the restart".into();
-            } else if phase == Phase::Minted && restarted {
-                detail = "resuming after a restart: publishing the locally stored secret".into();
-            }
-            (action, detail)
-        }
+        _ => return None,
+    };
+    Some(outcome.into())
+}
+
+/// Any phase, after a restart or a wait: perform what the phase needs again. Only a
+/// rotate call that was in flight cannot simply be repeated.
+fn recover(s: &mut RotationState, restarted: bool, eager: bool, at: &At) -> Outcome {
+    let phase = at.from;
+    let mut action = resume_action(s, at.now, eager);
+    let mut detail = format!("resuming in {phase} after a restart");
+    let mut quiet = !restarted;
+    if phase == Phase::Rotating && s.rotate_in_flight {
+        // Crashed while the rotate call was out: its response, if any, is gone.
+        s.rotate_in_flight = false;
+        s.lost_responses += 1;
+        detail = "interrupted while the rotate call was in flight; its response \
+                  was lost, rotating again"
+            .into();
+        quiet = false;
+        action = Action::Rotate;
+    } else if phase == Phase::Idle && action == Action::Preflight {
+        detail = "resuming the rotation that started before the restart".into();
+    } else if phase == Phase::Minted && restarted {
+        detail = "resuming after a restart: publishing the locally stored secret".into();
+    }
+    Outcome {
+        action,
+        detail,
+        quiet,
+        evidence: None,
+    }
+}
+
+/// The subscription left the config mid-rotation (see [`Event::Orphaned`]).
+fn orphaned(s: &mut RotationState, detail: String, at: &At) -> Option<Outcome> {
+    let outcome = match at.from {
         // Started, but nothing was touched at the provider yet: give the rotation up.
-        (Phase::Idle | Phase::Failed, Event::Orphaned { detail, .. })
-            if s.rotation_id.is_some() =>
-        {
+        Phase::Idle | Phase::Failed if s.rotation_id.is_some() => {
             s.rotation_id = None;
             s.not_before = None;
             s.last_error = Some(detail.clone());
@@ -786,32 +943,16 @@ pub fn apply(state: &RotationState, event: Event, timing: &Timing) -> Result<Ste
         }
         // The provider may hold a secret that only a held rotation accounts for:
         // both secrets stay where they are and an operator decides.
-        (
-            Phase::Rotating | Phase::Published | Phase::Confirming,
-            Event::Orphaned { detail, .. },
-        ) => {
+        Phase::Rotating | Phase::Published | Phase::Confirming => {
             s.phase = Phase::Held;
             s.rotate_in_flight = false;
             s.not_before = None;
             s.last_error = Some(detail.clone());
             (Action::AwaitOperator, detail)
         }
-        (_, _) => return Err(invalid()),
+        _ => return None,
     };
-
-    let transition = Transition {
-        from,
-        to: s.phase,
-        event: name,
-        detail,
-        quiet,
-        evidence,
-    };
-    Ok(Step {
-        state: s,
-        action,
-        transition,
-    })
+    Some(outcome.into())
 }
 
 /// What a check's finding leads to.
