@@ -13,7 +13,7 @@ use rekey::secret::Fingerprint;
 use rustix::process::Signal;
 use serde_json::{Value, json};
 
-use crate::support::daemon::{Daemon, PATIENCE, until_state};
+use crate::support::daemon::{Daemon, PATIENCE};
 use crate::support::rekey::{ProviderConf, assert_exit};
 use crate::support::util::{Scenario, run_table, s};
 use crate::support::world::{FINTORO_TOKEN, ProviderWorld, Sim};
