@@ -180,6 +180,90 @@ pub struct HistoryRow {
     pub evidence: Option<Evidence>,
 }
 
+/// Which history rows to read (see [`StateDb::history_page`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HistoryFilter<'a> {
+    /// One subscription's rows; all when `None`.
+    pub subscription: Option<&'a str>,
+    /// Rows recorded at or after this time.
+    pub since: Option<DateTime<Utc>>,
+}
+
+impl HistoryFilter<'_> {
+    /// The filter as `AND …` clauses and their values, in order. A clause is in the
+    /// text only when its filter is set, so one subscription's rows come through its
+    /// index instead of a walk over everyone's. `at` is always written by `ts1`
+    /// (fixed width, UTC), so text order is time order.
+    fn condition(&self) -> (String, Vec<rusqlite::types::Value>) {
+        let mut sql = String::new();
+        let mut values = Vec::new();
+        if let Some(name) = self.subscription {
+            sql.push_str(" AND subscription = ?");
+            values.push(name.to_string().into());
+        }
+        if let Some(since) = self.since {
+            sql.push_str(" AND at >= ?");
+            values.push(ts1(since).into());
+        }
+        (sql, values)
+    }
+}
+
+/// How many history rows one read returns at most, for callers that walk the table.
+pub const HISTORY_PAGE: usize = 500;
+
+/// A history row as stored, before validation.
+struct RawHistoryRow {
+    seq: i64,
+    subscription: String,
+    at: String,
+    rotation_id: Option<String>,
+    from: String,
+    to: String,
+    event: String,
+    detail: String,
+    evidence: Option<String>,
+}
+
+impl RawHistoryRow {
+    fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawHistoryRow> {
+        Ok(RawHistoryRow {
+            seq: r.get(0)?,
+            subscription: r.get(1)?,
+            at: r.get(2)?,
+            rotation_id: r.get(3)?,
+            from: r.get(4)?,
+            to: r.get(5)?,
+            event: r.get(6)?,
+            detail: r.get(7)?,
+            evidence: r.get(8)?,
+        })
+    }
+
+    fn into_row(self) -> Result<HistoryRow, StateError> {
+        let at = parse_ts(&self.subscription, "history.at", Some(self.at))?.unwrap_or_default();
+        let evidence = self
+            .evidence
+            .map(|e| serde_json::from_str(&e))
+            .transpose()
+            .map_err(|e| StateError::Corrupt {
+                subscription: self.subscription.clone(),
+                detail: format!("history row {}, column evidence: {e}", self.seq),
+            })?;
+        Ok(HistoryRow {
+            seq: self.seq,
+            subscription: self.subscription,
+            at,
+            rotation_id: self.rotation_id,
+            from: self.from,
+            to: self.to,
+            event: self.event,
+            detail: self.detail,
+            evidence,
+        })
+    }
+}
+
 pub struct StateDb {
     conn: Mutex<Connection>,
     path: PathBuf,
@@ -584,68 +668,82 @@ impl StateDb {
         }
     }
 
-    /// The history of one subscription (or all, with `None`), oldest first.
+    /// The whole history of one subscription (or all, with `None`), oldest first. For
+    /// tests and the sandbox: anything facing a real fleet reads [`StateDb::history_page`].
     pub fn history(&self, name: Option<&str>) -> Result<Vec<HistoryRow>, StateError> {
-        self.history_where("?1 IS NULL OR subscription = ?1", rusqlite::params![name])
+        let filter = HistoryFilter {
+            subscription: name,
+            since: None,
+        };
+        let mut rows = Vec::new();
+        loop {
+            let after = rows.last().map_or(0, |r: &HistoryRow| r.seq);
+            let page = self.history_page(&filter, after, HISTORY_PAGE)?;
+            let more = page.len() == HISTORY_PAGE;
+            rows.extend(page);
+            if !more {
+                return Ok(rows);
+            }
+        }
     }
 
-    fn history_where(
+    /// At most `limit` history rows after `after_seq` that `filter` lets through,
+    /// oldest first. One short read: a caller walking a large table pages on
+    /// with the last row's `seq`, so neither its memory nor the time it holds a read
+    /// snapshot (which keeps the daemon from truncating the WAL) grows with the table.
+    pub fn history_page(
         &self,
-        condition: &str,
-        params: impl rusqlite::Params,
+        filter: &HistoryFilter<'_>,
+        after_seq: i64,
+        limit: usize,
     ) -> Result<Vec<HistoryRow>, StateError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(&format!(
+        let (condition, mut values) = filter.condition();
+        let sql = format!(
             "SELECT seq, subscription, at, rotation_id, from_phase, to_phase, event, detail,
                 evidence
-             FROM history WHERE {condition} ORDER BY seq"
-        ))?;
+             FROM history WHERE seq > ? {condition} ORDER BY seq LIMIT ?"
+        );
+        values.insert(0, after_seq.into());
+        values.push(i64::try_from(limit).unwrap_or(i64::MAX).into());
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&sql)?;
         let rows = stmt
-            .query_map(params, |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, Option<String>>(3)?,
-                    r.get::<_, String>(4)?,
-                    r.get::<_, String>(5)?,
-                    r.get::<_, String>(6)?,
-                    r.get::<_, String>(7)?,
-                    r.get::<_, Option<String>>(8)?,
-                ))
-            })?
+            .query_map(
+                rusqlite::params_from_iter(values),
+                RawHistoryRow::from_row,
+            )?
             .collect::<Result<Vec<_>, _>>()?;
-        rows.into_iter()
-            .map(
-                |(seq, subscription, at, rotation_id, from, to, event, detail, evidence)| {
-                    let at = parse_ts(&subscription, "history.at", Some(at))?.unwrap_or_default();
-                    let evidence = evidence
-                        .map(|e| serde_json::from_str(&e))
-                        .transpose()
-                        .map_err(|e| StateError::Corrupt {
-                            subscription: subscription.clone(),
-                            detail: format!("history row {seq}, column evidence: {e}"),
-                        })?;
-                    Ok(HistoryRow {
-                        seq,
-                        subscription,
-                        at,
-                        rotation_id,
-                        from,
-                        to,
-                        event,
-                        detail,
-                        evidence,
-                    })
-                },
-            )
-            .collect()
+        rows.into_iter().map(RawHistoryRow::into_row).collect()
     }
 
-    /// History rows after `seq` (all subscriptions), oldest first: what the daemon's
-    /// metrics have not counted yet.
-    pub fn history_after(&self, seq: i64) -> Result<Vec<HistoryRow>, StateError> {
-        self.history_where("seq > ?1", rusqlite::params![seq])
+    /// Where to start paging (an `after_seq` for [`StateDb::history_page`]) to read
+    /// only the newest `newest` rows that `filter` lets through. Walks back `newest`
+    /// rows, not the table.
+    pub fn history_tail_start(
+        &self,
+        filter: &HistoryFilter<'_>,
+        newest: usize,
+    ) -> Result<i64, StateError> {
+        if newest == 0 {
+            return self.last_seq();
+        }
+        let (condition, mut values) = filter.condition();
+        let sql = format!(
+            "SELECT seq FROM history WHERE 1 {condition} ORDER BY seq DESC LIMIT 1 OFFSET ?"
+        );
+        values.push(i64::try_from(newest - 1).unwrap_or(i64::MAX).into());
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let nth: Option<i64> = stmt
+            .query_row(rusqlite::params_from_iter(values), |r| r.get(0))
+            .optional()?;
+        Ok(nth.map_or(0, |seq| seq - 1))
+    }
+
+    /// At most `limit` history rows after `seq` (all subscriptions), oldest first: what
+    /// the daemon's metrics have not counted yet. Callers page on with the last `seq`.
+    pub fn history_after(&self, seq: i64, limit: usize) -> Result<Vec<HistoryRow>, StateError> {
+        self.history_page(&HistoryFilter::default(), seq, limit)
     }
 
     /// The newest history row's sequence number (0 when empty).
@@ -1043,6 +1141,55 @@ mod tests {
         assert_eq!(back.state.delivery_failures.count(), 2);
         let rows = db.history(Some("fintoro/801")).unwrap();
         assert_eq!(rows.last().unwrap().evidence.as_ref(), Some(&ev));
+    }
+
+    /// Appends a history row for `name` recorded at `at`, the record carrying
+    /// `rotation_id` (which marks a rotation under way while it stays there).
+    fn row_at(db: &StateDb, name: &str, rotation_id: Option<&str>, at: DateTime<Utc>) -> i64 {
+        let mut r = db.load_or_create(name, now()).unwrap();
+        r.state.rotation_id = rotation_id.map(str::to_string);
+        let t = Transition::note(Phase::Idle, "test", format!("at {at}"));
+        db.save(&r, Some(&t), at).unwrap();
+        db.last_seq().unwrap()
+    }
+
+    fn seqs(rows: &[HistoryRow]) -> Vec<i64> {
+        rows.iter().map(|r| r.seq).collect()
+    }
+
+    #[test]
+    fn history_is_read_in_pages_filtered_by_subscription_and_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).unwrap();
+        let h = |n: i64| now() + chrono::Duration::hours(n);
+        let mut a = vec![];
+        let mut b = vec![];
+        for n in 0..5 {
+            a.push(row_at(&db, "a/1", None, h(n)));
+            b.push(row_at(&db, "b/2", None, h(n)));
+        }
+        let all = HistoryFilter::default();
+        let first = db.history_page(&all, 0, 4).unwrap();
+        assert_eq!(seqs(&first), vec![a[0], b[0], a[1], b[1]]);
+        let next = db.history_page(&all, first[3].seq, 4).unwrap();
+        assert_eq!(seqs(&next), vec![a[2], b[2], a[3], b[3]]);
+        assert_eq!(db.history_page(&all, next[3].seq, 4).unwrap().len(), 2);
+
+        let only_a = HistoryFilter {
+            subscription: Some("a/1"),
+            since: Some(h(3)),
+        };
+        assert_eq!(seqs(&db.history_page(&only_a, 0, 10).unwrap()), vec![a[3], a[4]]);
+        // The newest two of `b/2`, read forward from where the tail starts.
+        let only_b = HistoryFilter {
+            subscription: Some("b/2"),
+            since: None,
+        };
+        let start = db.history_tail_start(&only_b, 2).unwrap();
+        assert_eq!(seqs(&db.history_page(&only_b, start, 10).unwrap()), vec![b[3], b[4]]);
+        assert_eq!(db.history_tail_start(&only_b, 50).unwrap(), 0, "fewer rows than asked");
+        assert_eq!(db.history_after(b[4], 10).unwrap().len(), 0);
+        assert_eq!(db.history(Some("a/1")).unwrap().len(), 5);
     }
 
     #[test]
