@@ -260,6 +260,7 @@ async fn run(path: &Path, once: bool, force: Vec<String>) -> u8 {
             .iter()
             .map(|f| (f.clone(), Job::Start(Trigger::Forced)))
             .collect();
+        crate::once::prune_history(&engine);
         crate::once::run(&engine, &lock, signals, jobs, true).await
     } else {
         crate::daemon::run(path, Arc::new(engine), db, force, signals, &lock).await
@@ -713,6 +714,10 @@ async fn check_config(path: &Path, preflight: bool) -> u8 {
         "  daemon: max_concurrent {}, drain_timeout {}",
         config.daemon.max_concurrent,
         humantime::format_duration(config.daemon.drain_timeout)
+    );
+    println!(
+        "  state: history kept {}",
+        humantime::format_duration(config.state.history_retention)
     );
     for p in &config.policies {
         let mut rules = p.schedule.describe();

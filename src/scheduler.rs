@@ -586,7 +586,11 @@ impl Scheduler {
         m.beat(self.engine.now());
         // Page by page: a backlog (a burst of rotations) never sits in memory whole.
         loop {
-            match self.engine.db().history_after(self.counted_seq, HISTORY_PAGE) {
+            match self
+                .engine
+                .db()
+                .history_after(self.counted_seq, HISTORY_PAGE)
+            {
                 Ok(rows) => {
                     if let Some(last) = rows.last() {
                         self.counted_seq = last.seq;

@@ -212,6 +212,10 @@ impl HistoryFilter<'_> {
 /// How many history rows one read returns at most, for callers that walk the table.
 pub const HISTORY_PAGE: usize = 500;
 
+/// History rows [`StateDb::prune_history`] deletes per transaction in the daemon and
+/// one-shot runs: short enough that a rotation's save never waits long behind one.
+pub const PRUNE_BATCH: usize = 500;
+
 /// A history row as stored, before validation.
 struct RawHistoryRow {
     seq: i64,
@@ -708,10 +712,7 @@ impl StateDb {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(&sql)?;
         let rows = stmt
-            .query_map(
-                rusqlite::params_from_iter(values),
-                RawHistoryRow::from_row,
-            )?
+            .query_map(rusqlite::params_from_iter(values), RawHistoryRow::from_row)?
             .collect::<Result<Vec<_>, _>>()?;
         rows.into_iter().map(RawHistoryRow::into_row).collect()
     }
@@ -744,6 +745,42 @@ impl StateDb {
     /// the daemon's metrics have not counted yet. Callers page on with the last `seq`.
     pub fn history_after(&self, seq: i64, limit: usize) -> Result<Vec<HistoryRow>, StateError> {
         self.history_page(&HistoryFilter::default(), seq, limit)
+    }
+
+    /// Deletes up to `batch` of the oldest history rows recorded before `before`, in
+    /// one short transaction; returns how many went (fewer than `batch`: nothing
+    /// older is left). The rows of a rotation still under way (its subscription holds
+    /// its rotation id: in flight or held) stay whatever their age: they are what an
+    /// operator reads to decide on it.
+    ///
+    /// Rows go in `seq` order and the walk stops at the first one recorded at or after
+    /// `before`, so a batch costs its own rows, never a scan of the table. A row written
+    /// while the clock ran fast stops it early: rows behind it are kept a little
+    /// longer, never dropped early.
+    pub fn prune_history(&self, before: DateTime<Utc>, batch: usize) -> Result<usize, StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let oldest: Vec<(i64, String)> = {
+            let mut stmt = tx.prepare_cached(
+                "SELECT seq, at FROM history
+                 WHERE rotation_id IS NULL OR rotation_id NOT IN
+                    (SELECT rotation_id FROM subscriptions WHERE rotation_id IS NOT NULL)
+                 ORDER BY seq LIMIT ?1",
+            )?;
+            let limit = i64::try_from(batch).unwrap_or(i64::MAX);
+            stmt.query_map([limit], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?
+        };
+        let cutoff = ts1(before);
+        let mut deleted = 0;
+        {
+            let mut delete = tx.prepare_cached("DELETE FROM history WHERE seq = ?1")?;
+            for (seq, _) in oldest.iter().take_while(|(_, at)| *at < cutoff) {
+                deleted += delete.execute([seq])?;
+            }
+        }
+        tx.commit()?;
+        Ok(deleted)
     }
 
     /// The newest history row's sequence number (0 when empty).
@@ -1179,17 +1216,55 @@ mod tests {
             subscription: Some("a/1"),
             since: Some(h(3)),
         };
-        assert_eq!(seqs(&db.history_page(&only_a, 0, 10).unwrap()), vec![a[3], a[4]]);
+        assert_eq!(
+            seqs(&db.history_page(&only_a, 0, 10).unwrap()),
+            vec![a[3], a[4]]
+        );
         // The newest two of `b/2`, read forward from where the tail starts.
         let only_b = HistoryFilter {
             subscription: Some("b/2"),
             since: None,
         };
         let start = db.history_tail_start(&only_b, 2).unwrap();
-        assert_eq!(seqs(&db.history_page(&only_b, start, 10).unwrap()), vec![b[3], b[4]]);
-        assert_eq!(db.history_tail_start(&only_b, 50).unwrap(), 0, "fewer rows than asked");
+        assert_eq!(
+            seqs(&db.history_page(&only_b, start, 10).unwrap()),
+            vec![b[3], b[4]]
+        );
+        assert_eq!(
+            db.history_tail_start(&only_b, 50).unwrap(),
+            0,
+            "fewer rows than asked"
+        );
         assert_eq!(db.history_after(b[4], 10).unwrap().len(), 0);
         assert_eq!(db.history(Some("a/1")).unwrap().len(), 5);
+    }
+
+    #[test]
+    fn pruning_removes_old_rows_in_batches_but_never_a_rotation_under_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).unwrap();
+        let days = |n: i64| now() - chrono::Duration::days(n);
+        let old_done = row_at(&db, "a/1", Some("r-done"), days(500));
+        let old_held = row_at(&db, "b/2", Some("r-held"), days(499));
+        let old_idle = [
+            row_at(&db, "a/1", None, days(498)),
+            row_at(&db, "a/1", None, days(497)),
+        ];
+        let recent = row_at(&db, "a/1", None, days(10));
+        // Written while the clock ran fast: kept until `recent`'s turn.
+        let behind_recent = row_at(&db, "a/1", None, days(450));
+        assert!(old_done < old_held && old_held < old_idle[0]);
+        // b/2 still carries `r-held`: its rotation is under way.
+        let before = days(400);
+        assert_eq!(db.prune_history(before, 2).unwrap(), 2, "a full batch");
+        assert_eq!(
+            db.prune_history(before, 2).unwrap(),
+            1,
+            "the rest, then stop"
+        );
+        assert_eq!(db.prune_history(before, 2).unwrap(), 0);
+        let left = seqs(&db.history(None).unwrap());
+        assert_eq!(left, vec![old_held, recent, behind_recent]);
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod daemon;
 mod faults;
 mod fintoro;
 mod first_start;
+mod history;
 mod mixed;
 mod monite;
 mod once;
