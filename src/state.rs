@@ -11,7 +11,7 @@
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use chrono::{DateTime, Utc};
 use rusqlite::{
@@ -274,6 +274,22 @@ pub struct StateDb {
     /// A WAL truncation that readers kept busy, retried at the next save: until it
     /// succeeds, the page image of a published secret may remain in the `-wal` file.
     checkpoint_owed: AtomicBool,
+    /// The connection may be left at `synchronous = NORMAL` by a routine save (see
+    /// [`StateDb::save_routine`]); a synced save sets FULL again first.
+    relaxed: AtomicBool,
+    /// Record saves that wrote something, and those of them that waited for an fsync.
+    commits: AtomicU64,
+    synced: AtomicU64,
+}
+
+/// How many record saves ([`StateDb::save`], [`StateDb::save_routine`]) this
+/// connection committed: what a rotation step costs in writes and in fsyncs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SaveCounts {
+    /// Transactions that wrote to the database.
+    pub commits: u64,
+    /// Those of them that returned only once on disk (an fsync of the WAL).
+    pub synced: u64,
 }
 
 fn ts(t: &Option<DateTime<Utc>>) -> Option<String> {
@@ -386,6 +402,9 @@ impl StateDb {
             conn: Mutex::new(conn),
             path,
             checkpoint_owed: AtomicBool::new(false),
+            relaxed: AtomicBool::new(false),
+            commits: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
         }
     }
 
@@ -491,6 +510,13 @@ impl StateDb {
         Ok(())
     }
 
+    pub fn save_counts(&self) -> SaveCounts {
+        SaveCounts {
+            commits: self.commits.load(Ordering::Relaxed),
+            synced: self.synced.load(Ordering::Relaxed),
+        }
+    }
+
     /// Whether a WAL truncation is still owed (see [`StateDb::save`]).
     pub fn checkpoint_owed(&self) -> bool {
         self.checkpoint_owed.load(Ordering::Relaxed)
@@ -542,66 +568,113 @@ impl StateDb {
         transition: Option<&Transition>,
         now: DateTime<Utc>,
     ) -> Result<(), StateError> {
+        self.save_with(record, transition, now, true)
+    }
+
+    /// Persists a routine step (a confirmation poll without news, waking from a wait):
+    /// no history row, and no wait for an fsync. The write is committed and visible at
+    /// once, survives the process dying, and becomes durable with the next
+    /// [`StateDb::save`] (the WAL is synced in order, so it never outlives a later
+    /// write). A power cut can lose it, and only it: the record then reads as it did
+    /// before that step, and the step simply happens again, which is all a routine
+    /// step is worth. A record that did not change is not written at all.
+    pub fn save_routine(&self, record: &Record, now: DateTime<Utc>) -> Result<(), StateError> {
+        self.save_with(record, None, now, false)
+    }
+
+    fn save_with(
+        &self,
+        record: &Record,
+        transition: Option<&Transition>,
+        now: DateTime<Utc>,
+        synced: bool,
+    ) -> Result<(), StateError> {
+        let mut values = record_values(record);
         let mut conn = self.conn();
-        let s = &record.state;
+        if synced == self.relaxed.load(Ordering::Relaxed) {
+            // A routine save relaxes the connection for its commit only; a synced save
+            // after one whose restore failed makes sure it is back to FULL.
+            self.relaxed.store(true, Ordering::Relaxed);
+            conn.pragma_update(None, "synchronous", if synced { "FULL" } else { "NORMAL" })?;
+            self.relaxed.store(!synced, Ordering::Relaxed);
+        }
+        let result = self.write_record(&mut conn, &values, record, transition, now);
+        forget_secret(&mut values);
+        if !synced {
+            // Not the save's failure: it is committed. The next synced save retries.
+            match conn.pragma_update(None, "synchronous", "FULL") {
+                Ok(()) => self.relaxed.store(false, Ordering::Relaxed),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot set the state database back to synchronous=FULL; retried at the next save")
+                }
+            }
+        }
+        let written = result?;
+        if written.is_some() {
+            self.commits.fetch_add(1, Ordering::Relaxed);
+            self.synced.fetch_add(u64::from(synced), Ordering::Relaxed);
+        }
+        if written == Some(true) || self.checkpoint_owed() {
+            // The overwritten row's old page image still sits in the WAL until a
+            // checkpoint; truncating the WAL removes that last copy of the secret.
+            self.truncate_wal(&conn, &record.name);
+        }
+        Ok(())
+    }
+
+    /// One transaction: the record's row (`values`, in [`RECORD_COLUMNS`] order) and
+    /// the history row. `None` when there was nothing to write (the stored row is
+    /// `values` already and no transition is recorded); otherwise whether it wiped a
+    /// stored secret.
+    fn write_record(
+        &self,
+        conn: &mut Connection,
+        values: &[rusqlite::types::Value],
+        record: &Record,
+        transition: Option<&Transition>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<bool>, StateError> {
         let tx = conn.transaction()?;
-        let wiped_secret: bool = tx
-            .query_row(
-                "SELECT pending_secret IS NOT NULL FROM subscriptions WHERE name = ?1",
-                [&record.name],
-                |r| r.get(0),
-            )
-            .optional()?
-            .unwrap_or(false)
-            && s.pending_secret.is_none();
-        tx.execute(
-            "INSERT INTO subscriptions (name, phase, rotation_id, intent_at, rotated_at,
-                published_at, confirm_deadline, pending_secret, new_fingerprint,
-                previous_fingerprint, rotate_in_flight, lost_responses, failures, not_before,
-                last_error, last_rotated_at, last_outcome, first_seen_at, next_due_at, phase_since,
-                target, delivery_failures)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                ?18, ?19, ?20, ?21, ?22)
-             ON CONFLICT (name) DO UPDATE SET phase = ?2, rotation_id = ?3, intent_at = ?4,
-                rotated_at = ?5, published_at = ?6, confirm_deadline = ?7, pending_secret = ?8,
-                new_fingerprint = ?9, previous_fingerprint = ?10, rotate_in_flight = ?11,
-                lost_responses = ?12, failures = ?13, not_before = ?14, last_error = ?15,
-                last_rotated_at = ?16, last_outcome = ?17, first_seen_at = ?18,
-                next_due_at = ?19, phase_since = ?20, target = ?21, delivery_failures = ?22",
-            params![
-                record.name,
-                s.phase.as_str(),
-                s.rotation_id,
-                ts(&s.intent_at),
-                ts(&s.rotated_at),
-                ts(&s.published_at),
-                ts(&s.confirm_deadline),
-                s.pending_secret
-                    .as_ref()
-                    .map(|p| p.expose_secret().to_owned()),
-                s.new_fingerprint.as_ref().map(|f| f.as_str().to_owned()),
-                s.previous_fingerprint
-                    .as_ref()
-                    .map(|f| f.as_str().to_owned()),
-                s.rotate_in_flight,
-                s.lost_responses,
-                s.failures,
-                ts(&s.not_before),
-                s.last_error,
-                ts(&s.last_rotated_at),
-                s.last_outcome,
-                ts1(record.first_seen_at),
-                ts(&record.next_due_at),
-                ts1(record.phase_since),
-                record
-                    .target
-                    .as_ref()
-                    .and_then(|t| serde_json::to_string(t).ok()),
-                (s.delivery_failures != FailureTally::default())
-                    .then(|| serde_json::to_string(&s.delivery_failures).ok())
-                    .flatten(),
-            ],
-        )?;
+        let mut stored = tx
+            .prepare_cached(&format!(
+                "SELECT {RECORD_COLUMNS} FROM subscriptions WHERE name = ?1"
+            ))?
+            .query_row([&record.name], |r| {
+                (0..values.len())
+                    .map(|i| r.get::<_, rusqlite::types::Value>(i))
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .optional()?;
+        let unchanged = stored.as_deref() == Some(values);
+        let wiped_secret = stored.as_ref().is_some_and(|row| {
+            row[SECRET_COLUMN] != rusqlite::types::Value::Null
+                && values[SECRET_COLUMN] == rusqlite::types::Value::Null
+        });
+        if let Some(row) = &mut stored {
+            forget_secret(row);
+        }
+        if unchanged && transition.is_none() {
+            return Ok(None);
+        }
+        if !unchanged {
+            tx.prepare_cached(
+                "INSERT INTO subscriptions (name, phase, rotation_id, intent_at, rotated_at,
+                    published_at, confirm_deadline, pending_secret, new_fingerprint,
+                    previous_fingerprint, rotate_in_flight, lost_responses, failures, not_before,
+                    last_error, last_rotated_at, last_outcome, first_seen_at, next_due_at,
+                    phase_since, target, delivery_failures)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
+                    ?17, ?18, ?19, ?20, ?21, ?22)
+                 ON CONFLICT (name) DO UPDATE SET phase = ?2, rotation_id = ?3, intent_at = ?4,
+                    rotated_at = ?5, published_at = ?6, confirm_deadline = ?7,
+                    pending_secret = ?8, new_fingerprint = ?9, previous_fingerprint = ?10,
+                    rotate_in_flight = ?11, lost_responses = ?12, failures = ?13,
+                    not_before = ?14, last_error = ?15, last_rotated_at = ?16,
+                    last_outcome = ?17, first_seen_at = ?18, next_due_at = ?19,
+                    phase_since = ?20, target = ?21, delivery_failures = ?22",
+            )?
+            .execute(rusqlite::params_from_iter(values))?;
+        }
         if let Some(t) = transition {
             tx.execute(
                 "INSERT INTO history (subscription, at, rotation_id, from_phase, to_phase, event,
@@ -610,7 +683,7 @@ impl StateDb {
                 params![
                     record.name,
                     ts1(now),
-                    s.rotation_id,
+                    record.state.rotation_id,
                     t.from.as_str(),
                     t.to.as_str(),
                     t.event,
@@ -622,12 +695,7 @@ impl StateDb {
             )?;
         }
         tx.commit()?;
-        if wiped_secret || self.checkpoint_owed() {
-            // The overwritten row's old page image still sits in the WAL until a
-            // checkpoint; truncating the WAL removes that last copy of the secret.
-            self.truncate_wal(&conn, &record.name);
-        }
-        Ok(())
+        Ok(Some(wiped_secret))
     }
 
     /// Truncates the WAL, or, when readers keep it busy past [`CHECKPOINT_PATIENCE`],
@@ -1025,6 +1093,64 @@ impl StateDb {
 /// The columns [`RawRow::from_row`] reads, in its order.
 const RECORD_COLUMNS: &str = "name, phase, rotation_id, intent_at, rotated_at, published_at, confirm_deadline, pending_secret, new_fingerprint, previous_fingerprint, rotate_in_flight, lost_responses, failures, not_before, last_error, last_rotated_at, last_outcome, first_seen_at, next_due_at, phase_since, target, delivery_failures";
 
+/// Where `pending_secret` sits in [`RECORD_COLUMNS`] (and [`record_values`]).
+const SECRET_COLUMN: usize = 7;
+
+/// A record as the values of its row, in [`RECORD_COLUMNS`] order.
+fn record_values(record: &Record) -> Vec<rusqlite::types::Value> {
+    use rusqlite::types::Value;
+    let s = &record.state;
+    let text = |v: Option<String>| v.map_or(Value::Null, Value::Text);
+    vec![
+        Value::Text(record.name.clone()),
+        Value::Text(s.phase.as_str().to_string()),
+        text(s.rotation_id.clone()),
+        text(ts(&s.intent_at)),
+        text(ts(&s.rotated_at)),
+        text(ts(&s.published_at)),
+        text(ts(&s.confirm_deadline)),
+        text(
+            s.pending_secret
+                .as_ref()
+                .map(|p| p.expose_secret().to_owned()),
+        ),
+        text(s.new_fingerprint.as_ref().map(|f| f.as_str().to_owned())),
+        text(
+            s.previous_fingerprint
+                .as_ref()
+                .map(|f| f.as_str().to_owned()),
+        ),
+        Value::Integer(i64::from(s.rotate_in_flight)),
+        Value::Integer(i64::from(s.lost_responses)),
+        Value::Integer(i64::from(s.failures)),
+        text(ts(&s.not_before)),
+        text(s.last_error.clone()),
+        text(ts(&s.last_rotated_at)),
+        text(s.last_outcome.clone()),
+        Value::Text(ts1(record.first_seen_at)),
+        text(ts(&record.next_due_at)),
+        Value::Text(ts1(record.phase_since)),
+        text(
+            record
+                .target
+                .as_ref()
+                .and_then(|t| serde_json::to_string(t).ok()),
+        ),
+        text(
+            (s.delivery_failures != FailureTally::default())
+                .then(|| serde_json::to_string(&s.delivery_failures).ok())
+                .flatten(),
+        ),
+    ]
+}
+
+/// Zeroes the plain copy of a minted secret in a row's values once it is written.
+fn forget_secret(values: &mut [rusqlite::types::Value]) {
+    if let Some(rusqlite::types::Value::Text(t)) = values.get_mut(SECRET_COLUMN) {
+        zeroize::Zeroize::zeroize(t);
+    }
+}
+
 /// A row as stored, before validation: the database is input too.
 struct RawRow {
     name: String,
@@ -1265,6 +1391,48 @@ mod tests {
         assert_eq!(db.prune_history(before, 2).unwrap(), 0);
         let left = seqs(&db.history(None).unwrap());
         assert_eq!(left, vec![old_held, recent, behind_recent]);
+    }
+
+    #[test]
+    fn an_unchanged_record_is_not_written_and_a_routine_save_waits_for_no_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).unwrap();
+        let mut r = db.load_or_create("fintoro/801", now()).unwrap();
+        r.state.phase = Phase::Confirming;
+        db.save(&r, None, now()).unwrap();
+        let changes = || db.conn().total_changes();
+        let (before, rows) = (db.save_counts(), changes());
+        db.save(&r, None, now()).unwrap();
+        db.save_routine(&r, now()).unwrap();
+        assert_eq!(
+            (db.save_counts(), changes()),
+            (before, rows),
+            "nothing to write"
+        );
+
+        r.state.not_before = Some(now() + chrono::Duration::seconds(30));
+        db.save_routine(&r, now()).unwrap();
+        let after = db.save_counts();
+        assert_eq!(
+            (after.commits, after.synced),
+            (before.commits + 1, before.synced)
+        );
+        let synchronous: i64 = db
+            .conn()
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .unwrap();
+        assert_eq!(synchronous, 2, "FULL again for the next save");
+        let other = StateDb::open_read_only(dir.path()).unwrap().unwrap();
+        let seen = other.load("fintoro/801").unwrap().unwrap();
+        assert_eq!(
+            seen.state.not_before, r.state.not_before,
+            "committed, visible"
+        );
+        // A transition is always written, and synced.
+        let t = Transition::note(Phase::Confirming, "test", "x".into());
+        db.save(&r, Some(&t), now()).unwrap();
+        assert_eq!(db.save_counts().synced, before.synced + 1);
+        assert_eq!(db.history(None).unwrap().len(), 1);
     }
 
     #[test]

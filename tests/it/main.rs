@@ -13,6 +13,7 @@ mod history;
 mod mixed;
 mod monite;
 mod once;
+mod poll_writes;
 mod provider_faults;
 mod rvault_smoke;
 mod sandbox;
