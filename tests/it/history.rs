@@ -3,7 +3,7 @@
 //! at start without touching a rotation still under way.
 
 use chrono::{DateTime, Duration, Utc};
-use rekey::rotation::{Phase, Transition};
+use rekey::rotation::Phase;
 use rekey::state::StateDb;
 use serde_json::Value;
 
