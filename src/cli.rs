@@ -16,7 +16,7 @@ use crate::once::Job;
 use crate::policy_timing::{self, CatchUp};
 use crate::rotation::Trigger;
 use crate::signals::Signals;
-use crate::state::{Ask, StateDb};
+use crate::state::{Ask, HISTORY_PAGE, HistoryFilter, HistoryRow, StateDb};
 use crate::status;
 
 const DEFAULT_CONFIG: &str = "/etc/rekey/rekey.toml";
@@ -87,7 +87,14 @@ pub enum Command {
         config: ConfigArg,
         /// `<provider>/<id>`; all subscriptions when omitted.
         subscription: Option<String>,
-        /// Print JSON instead of text.
+        /// Only rows from this time on: a UTC time (`2026-11-23T10:00:00Z`, `2026-11-23`)
+        /// or a duration back from now (`90m`, `7d`).
+        #[arg(long, value_name = "TIME|DURATION", value_parser = parse_since)]
+        since: Option<Since>,
+        /// Only the newest N rows (still printed oldest first).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        limit: Option<u64>,
+        /// Print a JSON array instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -153,8 +160,17 @@ async fn dispatch(cli: Cli) -> u8 {
         Command::History {
             config,
             subscription,
+            since,
+            limit,
             json,
-        } => history_cmd(&config.config, subscription.as_deref(), json),
+        } => {
+            let filter = HistoryFilter {
+                subscription: subscription.as_deref(),
+                since: since.map(|s| s.resolve(chrono::Utc::now())),
+            };
+            let limit = limit.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+            history_cmd(&config.config, &filter, limit, json)
+        }
         Command::CheckConfig { config, preflight } => check_config(&config.config, preflight).await,
         Command::Rotate {
             config,
@@ -244,6 +260,7 @@ async fn run(path: &Path, once: bool, force: Vec<String>) -> u8 {
             .iter()
             .map(|f| (f.clone(), Job::Start(Trigger::Forced)))
             .collect();
+        crate::once::prune_history(&engine);
         crate::once::run(&engine, &lock, signals, jobs, true).await
     } else {
         crate::daemon::run(path, Arc::new(engine), db, force, signals, &lock).await
@@ -523,7 +540,44 @@ fn print_json<T: serde::Serialize>(value: &T) -> Result<(), u8> {
     Ok(())
 }
 
-fn history_cmd(path: &Path, subscription: Option<&str>, json: bool) -> u8 {
+/// Where `history --since` starts: a time, or a duration back from now.
+#[derive(Debug, Clone, Copy)]
+pub enum Since {
+    At(chrono::DateTime<chrono::Utc>),
+    Ago(std::time::Duration),
+}
+
+impl Since {
+    fn resolve(self, now: chrono::DateTime<chrono::Utc>) -> chrono::DateTime<chrono::Utc> {
+        match self {
+            Since::At(t) => t,
+            Since::Ago(d) => chrono::Duration::from_std(d)
+                .ok()
+                .and_then(|d| now.checked_sub_signed(d))
+                .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC),
+        }
+    }
+}
+
+fn parse_since(s: &str) -> Result<Since, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(Since::At(t.with_timezone(&chrono::Utc)));
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(Since::At(d.and_time(chrono::NaiveTime::MIN).and_utc()));
+    }
+    humantime::parse_duration(s).map(Since::Ago).map_err(|_| {
+        format!(
+            "`{s}` is neither a time (2026-11-23T10:00:00Z, 2026-11-23, in UTC) nor a \
+             duration back from now (90m, 7d)"
+        )
+    })
+}
+
+/// `rekey history`: streams the rows page by page, so a year of a large fleet's
+/// history never sits in memory, and a reader stalled by a pager holds no read
+/// snapshot that would keep the daemon from truncating its WAL.
+fn history_cmd(path: &Path, filter: &HistoryFilter<'_>, limit: Option<usize>, json: bool) -> u8 {
     let config = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
@@ -540,20 +594,78 @@ fn history_cmd(path: &Path, subscription: Option<&str>, json: bool) -> u8 {
         }
         Err(code) => return code,
     };
-    let rows = match db.history(subscription) {
-        Ok(r) => r,
+    let mut out = HistoryOut::new(json);
+    match stream_history(&db, filter, limit, &mut out).and_then(|()| out.finish()) {
+        Ok(()) => exit::OK,
+        // `rekey history | head`: the reader has what it wanted.
+        Err(HistoryError::Write(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => exit::OK,
         Err(e) => {
             eprintln!("rekey: {e}");
-            return exit::SOFTWARE;
+            exit::SOFTWARE
         }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum HistoryError {
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error("cannot write the history to stdout: {0}")]
+    Write(#[from] std::io::Error),
+}
+
+fn stream_history(
+    db: &StateDb,
+    filter: &HistoryFilter<'_>,
+    limit: Option<usize>,
+    out: &mut HistoryOut,
+) -> Result<(), HistoryError> {
+    let mut after = match limit {
+        Some(n) => db.history_tail_start(filter, n)?,
+        None => 0,
     };
-    if json {
-        if let Err(code) = print_json(&rows) {
-            return code;
+    let mut left = limit.unwrap_or(usize::MAX);
+    while left > 0 {
+        let want = left.min(HISTORY_PAGE);
+        let page = db.history_page(filter, after, want)?;
+        for row in &page {
+            out.row(row)?;
         }
-    } else {
-        for r in &rows {
-            println!(
+        left -= page.len();
+        match page.last() {
+            Some(last) if page.len() == want => after = last.seq,
+            _ => break,
+        }
+    }
+    Ok(())
+}
+
+/// The history on stdout, a row at a time: text lines, or a JSON array with one
+/// row per line.
+struct HistoryOut {
+    out: std::io::BufWriter<std::io::Stdout>,
+    json: bool,
+    rows: usize,
+}
+
+impl HistoryOut {
+    fn new(json: bool) -> HistoryOut {
+        HistoryOut {
+            out: std::io::BufWriter::new(std::io::stdout()),
+            json,
+            rows: 0,
+        }
+    }
+
+    fn row(&mut self, r: &HistoryRow) -> Result<(), HistoryError> {
+        use std::io::Write;
+        if self.json {
+            let sep = if self.rows == 0 { "[\n" } else { ",\n" };
+            let text = serde_json::to_string(r).map_err(std::io::Error::other)?;
+            write!(self.out, "{sep}{text}")?;
+        } else {
+            writeln!(
+                self.out,
                 "{}  {:<24} {:<10} -> {:<10} {:<22} {}",
                 r.at.format("%Y-%m-%d %H:%M:%S%.3fZ"),
                 r.subscription,
@@ -561,10 +673,21 @@ fn history_cmd(path: &Path, subscription: Option<&str>, json: bool) -> u8 {
                 r.to,
                 r.event,
                 r.detail
-            );
+            )?;
         }
+        self.rows += 1;
+        Ok(())
     }
-    exit::OK
+
+    fn finish(&mut self) -> Result<(), HistoryError> {
+        use std::io::Write;
+        if self.json {
+            let end = if self.rows == 0 { "[]\n" } else { "\n]\n" };
+            self.out.write_all(end.as_bytes())?;
+        }
+        self.out.flush()?;
+        Ok(())
+    }
 }
 
 async fn check_config(path: &Path, preflight: bool) -> u8 {
@@ -591,6 +714,10 @@ async fn check_config(path: &Path, preflight: bool) -> u8 {
         "  daemon: max_concurrent {}, drain_timeout {}",
         config.daemon.max_concurrent,
         humantime::format_duration(config.daemon.drain_timeout)
+    );
+    println!(
+        "  state: history kept {}",
+        humantime::format_duration(config.state.history_retention)
     );
     for p in &config.policies {
         let mut rules = p.schedule.describe();

@@ -43,6 +43,13 @@ pub struct RawConfig {
     pub log: Option<RawLog>,
     pub daemon: Option<RawDaemon>,
     pub metrics: Option<RawMetrics>,
+    pub state: Option<RawState>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawState {
+    pub history_retention: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -165,6 +172,22 @@ pub struct Config {
     pub daemon: DaemonSettings,
     /// Where the daemon serves `/metrics` and `/healthz`; off when `None`.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    pub state: StateSettings,
+}
+
+/// The state database's own settings (`[state]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateSettings {
+    /// History rows older than this are pruned (never those of a rotation under way).
+    pub history_retention: Duration,
+}
+
+impl Default for StateSettings {
+    fn default() -> Self {
+        StateSettings {
+            history_retention: Duration::from_secs(400 * 86_400),
+        }
+    }
 }
 
 /// The long-running mode's own settings (`[daemon]`).
@@ -920,6 +943,7 @@ fn validate(
     let log = validate_log(&mut c, raw.log);
     let daemon = validate_daemon(&mut c, raw.daemon);
     let metrics_listen = validate_metrics(&mut c, raw.metrics);
+    let state = validate_state(&mut c, raw.state);
 
     if !c.problems.is_empty() {
         return Err(ConfigError {
@@ -947,6 +971,7 @@ fn validate(
         log,
         daemon,
         metrics_listen,
+        state,
     })
 }
 
@@ -1687,6 +1712,24 @@ fn validate_metrics(c: &mut Checker, raw: Option<RawMetrics>) -> Option<std::net
     }
 }
 
+fn validate_state(c: &mut Checker, raw: Option<RawState>) -> StateSettings {
+    let mut state = StateSettings::default();
+    let Some(raw) = raw else { return state };
+    state.history_retention = c.duration(
+        "state.history_retention",
+        raw.history_retention.as_deref(),
+        state.history_retention,
+    );
+    // A typo such as "400s" would erase the audit trail at the next start.
+    if state.history_retention < Duration::from_secs(86_400) {
+        c.problem(
+            "state.history_retention",
+            "must be at least 1d: older history rows are deleted (e.g. \"400d\")",
+        );
+    }
+    state
+}
+
 fn validate_vault(c: &mut Checker, v: RawVault, env: &dyn Environment) -> Option<VaultSettings> {
     let address = match v.address.or_else(|| env.var("VAULT_ADDR")) {
         Some(a) => c.url("vault.address", &a),
@@ -2160,5 +2203,27 @@ company = "550e8400-e29b-41d4-a716-446655440000"
             let c = load(&two_discoveries(a, b)).unwrap_or_else(|e| panic!("{a} / {b}: {e}"));
             assert_eq!(c.discoveries.len(), 2);
         }
+    }
+
+    #[test]
+    fn history_retention_defaults_to_400_days_and_refuses_what_would_erase_the_audit_trail() {
+        let c = load(GOOD).unwrap();
+        let day = Duration::from_secs(86_400);
+        assert_eq!(c.state.history_retention, 400 * day);
+        let with =
+            |v: &str| GOOD.to_string() + &format!("\n[state]\nhistory_retention = \"{v}\"\n");
+        assert_eq!(
+            load(&with("30d")).unwrap().state.history_retention,
+            30 * day
+        );
+        for bad in ["12h", "soon", "0d"] {
+            let err = load(&with(bad)).unwrap_err();
+            assert_eq!(
+                err.problems[0].key, "state.history_retention",
+                "{bad}: {err}"
+            );
+        }
+        let err = load(&(GOOD.to_string() + "\n[state]\nretention = \"30d\"\n")).unwrap_err();
+        assert!(err.to_string().contains("retention"), "{err}");
     }
 }

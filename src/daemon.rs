@@ -9,9 +9,12 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::sync::mpsc;
+use chrono::{DateTime, Utc};
+use tokio::sync::{mpsc, watch};
 
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::exit;
@@ -20,7 +23,7 @@ use crate::metrics;
 use crate::notify::{Notify, notify};
 use crate::scheduler::{Control, Scheduler};
 use crate::signals::Signals;
-use crate::state::StateDb;
+use crate::state::{PRUNE_BATCH, StateDb};
 
 /// Runs the daemon until SIGTERM/SIGINT; returns the exit code.
 pub async fn run(
@@ -59,6 +62,15 @@ pub async fn run(
     }
     let (tx, rx) = mpsc::channel(16);
     let mut current = engine.config().clone();
+    let (retention, retention_rx) = watch::channel(current.state.history_retention);
+    let _pruner = AbortOnDrop(
+        tokio::spawn(prune_history(
+            db.clone(),
+            engine.clock().clone(),
+            retention_rx,
+        ))
+        .abort_handle(),
+    );
     let mut scheduler = tokio::spawn(sched.run(rx));
     let mut stopping = false;
     loop {
@@ -74,6 +86,7 @@ pub async fn run(
             }
             _ = hup.recv(), if !stopping => {
                 if let Some(config) = reload(path, &current, &db, &tx).await {
+                    retention.send_replace(config.state.history_retention);
                     current = config;
                 }
             }
@@ -145,4 +158,77 @@ async fn reload(
         return None;
     }
     Some(config)
+}
+
+/// How often the daemon prunes the history; it also does when it starts and when a
+/// reload changes `[state] history_retention`.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// The pause between batches, so a large backlog (a first start after an upgrade)
+/// leaves the database to the rotations in between.
+const PRUNE_PAUSE: Duration = Duration::from_millis(50);
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Deletes history rows older than the retention, at start and then every
+/// [`PRUNE_INTERVAL`], until the daemon stops.
+async fn prune_history(
+    db: Arc<StateDb>,
+    clock: Arc<dyn Clock>,
+    mut retention: watch::Receiver<Duration>,
+) {
+    loop {
+        let keep = *retention.borrow_and_update();
+        let before = chrono::Duration::from_std(keep)
+            .ok()
+            .and_then(|d| clock.now().checked_sub_signed(d));
+        if let Some(before) = before {
+            prune_before(&db, before).await;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(PRUNE_INTERVAL) => {}
+            changed = retention.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// One round: batches until nothing older than `before` is left. A failed batch ends
+/// the round; the next round, an interval later, tries again.
+async fn prune_before(db: &Arc<StateDb>, before: DateTime<Utc>) {
+    let mut pruned = 0;
+    loop {
+        let batch_db = db.clone();
+        let result =
+            tokio::task::spawn_blocking(move || batch_db.prune_history(before, PRUNE_BATCH)).await;
+        match result {
+            Ok(Ok(n)) => {
+                pruned += n;
+                if n < PRUNE_BATCH {
+                    break;
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot prune the history; trying again in an hour");
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "history pruning stopped; trying again in an hour");
+                break;
+            }
+        }
+        tokio::time::sleep(PRUNE_PAUSE).await;
+    }
+    if pruned > 0 {
+        tracing::info!(
+            rows = pruned,
+            before = %before.to_rfc3339(),
+            "history pruned: rows older than [state] history_retention deleted"
+        );
+    }
 }

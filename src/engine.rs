@@ -725,7 +725,8 @@ impl Engine {
                 _ => {}
             }
             if step.transition.quiet {
-                self.db.save(&rec, None, t)?;
+                // Routine (a poll without news): no fsync; a power cut only repeats it.
+                self.db.save_routine(&rec, t)?;
             } else {
                 self.db.save(&rec, Some(&step.transition), t)?;
                 log_transition(sub, &rec, &step.transition);

@@ -24,11 +24,16 @@ use crate::exit;
 use crate::lock::{StateLock, leaving};
 use crate::rotation::Trigger;
 use crate::signals::Signals;
-use crate::state::{Asks, Record, StateDb};
+use crate::state::{Asks, PRUNE_BATCH, Record, StateDb};
 
 /// Looks at the asks recorded while the run works, after its own work: enough for an
 /// operator typing commands during a pass, bounded against a script that never stops.
 pub const ROUNDS: usize = 5;
+
+/// Batches of history pruning a one-shot run does at most: a timer every few minutes
+/// keeps up with any fleet, and a first run after an upgrade does not hold up the
+/// rotations it was started for (the next runs take the rest).
+const PRUNE_BATCHES: usize = 20;
 
 /// What one subscription is advanced for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -292,5 +297,39 @@ fn report(sub: &Subscription, result: Result<(Outcome, Record), EngineError>) ->
         exit::FAILED
     } else {
         exit::OK
+    }
+}
+
+/// Deletes history rows older than `[state] history_retention`, a bounded amount
+/// (see [`PRUNE_BATCHES`]). A failure is logged, never fatal: the next run retries.
+pub fn prune_history(engine: &Engine) {
+    let keep = engine.config().state.history_retention;
+    let Some(before) = chrono::Duration::from_std(keep)
+        .ok()
+        .and_then(|d| engine.now().checked_sub_signed(d))
+    else {
+        return;
+    };
+    let mut pruned = 0;
+    for _ in 0..PRUNE_BATCHES {
+        match engine.db().prune_history(before, PRUNE_BATCH) {
+            Ok(n) => {
+                pruned += n;
+                if n < PRUNE_BATCH {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot prune the history; the next run tries again");
+                break;
+            }
+        }
+    }
+    if pruned > 0 {
+        tracing::info!(
+            rows = pruned,
+            before = %before.to_rfc3339(),
+            "history pruned: rows older than [state] history_retention deleted"
+        );
     }
 }

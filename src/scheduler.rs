@@ -28,7 +28,7 @@ use crate::metrics::Metrics;
 use crate::notify::{self, Notify, notify};
 use crate::policy_timing::{after, catch_up, retry_start, start_time};
 use crate::rotation::{Phase, Transition, Trigger};
-use crate::state::Record;
+use crate::state::{HISTORY_PAGE, Record};
 
 /// When `rec` next needs the engine, by the daemon's rules: `None` for never (held).
 /// A new rotation (idle, or failed and retrying) starts only per the policy's start
@@ -584,14 +584,27 @@ impl Scheduler {
     fn count_history(&mut self) {
         let Some(m) = &self.metrics else { return };
         m.beat(self.engine.now());
-        match self.engine.db().history_after(self.counted_seq) {
-            Ok(rows) => {
-                if let Some(last) = rows.last() {
-                    self.counted_seq = last.seq;
+        // Page by page: a backlog (a burst of rotations) never sits in memory whole.
+        loop {
+            match self
+                .engine
+                .db()
+                .history_after(self.counted_seq, HISTORY_PAGE)
+            {
+                Ok(rows) => {
+                    if let Some(last) = rows.last() {
+                        self.counted_seq = last.seq;
+                    }
+                    m.observe(&rows);
+                    if rows.len() < HISTORY_PAGE {
+                        return;
+                    }
                 }
-                m.observe(&rows);
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the history for metrics");
+                    return;
+                }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot read the history for metrics"),
         }
     }
 

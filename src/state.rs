@@ -11,7 +11,7 @@
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use chrono::{DateTime, Utc};
 use rusqlite::{
@@ -180,12 +180,116 @@ pub struct HistoryRow {
     pub evidence: Option<Evidence>,
 }
 
+/// Which history rows to read (see [`StateDb::history_page`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HistoryFilter<'a> {
+    /// One subscription's rows; all when `None`.
+    pub subscription: Option<&'a str>,
+    /// Rows recorded at or after this time.
+    pub since: Option<DateTime<Utc>>,
+}
+
+impl HistoryFilter<'_> {
+    /// The filter as `AND …` clauses and their values, in order. A clause is in the
+    /// text only when its filter is set, so one subscription's rows come through its
+    /// index instead of a walk over everyone's. `at` is always written by `ts1`
+    /// (fixed width, UTC), so text order is time order.
+    fn condition(&self) -> (String, Vec<rusqlite::types::Value>) {
+        let mut sql = String::new();
+        let mut values = Vec::new();
+        if let Some(name) = self.subscription {
+            sql.push_str(" AND subscription = ?");
+            values.push(name.to_string().into());
+        }
+        if let Some(since) = self.since {
+            sql.push_str(" AND at >= ?");
+            values.push(ts1(since).into());
+        }
+        (sql, values)
+    }
+}
+
+/// How many history rows one read returns at most, for callers that walk the table.
+pub const HISTORY_PAGE: usize = 500;
+
+/// History rows [`StateDb::prune_history`] deletes per transaction in the daemon and
+/// one-shot runs: short enough that a rotation's save never waits long behind one.
+pub const PRUNE_BATCH: usize = 500;
+
+/// A history row as stored, before validation.
+struct RawHistoryRow {
+    seq: i64,
+    subscription: String,
+    at: String,
+    rotation_id: Option<String>,
+    from: String,
+    to: String,
+    event: String,
+    detail: String,
+    evidence: Option<String>,
+}
+
+impl RawHistoryRow {
+    fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawHistoryRow> {
+        Ok(RawHistoryRow {
+            seq: r.get(0)?,
+            subscription: r.get(1)?,
+            at: r.get(2)?,
+            rotation_id: r.get(3)?,
+            from: r.get(4)?,
+            to: r.get(5)?,
+            event: r.get(6)?,
+            detail: r.get(7)?,
+            evidence: r.get(8)?,
+        })
+    }
+
+    fn into_row(self) -> Result<HistoryRow, StateError> {
+        let at = parse_ts(&self.subscription, "history.at", Some(self.at))?.unwrap_or_default();
+        let evidence = self
+            .evidence
+            .map(|e| serde_json::from_str(&e))
+            .transpose()
+            .map_err(|e| StateError::Corrupt {
+                subscription: self.subscription.clone(),
+                detail: format!("history row {}, column evidence: {e}", self.seq),
+            })?;
+        Ok(HistoryRow {
+            seq: self.seq,
+            subscription: self.subscription,
+            at,
+            rotation_id: self.rotation_id,
+            from: self.from,
+            to: self.to,
+            event: self.event,
+            detail: self.detail,
+            evidence,
+        })
+    }
+}
+
 pub struct StateDb {
     conn: Mutex<Connection>,
     path: PathBuf,
     /// A WAL truncation that readers kept busy, retried at the next save: until it
     /// succeeds, the page image of a published secret may remain in the `-wal` file.
     checkpoint_owed: AtomicBool,
+    /// The connection may be left at `synchronous = NORMAL` by a routine save (see
+    /// [`StateDb::save_routine`]); a synced save sets FULL again first.
+    relaxed: AtomicBool,
+    /// Record saves that wrote something, and those of them that waited for an fsync.
+    commits: AtomicU64,
+    synced: AtomicU64,
+}
+
+/// How many record saves ([`StateDb::save`], [`StateDb::save_routine`]) this
+/// connection committed: what a rotation step costs in writes and in fsyncs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SaveCounts {
+    /// Transactions that wrote to the database.
+    pub commits: u64,
+    /// Those of them that returned only once on disk (an fsync of the WAL).
+    pub synced: u64,
 }
 
 fn ts(t: &Option<DateTime<Utc>>) -> Option<String> {
@@ -298,6 +402,9 @@ impl StateDb {
             conn: Mutex::new(conn),
             path,
             checkpoint_owed: AtomicBool::new(false),
+            relaxed: AtomicBool::new(false),
+            commits: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
         }
     }
 
@@ -403,6 +510,13 @@ impl StateDb {
         Ok(())
     }
 
+    pub fn save_counts(&self) -> SaveCounts {
+        SaveCounts {
+            commits: self.commits.load(Ordering::Relaxed),
+            synced: self.synced.load(Ordering::Relaxed),
+        }
+    }
+
     /// Whether a WAL truncation is still owed (see [`StateDb::save`]).
     pub fn checkpoint_owed(&self) -> bool {
         self.checkpoint_owed.load(Ordering::Relaxed)
@@ -454,66 +568,113 @@ impl StateDb {
         transition: Option<&Transition>,
         now: DateTime<Utc>,
     ) -> Result<(), StateError> {
+        self.save_with(record, transition, now, true)
+    }
+
+    /// Persists a routine step (a confirmation poll without news, waking from a wait):
+    /// no history row, and no wait for an fsync. The write is committed and visible at
+    /// once, survives the process dying, and becomes durable with the next
+    /// [`StateDb::save`] (the WAL is synced in order, so it never outlives a later
+    /// write). A power cut can lose it, and only it: the record then reads as it did
+    /// before that step, and the step simply happens again, which is all a routine
+    /// step is worth. A record that did not change is not written at all.
+    pub fn save_routine(&self, record: &Record, now: DateTime<Utc>) -> Result<(), StateError> {
+        self.save_with(record, None, now, false)
+    }
+
+    fn save_with(
+        &self,
+        record: &Record,
+        transition: Option<&Transition>,
+        now: DateTime<Utc>,
+        synced: bool,
+    ) -> Result<(), StateError> {
+        let mut values = record_values(record);
         let mut conn = self.conn();
-        let s = &record.state;
+        if synced == self.relaxed.load(Ordering::Relaxed) {
+            // A routine save relaxes the connection for its commit only; a synced save
+            // after one whose restore failed makes sure it is back to FULL.
+            self.relaxed.store(true, Ordering::Relaxed);
+            conn.pragma_update(None, "synchronous", if synced { "FULL" } else { "NORMAL" })?;
+            self.relaxed.store(!synced, Ordering::Relaxed);
+        }
+        let result = self.write_record(&mut conn, &values, record, transition, now);
+        forget_secret(&mut values);
+        if !synced {
+            // Not the save's failure: it is committed. The next synced save retries.
+            match conn.pragma_update(None, "synchronous", "FULL") {
+                Ok(()) => self.relaxed.store(false, Ordering::Relaxed),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot set the state database back to synchronous=FULL; retried at the next save")
+                }
+            }
+        }
+        let written = result?;
+        if written.is_some() {
+            self.commits.fetch_add(1, Ordering::Relaxed);
+            self.synced.fetch_add(u64::from(synced), Ordering::Relaxed);
+        }
+        if written == Some(true) || self.checkpoint_owed() {
+            // The overwritten row's old page image still sits in the WAL until a
+            // checkpoint; truncating the WAL removes that last copy of the secret.
+            self.truncate_wal(&conn, &record.name);
+        }
+        Ok(())
+    }
+
+    /// One transaction: the record's row (`values`, in [`RECORD_COLUMNS`] order) and
+    /// the history row. `None` when there was nothing to write (the stored row is
+    /// `values` already and no transition is recorded); otherwise whether it wiped a
+    /// stored secret.
+    fn write_record(
+        &self,
+        conn: &mut Connection,
+        values: &[rusqlite::types::Value],
+        record: &Record,
+        transition: Option<&Transition>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<bool>, StateError> {
         let tx = conn.transaction()?;
-        let wiped_secret: bool = tx
-            .query_row(
-                "SELECT pending_secret IS NOT NULL FROM subscriptions WHERE name = ?1",
-                [&record.name],
-                |r| r.get(0),
-            )
-            .optional()?
-            .unwrap_or(false)
-            && s.pending_secret.is_none();
-        tx.execute(
-            "INSERT INTO subscriptions (name, phase, rotation_id, intent_at, rotated_at,
-                published_at, confirm_deadline, pending_secret, new_fingerprint,
-                previous_fingerprint, rotate_in_flight, lost_responses, failures, not_before,
-                last_error, last_rotated_at, last_outcome, first_seen_at, next_due_at, phase_since,
-                target, delivery_failures)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                ?18, ?19, ?20, ?21, ?22)
-             ON CONFLICT (name) DO UPDATE SET phase = ?2, rotation_id = ?3, intent_at = ?4,
-                rotated_at = ?5, published_at = ?6, confirm_deadline = ?7, pending_secret = ?8,
-                new_fingerprint = ?9, previous_fingerprint = ?10, rotate_in_flight = ?11,
-                lost_responses = ?12, failures = ?13, not_before = ?14, last_error = ?15,
-                last_rotated_at = ?16, last_outcome = ?17, first_seen_at = ?18,
-                next_due_at = ?19, phase_since = ?20, target = ?21, delivery_failures = ?22",
-            params![
-                record.name,
-                s.phase.as_str(),
-                s.rotation_id,
-                ts(&s.intent_at),
-                ts(&s.rotated_at),
-                ts(&s.published_at),
-                ts(&s.confirm_deadline),
-                s.pending_secret
-                    .as_ref()
-                    .map(|p| p.expose_secret().to_owned()),
-                s.new_fingerprint.as_ref().map(|f| f.as_str().to_owned()),
-                s.previous_fingerprint
-                    .as_ref()
-                    .map(|f| f.as_str().to_owned()),
-                s.rotate_in_flight,
-                s.lost_responses,
-                s.failures,
-                ts(&s.not_before),
-                s.last_error,
-                ts(&s.last_rotated_at),
-                s.last_outcome,
-                ts1(record.first_seen_at),
-                ts(&record.next_due_at),
-                ts1(record.phase_since),
-                record
-                    .target
-                    .as_ref()
-                    .and_then(|t| serde_json::to_string(t).ok()),
-                (s.delivery_failures != FailureTally::default())
-                    .then(|| serde_json::to_string(&s.delivery_failures).ok())
-                    .flatten(),
-            ],
-        )?;
+        let mut stored = tx
+            .prepare_cached(&format!(
+                "SELECT {RECORD_COLUMNS} FROM subscriptions WHERE name = ?1"
+            ))?
+            .query_row([&record.name], |r| {
+                (0..values.len())
+                    .map(|i| r.get::<_, rusqlite::types::Value>(i))
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .optional()?;
+        let unchanged = stored.as_deref() == Some(values);
+        let wiped_secret = stored.as_ref().is_some_and(|row| {
+            row[SECRET_COLUMN] != rusqlite::types::Value::Null
+                && values[SECRET_COLUMN] == rusqlite::types::Value::Null
+        });
+        if let Some(row) = &mut stored {
+            forget_secret(row);
+        }
+        if unchanged && transition.is_none() {
+            return Ok(None);
+        }
+        if !unchanged {
+            tx.prepare_cached(
+                "INSERT INTO subscriptions (name, phase, rotation_id, intent_at, rotated_at,
+                    published_at, confirm_deadline, pending_secret, new_fingerprint,
+                    previous_fingerprint, rotate_in_flight, lost_responses, failures, not_before,
+                    last_error, last_rotated_at, last_outcome, first_seen_at, next_due_at,
+                    phase_since, target, delivery_failures)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
+                    ?17, ?18, ?19, ?20, ?21, ?22)
+                 ON CONFLICT (name) DO UPDATE SET phase = ?2, rotation_id = ?3, intent_at = ?4,
+                    rotated_at = ?5, published_at = ?6, confirm_deadline = ?7,
+                    pending_secret = ?8, new_fingerprint = ?9, previous_fingerprint = ?10,
+                    rotate_in_flight = ?11, lost_responses = ?12, failures = ?13,
+                    not_before = ?14, last_error = ?15, last_rotated_at = ?16,
+                    last_outcome = ?17, first_seen_at = ?18, next_due_at = ?19,
+                    phase_since = ?20, target = ?21, delivery_failures = ?22",
+            )?
+            .execute(rusqlite::params_from_iter(values))?;
+        }
         if let Some(t) = transition {
             tx.execute(
                 "INSERT INTO history (subscription, at, rotation_id, from_phase, to_phase, event,
@@ -522,7 +683,7 @@ impl StateDb {
                 params![
                     record.name,
                     ts1(now),
-                    s.rotation_id,
+                    record.state.rotation_id,
                     t.from.as_str(),
                     t.to.as_str(),
                     t.event,
@@ -534,12 +695,7 @@ impl StateDb {
             )?;
         }
         tx.commit()?;
-        if wiped_secret || self.checkpoint_owed() {
-            // The overwritten row's old page image still sits in the WAL until a
-            // checkpoint; truncating the WAL removes that last copy of the secret.
-            self.truncate_wal(&conn, &record.name);
-        }
-        Ok(())
+        Ok(Some(wiped_secret))
     }
 
     /// Truncates the WAL, or, when readers keep it busy past [`CHECKPOINT_PATIENCE`],
@@ -584,68 +740,115 @@ impl StateDb {
         }
     }
 
-    /// The history of one subscription (or all, with `None`), oldest first.
+    /// The whole history of one subscription (or all, with `None`), oldest first. For
+    /// tests and the sandbox: anything facing a real fleet reads [`StateDb::history_page`].
     pub fn history(&self, name: Option<&str>) -> Result<Vec<HistoryRow>, StateError> {
-        self.history_where("?1 IS NULL OR subscription = ?1", rusqlite::params![name])
+        let filter = HistoryFilter {
+            subscription: name,
+            since: None,
+        };
+        let mut rows = Vec::new();
+        loop {
+            let after = rows.last().map_or(0, |r: &HistoryRow| r.seq);
+            let page = self.history_page(&filter, after, HISTORY_PAGE)?;
+            let more = page.len() == HISTORY_PAGE;
+            rows.extend(page);
+            if !more {
+                return Ok(rows);
+            }
+        }
     }
 
-    fn history_where(
+    /// At most `limit` history rows after `after_seq` that `filter` lets through,
+    /// oldest first. One short read: a caller walking a large table pages on
+    /// with the last row's `seq`, so neither its memory nor the time it holds a read
+    /// snapshot (which keeps the daemon from truncating the WAL) grows with the table.
+    pub fn history_page(
         &self,
-        condition: &str,
-        params: impl rusqlite::Params,
+        filter: &HistoryFilter<'_>,
+        after_seq: i64,
+        limit: usize,
     ) -> Result<Vec<HistoryRow>, StateError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(&format!(
+        let (condition, mut values) = filter.condition();
+        let sql = format!(
             "SELECT seq, subscription, at, rotation_id, from_phase, to_phase, event, detail,
                 evidence
-             FROM history WHERE {condition} ORDER BY seq"
-        ))?;
+             FROM history WHERE seq > ? {condition} ORDER BY seq LIMIT ?"
+        );
+        values.insert(0, after_seq.into());
+        values.push(i64::try_from(limit).unwrap_or(i64::MAX).into());
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&sql)?;
         let rows = stmt
-            .query_map(params, |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, Option<String>>(3)?,
-                    r.get::<_, String>(4)?,
-                    r.get::<_, String>(5)?,
-                    r.get::<_, String>(6)?,
-                    r.get::<_, String>(7)?,
-                    r.get::<_, Option<String>>(8)?,
-                ))
-            })?
+            .query_map(rusqlite::params_from_iter(values), RawHistoryRow::from_row)?
             .collect::<Result<Vec<_>, _>>()?;
-        rows.into_iter()
-            .map(
-                |(seq, subscription, at, rotation_id, from, to, event, detail, evidence)| {
-                    let at = parse_ts(&subscription, "history.at", Some(at))?.unwrap_or_default();
-                    let evidence = evidence
-                        .map(|e| serde_json::from_str(&e))
-                        .transpose()
-                        .map_err(|e| StateError::Corrupt {
-                            subscription: subscription.clone(),
-                            detail: format!("history row {seq}, column evidence: {e}"),
-                        })?;
-                    Ok(HistoryRow {
-                        seq,
-                        subscription,
-                        at,
-                        rotation_id,
-                        from,
-                        to,
-                        event,
-                        detail,
-                        evidence,
-                    })
-                },
-            )
-            .collect()
+        rows.into_iter().map(RawHistoryRow::into_row).collect()
     }
 
-    /// History rows after `seq` (all subscriptions), oldest first: what the daemon's
-    /// metrics have not counted yet.
-    pub fn history_after(&self, seq: i64) -> Result<Vec<HistoryRow>, StateError> {
-        self.history_where("seq > ?1", rusqlite::params![seq])
+    /// Where to start paging (an `after_seq` for [`StateDb::history_page`]) to read
+    /// only the newest `newest` rows that `filter` lets through. Walks back `newest`
+    /// rows, not the table.
+    pub fn history_tail_start(
+        &self,
+        filter: &HistoryFilter<'_>,
+        newest: usize,
+    ) -> Result<i64, StateError> {
+        if newest == 0 {
+            return self.last_seq();
+        }
+        let (condition, mut values) = filter.condition();
+        let sql = format!(
+            "SELECT seq FROM history WHERE 1 {condition} ORDER BY seq DESC LIMIT 1 OFFSET ?"
+        );
+        values.push(i64::try_from(newest - 1).unwrap_or(i64::MAX).into());
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let nth: Option<i64> = stmt
+            .query_row(rusqlite::params_from_iter(values), |r| r.get(0))
+            .optional()?;
+        Ok(nth.map_or(0, |seq| seq - 1))
+    }
+
+    /// At most `limit` history rows after `seq` (all subscriptions), oldest first: what
+    /// the daemon's metrics have not counted yet. Callers page on with the last `seq`.
+    pub fn history_after(&self, seq: i64, limit: usize) -> Result<Vec<HistoryRow>, StateError> {
+        self.history_page(&HistoryFilter::default(), seq, limit)
+    }
+
+    /// Deletes up to `batch` of the oldest history rows recorded before `before`, in
+    /// one short transaction; returns how many went (fewer than `batch`: nothing
+    /// older is left). The rows of a rotation still under way (its subscription holds
+    /// its rotation id: in flight or held) stay whatever their age: they are what an
+    /// operator reads to decide on it.
+    ///
+    /// Rows go in `seq` order and the walk stops at the first one recorded at or after
+    /// `before`, so a batch costs its own rows, never a scan of the table. A row written
+    /// while the clock ran fast stops it early: rows behind it are kept a little
+    /// longer, never dropped early.
+    pub fn prune_history(&self, before: DateTime<Utc>, batch: usize) -> Result<usize, StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let oldest: Vec<(i64, String)> = {
+            let mut stmt = tx.prepare_cached(
+                "SELECT seq, at FROM history
+                 WHERE rotation_id IS NULL OR rotation_id NOT IN
+                    (SELECT rotation_id FROM subscriptions WHERE rotation_id IS NOT NULL)
+                 ORDER BY seq LIMIT ?1",
+            )?;
+            let limit = i64::try_from(batch).unwrap_or(i64::MAX);
+            stmt.query_map([limit], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?
+        };
+        let cutoff = ts1(before);
+        let mut deleted = 0;
+        {
+            let mut delete = tx.prepare_cached("DELETE FROM history WHERE seq = ?1")?;
+            for (seq, _) in oldest.iter().take_while(|(_, at)| *at < cutoff) {
+                deleted += delete.execute([seq])?;
+            }
+        }
+        tx.commit()?;
+        Ok(deleted)
     }
 
     /// The newest history row's sequence number (0 when empty).
@@ -890,6 +1093,64 @@ impl StateDb {
 /// The columns [`RawRow::from_row`] reads, in its order.
 const RECORD_COLUMNS: &str = "name, phase, rotation_id, intent_at, rotated_at, published_at, confirm_deadline, pending_secret, new_fingerprint, previous_fingerprint, rotate_in_flight, lost_responses, failures, not_before, last_error, last_rotated_at, last_outcome, first_seen_at, next_due_at, phase_since, target, delivery_failures";
 
+/// Where `pending_secret` sits in [`RECORD_COLUMNS`] (and [`record_values`]).
+const SECRET_COLUMN: usize = 7;
+
+/// A record as the values of its row, in [`RECORD_COLUMNS`] order.
+fn record_values(record: &Record) -> Vec<rusqlite::types::Value> {
+    use rusqlite::types::Value;
+    let s = &record.state;
+    let text = |v: Option<String>| v.map_or(Value::Null, Value::Text);
+    vec![
+        Value::Text(record.name.clone()),
+        Value::Text(s.phase.as_str().to_string()),
+        text(s.rotation_id.clone()),
+        text(ts(&s.intent_at)),
+        text(ts(&s.rotated_at)),
+        text(ts(&s.published_at)),
+        text(ts(&s.confirm_deadline)),
+        text(
+            s.pending_secret
+                .as_ref()
+                .map(|p| p.expose_secret().to_owned()),
+        ),
+        text(s.new_fingerprint.as_ref().map(|f| f.as_str().to_owned())),
+        text(
+            s.previous_fingerprint
+                .as_ref()
+                .map(|f| f.as_str().to_owned()),
+        ),
+        Value::Integer(i64::from(s.rotate_in_flight)),
+        Value::Integer(i64::from(s.lost_responses)),
+        Value::Integer(i64::from(s.failures)),
+        text(ts(&s.not_before)),
+        text(s.last_error.clone()),
+        text(ts(&s.last_rotated_at)),
+        text(s.last_outcome.clone()),
+        Value::Text(ts1(record.first_seen_at)),
+        text(ts(&record.next_due_at)),
+        Value::Text(ts1(record.phase_since)),
+        text(
+            record
+                .target
+                .as_ref()
+                .and_then(|t| serde_json::to_string(t).ok()),
+        ),
+        text(
+            (s.delivery_failures != FailureTally::default())
+                .then(|| serde_json::to_string(&s.delivery_failures).ok())
+                .flatten(),
+        ),
+    ]
+}
+
+/// Zeroes the plain copy of a minted secret in a row's values once it is written.
+fn forget_secret(values: &mut [rusqlite::types::Value]) {
+    if let Some(rusqlite::types::Value::Text(t)) = values.get_mut(SECRET_COLUMN) {
+        zeroize::Zeroize::zeroize(t);
+    }
+}
+
 /// A row as stored, before validation: the database is input too.
 struct RawRow {
     name: String,
@@ -1043,6 +1304,135 @@ mod tests {
         assert_eq!(back.state.delivery_failures.count(), 2);
         let rows = db.history(Some("fintoro/801")).unwrap();
         assert_eq!(rows.last().unwrap().evidence.as_ref(), Some(&ev));
+    }
+
+    /// Appends a history row for `name` recorded at `at`, the record carrying
+    /// `rotation_id` (which marks a rotation under way while it stays there).
+    fn row_at(db: &StateDb, name: &str, rotation_id: Option<&str>, at: DateTime<Utc>) -> i64 {
+        let mut r = db.load_or_create(name, now()).unwrap();
+        r.state.rotation_id = rotation_id.map(str::to_string);
+        let t = Transition::note(Phase::Idle, "test", format!("at {at}"));
+        db.save(&r, Some(&t), at).unwrap();
+        db.last_seq().unwrap()
+    }
+
+    fn seqs(rows: &[HistoryRow]) -> Vec<i64> {
+        rows.iter().map(|r| r.seq).collect()
+    }
+
+    #[test]
+    fn history_is_read_in_pages_filtered_by_subscription_and_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).unwrap();
+        let h = |n: i64| now() + chrono::Duration::hours(n);
+        let mut a = vec![];
+        let mut b = vec![];
+        for n in 0..5 {
+            a.push(row_at(&db, "a/1", None, h(n)));
+            b.push(row_at(&db, "b/2", None, h(n)));
+        }
+        let all = HistoryFilter::default();
+        let first = db.history_page(&all, 0, 4).unwrap();
+        assert_eq!(seqs(&first), vec![a[0], b[0], a[1], b[1]]);
+        let next = db.history_page(&all, first[3].seq, 4).unwrap();
+        assert_eq!(seqs(&next), vec![a[2], b[2], a[3], b[3]]);
+        assert_eq!(db.history_page(&all, next[3].seq, 4).unwrap().len(), 2);
+
+        let only_a = HistoryFilter {
+            subscription: Some("a/1"),
+            since: Some(h(3)),
+        };
+        assert_eq!(
+            seqs(&db.history_page(&only_a, 0, 10).unwrap()),
+            vec![a[3], a[4]]
+        );
+        // The newest two of `b/2`, read forward from where the tail starts.
+        let only_b = HistoryFilter {
+            subscription: Some("b/2"),
+            since: None,
+        };
+        let start = db.history_tail_start(&only_b, 2).unwrap();
+        assert_eq!(
+            seqs(&db.history_page(&only_b, start, 10).unwrap()),
+            vec![b[3], b[4]]
+        );
+        assert_eq!(
+            db.history_tail_start(&only_b, 50).unwrap(),
+            0,
+            "fewer rows than asked"
+        );
+        assert_eq!(db.history_after(b[4], 10).unwrap().len(), 0);
+        assert_eq!(db.history(Some("a/1")).unwrap().len(), 5);
+    }
+
+    #[test]
+    fn pruning_removes_old_rows_in_batches_but_never_a_rotation_under_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).unwrap();
+        let days = |n: i64| now() - chrono::Duration::days(n);
+        let old_done = row_at(&db, "a/1", Some("r-done"), days(500));
+        let old_held = row_at(&db, "b/2", Some("r-held"), days(499));
+        let old_idle = [
+            row_at(&db, "a/1", None, days(498)),
+            row_at(&db, "a/1", None, days(497)),
+        ];
+        let recent = row_at(&db, "a/1", None, days(10));
+        // Written while the clock ran fast: kept until `recent`'s turn.
+        let behind_recent = row_at(&db, "a/1", None, days(450));
+        assert!(old_done < old_held && old_held < old_idle[0]);
+        // b/2 still carries `r-held`: its rotation is under way.
+        let before = days(400);
+        assert_eq!(db.prune_history(before, 2).unwrap(), 2, "a full batch");
+        assert_eq!(
+            db.prune_history(before, 2).unwrap(),
+            1,
+            "the rest, then stop"
+        );
+        assert_eq!(db.prune_history(before, 2).unwrap(), 0);
+        let left = seqs(&db.history(None).unwrap());
+        assert_eq!(left, vec![old_held, recent, behind_recent]);
+    }
+
+    #[test]
+    fn an_unchanged_record_is_not_written_and_a_routine_save_waits_for_no_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).unwrap();
+        let mut r = db.load_or_create("fintoro/801", now()).unwrap();
+        r.state.phase = Phase::Confirming;
+        db.save(&r, None, now()).unwrap();
+        let changes = || db.conn().total_changes();
+        let (before, rows) = (db.save_counts(), changes());
+        db.save(&r, None, now()).unwrap();
+        db.save_routine(&r, now()).unwrap();
+        assert_eq!(
+            (db.save_counts(), changes()),
+            (before, rows),
+            "nothing to write"
+        );
+
+        r.state.not_before = Some(now() + chrono::Duration::seconds(30));
+        db.save_routine(&r, now()).unwrap();
+        let after = db.save_counts();
+        assert_eq!(
+            (after.commits, after.synced),
+            (before.commits + 1, before.synced)
+        );
+        let synchronous: i64 = db
+            .conn()
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .unwrap();
+        assert_eq!(synchronous, 2, "FULL again for the next save");
+        let other = StateDb::open_read_only(dir.path()).unwrap().unwrap();
+        let seen = other.load("fintoro/801").unwrap().unwrap();
+        assert_eq!(
+            seen.state.not_before, r.state.not_before,
+            "committed, visible"
+        );
+        // A transition is always written, and synced.
+        let t = Transition::note(Phase::Confirming, "test", "x".into());
+        db.save(&r, Some(&t), now()).unwrap();
+        assert_eq!(db.save_counts().synced, before.synced + 1);
+        assert_eq!(db.history(None).unwrap().len(), 1);
     }
 
     #[test]

@@ -401,11 +401,15 @@ async fn rotate(
     }
 }
 
-/// Prints the subscription's history rows after the first `shown`; returns how many
-/// rows are shown now.
-fn show_history(db: &StateDb, name: &str, shown: usize) -> anyhow::Result<usize> {
-    let rows = db.history(Some(name))?;
-    for r in rows.iter().skip(shown) {
+/// Prints the subscription's history rows after `shown` (a `seq`); returns the last
+/// `seq` shown.
+fn show_history(db: &StateDb, name: &str, shown: i64) -> anyhow::Result<i64> {
+    let filter = crate::state::HistoryFilter {
+        subscription: Some(name),
+        since: None,
+    };
+    let rows = db.history_page(&filter, shown, crate::state::HISTORY_PAGE)?;
+    for r in &rows {
         println!(
             "{}   {:<10} -> {:<10} {}",
             r.at.format("%H:%M:%S%.3f"),
@@ -414,7 +418,7 @@ fn show_history(db: &StateDb, name: &str, shown: usize) -> anyhow::Result<usize>
             r.detail
         );
     }
-    Ok(rows.len())
+    Ok(rows.last().map_or(shown, |r| r.seq))
 }
 
 /// Whether the provider's live secret is the one published as current; says so.

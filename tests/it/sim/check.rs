@@ -54,18 +54,27 @@ impl Run {
 
     /// Every retire write the store saw, against the reason rekey recorded for it.
     fn check_retires(&mut self, db: &StateDb) {
-        for row in db.history_after(self.seen_seq).expect("history readable") {
-            self.seen_seq = row.seq;
-            if row.to == "held" && row.from != "held" {
-                self.report
-                    .holds
-                    .push((row.at, row.subscription.clone(), row.detail.clone()));
+        loop {
+            let page = db
+                .history_after(self.seen_seq, rekey::state::HISTORY_PAGE)
+                .expect("history readable");
+            let more = page.len() == rekey::state::HISTORY_PAGE;
+            for row in page {
+                self.seen_seq = row.seq;
+                if row.to == "held" && row.from != "held" {
+                    self.report
+                        .holds
+                        .push((row.at, row.subscription.clone(), row.detail.clone()));
+                }
+                if row.to == "retiring"
+                    && let Some(id) = &row.rotation_id
+                {
+                    self.retire_reasons
+                        .insert(id.clone(), (row.event.clone(), row.detail.clone()));
+                }
             }
-            if row.to == "retiring"
-                && let Some(id) = &row.rotation_id
-            {
-                self.retire_reasons
-                    .insert(id.clone(), (row.event.clone(), row.detail.clone()));
+            if !more {
+                break;
             }
         }
         let retires = std::mem::take(&mut self.world.lock().retires);
