@@ -335,18 +335,18 @@ pub fn plan(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn utc(s: &str) -> DateTime<Utc> {
+    pub(crate) fn utc(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
     }
 
-    fn bratislava() -> Tz {
+    pub(crate) fn bratislava() -> Tz {
         Schedule::parse_zone("Europe/Bratislava").unwrap()
     }
 
-    fn rules(window: Option<&str>, jitter: u64) -> StartRules {
+    pub(crate) fn rules(window: Option<&str>, jitter: u64) -> StartRules {
         StartRules {
             window: window.map(|w| Window::parse(w).unwrap()),
             tz: bratislava(),

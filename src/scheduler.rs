@@ -652,26 +652,9 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy_timing::{CatchUp, Schedule, StartRules, Window};
+    use crate::policy_timing::tests::{rules, utc};
+    use crate::policy_timing::{Schedule, StartRules};
     use crate::rotation::Timing;
-    use chrono_tz::Tz;
-
-    fn utc(s: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
-    }
-
-    fn bratislava() -> Tz {
-        Schedule::parse_zone("Europe/Bratislava").unwrap()
-    }
-
-    fn rules(window: Option<&str>, jitter: u64) -> StartRules {
-        StartRules {
-            window: window.map(|w| Window::parse(w).unwrap()),
-            tz: bratislava(),
-            jitter: Duration::from_secs(jitter),
-            catch_up: CatchUp::Run,
-        }
-    }
 
     fn policy(schedule: Schedule, start: StartRules) -> Policy {
         Policy {

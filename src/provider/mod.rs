@@ -123,6 +123,11 @@ pub(crate) fn uuid_id<'a>(kind: &str, id: &'a str) -> Result<&'a str, ProviderEr
     }
 }
 
+/// A delivery's HTTP status for people, `-` when the provider gave none.
+pub(crate) fn status_text(code: Option<i64>) -> String {
+    code.map_or_else(|| "-".to_string(), |c| c.to_string())
+}
+
 /// What a redelivery pass did: the deliveries the provider queued again, and those
 /// it would not, with why.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

@@ -122,10 +122,6 @@ pub struct MoniteClient {
     urls: std::sync::Mutex<std::collections::HashMap<String, (String, Instant)>>,
 }
 
-fn status_text(code: Option<i64>) -> String {
-    code.map_or_else(|| "-".to_string(), |c| c.to_string())
-}
-
 /// How long before expiry to renew: a minute, or a tenth of a short lifetime.
 fn renew_after(expires_in: Duration) -> Duration {
     expires_in.saturating_sub(RENEW_MARGIN.min(expires_in / 10))
@@ -416,7 +412,7 @@ impl Provider for MoniteClient {
                     "Monite delivery {} to the subscription's url succeeded (status {}), \
                      created after the publication at {}",
                     d.id,
-                    status_text(d.response_status_code),
+                    super::status_text(d.response_status_code),
                     published_at.to_rfc3339()
                 ),
             }));
@@ -432,7 +428,7 @@ impl Provider for MoniteClient {
                 detail: format!(
                     "Monite delivery {} answered {}",
                     d.id,
-                    status_text(d.response_status_code)
+                    super::status_text(d.response_status_code)
                 ),
             }),
         })

@@ -160,10 +160,6 @@ pub fn authorization(token: &str) -> String {
     }
 }
 
-fn status_text(code: Option<i64>) -> String {
-    code.map_or_else(|| "-".into(), |c| c.to_string())
-}
-
 fn parse_time(v: Option<&str>) -> Option<DateTime<Utc>> {
     v.and_then(|s| DateTime::parse_from_rfc3339(s).ok())
         .map(|t| t.with_timezone(&Utc))
@@ -445,7 +441,7 @@ impl Provider for StornoClient {
                 format!(
                     "Storno test delivery accepted by the receiver (status {}), sent after \
                      the publication at {}",
-                    status_text(t.status_code),
+                    super::status_text(t.status_code),
                     published_at.to_rfc3339()
                 ),
             )));
@@ -462,7 +458,7 @@ impl Provider for StornoClient {
             seen,
             detail: format!(
                 "Storno test delivery refused (status {}{})",
-                status_text(t.status_code),
+                super::status_text(t.status_code),
                 t.error
                     .as_deref()
                     .map(|e| format!(": {}", e.chars().take(200).collect::<String>()))

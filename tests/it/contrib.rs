@@ -124,10 +124,7 @@ async fn every_metric_the_rules_and_the_dashboard_use_is_one_the_daemon_exports(
     assert!(used.len() >= 7, "{used:?}");
 
     let w = World::new().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
+    let port = crate::support::util::free_port();
     let text = std::fs::read_to_string(&w.rekey.config).expect("config");
     std::fs::write(
         &w.rekey.config,

@@ -9,13 +9,8 @@ use rustix::process::Signal;
 
 use crate::support::daemon::{Daemon, PATIENCE, until_state};
 use crate::support::rekey::{Rekey, assert_exit, stderr};
-use crate::support::util::s;
+use crate::support::util::{free_port, s};
 use crate::support::world::World;
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
 
 /// Scrapes `/metrics` until every line in `want` is there (the daemon updates its
 /// gauges when its loop next turns, just after the state changed).

@@ -99,3 +99,9 @@ pub async fn run_table(table: &str, cases: Vec<(String, Scenario)>) {
     let lines: Vec<String> = failures.into_iter().map(|(_, f)| f).collect();
     assert!(lines.is_empty(), "{table}:\n{}", lines.join("\n"));
 }
+
+/// A loopback port free right now (for a daemon's metrics listener).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
