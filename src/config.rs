@@ -1255,6 +1255,8 @@ fn validate(
     // The `subscriptions[i]` of each discovery entry, for errors naming two of them.
     let mut discovery_keys: Vec<String> = Vec::new();
     let mut seen_paths: BTreeMap<String, String> = BTreeMap::new();
+    // By name, so a fleet of ten thousand is not compared pairwise.
+    let mut seen_names: std::collections::HashSet<String> = std::collections::HashSet::new();
     for (i, s) in raw.subscriptions.into_iter().enumerate() {
         let k = format!("subscriptions[{i}]");
         let provider = match s.provider.as_deref() {
@@ -1390,7 +1392,7 @@ fn validate(
             (provider, id, policy, vault_path)
         {
             let name = format!("{provider}/{id}");
-            if subscriptions.iter().any(|x| x.name == name) {
+            if seen_names.contains(&name) {
                 c.problem(
                     format!("{k}.id"),
                     format!("subscription `{name}` is listed twice"),
@@ -1404,6 +1406,7 @@ fn validate(
                 );
                 continue;
             }
+            seen_names.insert(name.clone());
             subscriptions.push(Subscription {
                 name,
                 provider,

@@ -454,6 +454,8 @@ impl Engine {
                 return out;
             }
         };
+        let mut names: std::collections::HashSet<String> =
+            out.iter().map(|s| s.name.clone()).collect();
         for k in &known {
             // A vanished subscription rests, except one mid-rotation: a minted secret
             // still gets published, so nothing is stranded if the listing was wrong.
@@ -470,7 +472,7 @@ impl Engine {
             else {
                 continue;
             };
-            if out.iter().any(|s| s.name == k.name) {
+            if !names.insert(k.name.clone()) {
                 continue;
             }
             out.push(d.subscription(&k.id));
@@ -498,10 +500,13 @@ impl Engine {
         {
             taken.entry(path.as_str()).or_insert(name.as_str());
         }
+        let configured: std::collections::HashSet<&str> = (self.config.subscriptions.iter())
+            .map(|s| s.name.as_str())
+            .collect();
         for r in listed.iter().filter(|r| usable_id(&r.id)) {
             let sub = d.subscription(&r.id);
             // Explicit entries win; a templated path must not take another's entry.
-            if self.config.subscription(&sub.name).is_some() {
+            if configured.contains(sub.name.as_str()) {
                 continue;
             }
             if let Some(other) = taken
