@@ -167,17 +167,37 @@ impl Sim {
     }
 }
 
+/// Why a request was refused before it was served.
+enum Refused {
+    Token,
+    /// Over the account's rate limit; retry after this many seconds.
+    RateLimit(u64),
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        match self {
+            Refused::Token => StatusCode::UNAUTHORIZED.into_response(),
+            Refused::RateLimit(after) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, after.to_string())],
+            )
+                .into_response(),
+        }
+    }
+}
+
 impl Shared {
-    /// Counts the request in; `None` (and a 429) when the token is unknown or the
-    /// account's bucket is empty.
-    fn enter(&self, headers: &HeaderMap) -> Result<(), Response> {
+    /// Counts the request in; refuses it when the token is unknown or the account's
+    /// bucket is empty.
+    fn enter(&self, headers: &HeaderMap) -> Result<(), Refused> {
         let token = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or_default();
         let Some(&account) = self.accounts.get(token) else {
-            return Err(StatusCode::UNAUTHORIZED.into_response());
+            return Err(Refused::Token);
         };
         let now = Instant::now();
         {
@@ -202,14 +222,7 @@ impl Shared {
                 drop(buckets);
                 self.stats.lock().expect("stats").over_limit += 1;
                 self.leave();
-                return Err((
-                    StatusCode::TOO_MANY_REQUESTS,
-                    [(
-                        header::RETRY_AFTER,
-                        format!("{}", wait.ceil().max(1.0) as u64),
-                    )],
-                )
-                    .into_response());
+                return Err(Refused::RateLimit(wait.ceil().max(1.0) as u64));
             }
             b.tokens -= 1.0;
         }
@@ -247,7 +260,7 @@ fn json(body: serde_json::Value) -> Response {
 
 async fn whoami(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     if let Err(r) = s.enter(&headers) {
-        return r;
+        return r.into_response();
     }
     tokio::time::sleep(s.latency).await;
     s.leave();
@@ -256,7 +269,7 @@ async fn whoami(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
 
 async fn list(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     if let Err(r) = s.enter(&headers) {
-        return r;
+        return r.into_response();
     }
     tokio::time::sleep(s.latency).await;
     let data: Vec<_> = {
@@ -271,7 +284,7 @@ async fn list(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
 
 async fn one(State(s): State<Arc<Shared>>, Path(id): Path<u64>, headers: HeaderMap) -> Response {
     if let Err(r) = s.enter(&headers) {
-        return r;
+        return r.into_response();
     }
     tokio::time::sleep(s.latency).await;
     let known = {
@@ -298,7 +311,7 @@ async fn one(State(s): State<Arc<Shared>>, Path(id): Path<u64>, headers: HeaderM
 
 async fn rotate(State(s): State<Arc<Shared>>, Path(id): Path<u64>, headers: HeaderMap) -> Response {
     if let Err(r) = s.enter(&headers) {
-        return r;
+        return r.into_response();
     }
     tokio::time::sleep(s.latency).await;
     let known = {
