@@ -385,8 +385,12 @@ impl Engine {
     pub fn orphans(&self, managed: &[Subscription]) -> Vec<Subscription> {
         let names: std::collections::HashSet<&str> =
             managed.iter().map(|s| s.name.as_str()).collect();
-        let records = match self.db.load_all() {
-            Ok(r) => r,
+        // Names first: only the few records left behind are read whole.
+        let left: Vec<String> = match self.db.rotating_names() {
+            Ok(r) => r
+                .into_iter()
+                .filter(|n| !names.contains(n.as_str()))
+                .collect(),
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the state for rotations left by the config");
                 return vec![];
@@ -394,21 +398,29 @@ impl Engine {
         };
         let mut orphans = self.orphans.lock().unwrap_or_else(|p| p.into_inner());
         orphans.clear();
-        records
-            .into_iter()
-            .filter(|r| !names.contains(r.name.as_str()) && r.state.rotation_id.is_some())
-            .filter_map(|r| {
-                let t = r.target?;
-                orphans.insert(r.name.clone());
-                Some(Subscription {
-                    name: r.name,
-                    provider: t.provider,
-                    id: t.id,
-                    policy: t.policy,
-                    vault_path: t.vault_path,
-                })
-            })
-            .collect()
+        let mut out = vec![];
+        for name in left {
+            let r = match self.db.load(&name) {
+                Ok(Some(r)) => r,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(subscription = %name, error = %e, "cannot read state");
+                    continue;
+                }
+            };
+            let Some(t) = r.target.filter(|_| r.state.rotation_id.is_some()) else {
+                continue;
+            };
+            orphans.insert(r.name.clone());
+            out.push(Subscription {
+                name: r.name,
+                provider: t.provider,
+                id: t.id,
+                policy: t.policy,
+                vault_path: t.vault_path,
+            });
+        }
+        out
     }
 
     /// Whether `name` is a rotation left behind by the config ([`Engine::orphans`]).
@@ -585,6 +597,34 @@ impl Engine {
             }
         }
         Ok(rec)
+    }
+
+    /// [`Engine::record`] for many subscriptions at once, each handed to `each` as it
+    /// is read: the missing records are created in one commit and the unset due times
+    /// set in another, so a start adopting a fleet does not commit once per
+    /// subscription, nor hold every record in memory.
+    pub fn records(
+        &self,
+        subs: &[Subscription],
+        mut each: impl FnMut(&Record),
+    ) -> Result<(), EngineError> {
+        let by_name: HashMap<&str, &Subscription> =
+            subs.iter().map(|s| (s.name.as_str(), s)).collect();
+        let names: Vec<&str> = by_name.keys().copied().collect();
+        let mut dues = vec![];
+        self.db.load_or_create_many(&names, self.now(), |mut rec| {
+            if rec.next_due_at.is_none() && !rec.state.phase.in_flight() {
+                rec.next_due_at = by_name
+                    .get(rec.name.as_str())
+                    .and_then(|sub| self.next_due(sub, &rec));
+                if rec.next_due_at.is_some() {
+                    dues.push((rec.name.clone(), rec.next_due_at));
+                }
+            }
+            each(&rec);
+        })?;
+        self.db.set_next_due(&dues)?;
+        Ok(())
     }
 
     /// The time the engine next has something to do for `sub`, if any.
