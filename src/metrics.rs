@@ -60,6 +60,7 @@ pub struct Metrics {
     next_rotation: Family<SubscriptionLabels, Gauge>,
     last_success: Family<SubscriptionLabels, Gauge>,
     clock_offset: Family<OffsetLabels, FloatGauge>,
+    heartbeat_gauge: Gauge,
     /// rotation id → when its secret was minted / published, until the next step of
     /// the same rotation is seen.
     minted_at: Mutex<HashMap<String, DateTime<Utc>>>,
@@ -125,9 +126,17 @@ impl Metrics {
             "Bounds (bound=\"low\"|\"high\") on each peer's clock minus this host's, measured from the Date header of its answers; evidence comparisons allow for them",
             clock_offset.clone(),
         );
+        let heartbeat_gauge = Gauge::default();
+        heartbeat_gauge.set(Utc::now().timestamp());
+        registry.register(
+            "heartbeat_timestamp_seconds",
+            "When the daemon's scheduler loop last turned (Unix time); it turns at least every 15 minutes",
+            heartbeat_gauge.clone(),
+        );
         Metrics {
             registry,
             clock_offset,
+            heartbeat_gauge,
             rotations,
             subscriptions,
             exposure,
@@ -142,6 +151,7 @@ impl Metrics {
 
     pub fn beat(&self, now: DateTime<Utc>) {
         self.heartbeat.store(now.timestamp(), Ordering::Relaxed);
+        self.heartbeat_gauge.set(now.timestamp());
     }
 
     pub fn healthy(&self, now: DateTime<Utc>) -> bool {

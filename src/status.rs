@@ -26,6 +26,8 @@ pub struct StatusRow {
     pub confirm_deadline: Option<DateTime<Utc>>,
     pub retry_at: Option<DateTime<Utc>>,
     pub lost_responses: u32,
+    /// Deliveries signed with the new secret that failed during this confirmation.
+    pub delivery_failures: u32,
     pub last_outcome: Option<String>,
     pub policy: Option<String>,
     pub vault_path: Option<String>,
@@ -71,6 +73,7 @@ fn row(
         previous_fingerprint: s
             .and_then(|s| s.previous_fingerprint.as_ref().map(|f| f.to_string())),
         confirm_deadline: s.and_then(|s| s.confirm_deadline),
+        delivery_failures: s.map_or(0, |s| s.delivery_failures.count()),
         retry_at: s.and_then(|s| s.not_before),
         lost_responses: s.map_or(0, |s| s.lost_responses),
         last_outcome: s.and_then(|s| s.last_outcome.clone()),

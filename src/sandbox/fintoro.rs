@@ -52,6 +52,9 @@ pub struct FintoroSimOptions {
     pub retry_waits: Vec<Duration>,
     /// A delivery succeeds only on a 2xx within this time (Fintoro: 10 s).
     pub delivery_timeout: Duration,
+    /// How far the simulator's clock is from the host's (signed): every time it
+    /// stamps (`lastSuccessAt`, webhook timestamps, the `Date` header) reads it.
+    pub clock_skew: chrono::TimeDelta,
 }
 
 impl Default for FintoroSimOptions {
@@ -64,6 +67,7 @@ impl Default for FintoroSimOptions {
             rate_limit_window: Duration::from_secs(60),
             retry_waits: [50, 100, 200, 400].map(Duration::from_millis).to_vec(),
             delivery_timeout: Duration::from_secs(10),
+            clock_skew: chrono::TimeDelta::zero(),
         }
     }
 }
@@ -112,6 +116,39 @@ pub struct DeliveryRecord {
     pub at: DateTime<Utc>,
     /// Fingerprint of the secret this attempt was signed with.
     pub secret_fingerprint: Fingerprint,
+}
+
+/// One delivery attempt, signed and not yet sent.
+struct Signed {
+    id: u64,
+    webhook_id: String,
+    body: String,
+    attempt: u32,
+    url: String,
+    signature: String,
+    /// `webhook-timestamp`: when it was signed (the simulator's clock).
+    timestamp: i64,
+    fingerprint: Fingerprint,
+}
+
+/// A delivery signed and still in flight, as to a receiver slow to answer: Fintoro
+/// stamps `lastSuccessAt` / `lastFailureAt` only when it completes, which may be
+/// after a rotation that happened meanwhile. From [`FintoroSim::start_delivery`].
+pub struct InFlight {
+    shared: Arc<Shared>,
+    signed: Signed,
+}
+
+impl InFlight {
+    /// Fingerprint of the secret the delivery was signed with.
+    pub fn secret_fingerprint(&self) -> &Fingerprint {
+        &self.signed.fingerprint
+    }
+
+    /// Lets the delivery reach the receiver and records its outcome now.
+    pub async fn complete(self) -> DeliveryOutcome {
+        self.shared.send(self.signed).await
+    }
 }
 
 /// Cheap-to-clone handle on a running simulator.
@@ -233,6 +270,11 @@ impl Shared {
         self.state.lock().expect("fintoro sim state mutex poisoned")
     }
 
+    /// The simulator's clock (the host's, moved by `clock_skew`).
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now() + self.opts.clock_skew
+    }
+
     fn authorized(&self, headers: &HeaderMap) -> bool {
         headers
             .get(header::AUTHORIZATION)
@@ -347,7 +389,7 @@ impl Shared {
                 let secret = new_secret();
                 sub.secret = secret.clone();
                 sub.rotations += 1;
-                sub.updated_at = Utc::now();
+                sub.updated_at = self.now();
                 let mut v = sub_json(id, company, sub);
                 v["plainTextSecret"] = Value::String(secret);
                 Some(v)
@@ -363,23 +405,47 @@ impl Shared {
         body: &str,
         attempt: u32,
     ) -> Option<DeliveryOutcome> {
-        let (url, signature, fingerprint) = {
-            let st = self.lock();
-            let sub = st.subs.get(&id).filter(|s| s.is_active)?;
-            let sig = signing::fintoro_signature(&sub.secret, body.as_bytes());
-            (sub.url.clone(), sig, Fingerprint::of_str(&sub.secret))
-        };
+        let signed = self.sign(id, webhook_id, body, attempt)?;
+        Some(self.send(signed).await)
+    }
+
+    /// Signs an attempt with the secret live right now (`None`: no such active
+    /// subscription).
+    fn sign(&self, id: u64, webhook_id: &str, body: &str, attempt: u32) -> Option<Signed> {
+        let st = self.lock();
+        let sub = st.subs.get(&id).filter(|s| s.is_active)?;
+        Some(Signed {
+            id,
+            webhook_id: webhook_id.to_string(),
+            body: body.to_string(),
+            attempt,
+            url: sub.url.clone(),
+            signature: signing::fintoro_signature(&sub.secret, body.as_bytes()),
+            timestamp: self.now().timestamp(),
+            fingerprint: Fingerprint::of_str(&sub.secret),
+        })
+    }
+
+    /// Sends a signed attempt and records how it went, when it completes.
+    async fn send(&self, a: Signed) -> DeliveryOutcome {
+        let Signed {
+            id,
+            webhook_id,
+            body,
+            attempt,
+            url,
+            signature,
+            timestamp,
+            fingerprint,
+        } = a;
         let sent = self
             .http
             .post(&url)
             .header(header::CONTENT_TYPE, "application/json")
-            .header(signing::FINTORO_ID_HEADER, webhook_id)
-            .header(
-                signing::FINTORO_TIMESTAMP_HEADER,
-                Utc::now().timestamp().to_string(),
-            )
+            .header(signing::FINTORO_ID_HEADER, &webhook_id)
+            .header(signing::FINTORO_TIMESTAMP_HEADER, timestamp.to_string())
             .header(signing::FINTORO_SIGNATURE_HEADER, signature)
-            .body(body.to_string())
+            .body(body)
             .send()
             .await;
         let (status, error) = match sent {
@@ -392,7 +458,7 @@ impl Shared {
             Err(e) => (None, Some(e.to_string())),
         };
         let success = status.is_some_and(|s| (200..300).contains(&s));
-        let now = Utc::now();
+        let now = self.now();
         let mut st = self.lock();
         if let Some(sub) = st.subs.get_mut(&id) {
             if success {
@@ -402,7 +468,7 @@ impl Shared {
             }
         }
         st.deliveries.push(DeliveryRecord {
-            webhook_id: webhook_id.to_string(),
+            webhook_id: webhook_id.clone(),
             subscription_id: id,
             attempt,
             status,
@@ -411,24 +477,30 @@ impl Shared {
             secret_fingerprint: fingerprint,
         });
         tracing::debug!(subscription = id, attempt, ?status, "fintoro sim delivery");
-        Some(DeliveryOutcome {
-            webhook_id: webhook_id.to_string(),
+        DeliveryOutcome {
+            webhook_id,
             attempts: attempt,
             status,
             success,
             error,
-        })
+        }
     }
 
-    async fn deliver(&self, id: u64, event_type: &str, with_retries: bool) -> DeliveryOutcome {
+    /// A new event's `webhook-id` and body.
+    fn event(&self, event_type: &str) -> (String, String) {
         let webhook_id = format!("evt_{}", uuid::Uuid::new_v4().simple());
         let kind = event_type.split('.').next().unwrap_or("resource");
         let resource_id: u32 = rand::rng().random_range(1..100_000);
         let body = json!({
-            "id": webhook_id, "type": event_type, "occurredAt": ts(Utc::now()),
+            "id": webhook_id, "type": event_type, "occurredAt": ts(self.now()),
             "resource": { "type": kind.trim_end_matches('s'), "id": resource_id },
         })
         .to_string();
+        (webhook_id, body)
+    }
+
+    async fn deliver(&self, id: u64, event_type: &str, with_retries: bool) -> DeliveryOutcome {
+        let (webhook_id, body) = self.event(event_type);
         let waits: &[Duration] = if with_retries {
             &self.opts.retry_waits
         } else {
@@ -494,6 +566,10 @@ impl FintoroSim {
             .nest("/api/public/v1", api)
             .fallback(|| async { error_response(404) })
             .layer(axum::middleware::map_response(super::add_request_id))
+            .layer(axum::middleware::map_response_with_state(
+                shared.opts.clock_skew,
+                super::add_date,
+            ))
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -517,6 +593,10 @@ impl FintoroSim {
         format!("http://{}/api/public/v1", self.handle.addr)
     }
 
+    pub fn options(&self) -> &FintoroSimOptions {
+        &self.shared().opts
+    }
+
     /// The one bearer token the simulator accepts.
     pub fn token(&self) -> String {
         self.shared().opts.token.clone()
@@ -529,7 +609,7 @@ impl FintoroSim {
         let id = st.next_id;
         st.next_id += 1;
         let secret = new_secret();
-        let now = Utc::now();
+        let now = self.shared().now();
         st.subs.insert(
             id,
             Sub {
@@ -577,7 +657,7 @@ impl FintoroSim {
         let mut st = self.shared().lock();
         st.subs.get_mut(&id).is_some_and(|s| {
             s.url = url.to_string();
-            s.updated_at = Utc::now();
+            s.updated_at = self.shared().now();
             true
         })
     }
@@ -587,7 +667,7 @@ impl FintoroSim {
         let mut st = self.shared().lock();
         st.subs.get_mut(&id).is_some_and(|s| {
             s.is_active = active;
-            s.updated_at = Utc::now();
+            s.updated_at = self.shared().now();
             true
         })
     }
@@ -600,6 +680,18 @@ impl FintoroSim {
     /// One signed delivery attempt now, no retries.
     pub async fn deliver(&self, id: u64, event_type: &str) -> DeliveryOutcome {
         self.shared().deliver(id, event_type, false).await
+    }
+
+    /// Signs one delivery attempt now, with the live secret, and holds it until
+    /// [`InFlight::complete`]: a delivery whose receiver answers only when the test
+    /// says so (`None` for an unknown or inactive subscription). Holding it on an
+    /// explicit release rather than for a fixed time lets a test order "signed",
+    /// "rotated" and "completed" exactly.
+    pub fn start_delivery(&self, id: u64, event_type: &str) -> Option<InFlight> {
+        let shared = self.handle.shared.clone();
+        let (webhook_id, body) = shared.event(event_type);
+        let signed = shared.sign(id, &webhook_id, &body, 1)?;
+        Some(InFlight { shared, signed })
     }
 
     /// Fintoro's schedule: up to `retry_waits.len() + 1` attempts, each signed with
@@ -873,6 +965,74 @@ mod tests {
         assert_eq!(log[0].secret_fingerprint, Fingerprint::of_str(&first));
         assert_eq!(log[2].secret_fingerprint, Fingerprint::of_str(&new));
         assert!(!format!("{log:?}").contains(&new));
+    }
+
+    #[tokio::test]
+    async fn a_delivery_in_flight_across_a_rotation_keeps_its_old_signature_and_completes_after_it()
+    {
+        let sim = sim().await;
+        let store = Arc::new(MemStore::default());
+        let rx = Receiver::start(store.clone()).await.expect("receiver");
+        let (id, first) = sim.add_subscription(&rx.register("fintoro/801", "p"));
+        store.publish("p", &first, None);
+        let held = sim.start_delivery(id, "invoices.updated").expect("active");
+        assert_eq!(held.secret_fingerprint(), &Fingerprint::of_str(&first));
+        let res = rotate_801(&sim).await.expect("rotate");
+        let new = json_of(res).await["plainTextSecret"]
+            .as_str()
+            .expect("s")
+            .to_string();
+        store.publish("p", &new, Some(&first));
+        let rotated = Utc::now();
+        let out = held.complete().await;
+        // Accepted on `previous`, and stamped as a success after the rotation.
+        assert!(out.success, "{out:?}");
+        assert_eq!(rx.stats("fintoro/801").accepted_with_previous, 1);
+        let done = sim.subscription_json(id).expect("sub")["lastSuccessAt"]
+            .as_str()
+            .map(|t| DateTime::parse_from_rfc3339(t).expect("time"))
+            .expect("lastSuccessAt");
+        assert!(done >= rotated - chrono::TimeDelta::seconds(1), "{done}");
+        assert_eq!(
+            sim.deliveries()[0].secret_fingerprint,
+            Fingerprint::of_str(&first)
+        );
+        assert!(sim.start_delivery(999, "invoices.updated").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_skewed_clock_moves_the_date_header_and_every_stamp() {
+        for skew in [5, -5] {
+            let sim = FintoroSim::start(FintoroSimOptions {
+                clock_skew: chrono::TimeDelta::seconds(skew),
+                ..Default::default()
+            })
+            .await
+            .expect("sim");
+            let (id, _) = sim.add_subscription(&sink(vec![204]).await);
+            let before = Utc::now();
+            let res = call(&sim, "GET", "/whoami").await.expect("whoami");
+            let date = res.headers()[header::DATE]
+                .to_str()
+                .expect("date")
+                .to_string();
+            let date = DateTime::parse_from_rfc2822(&date).expect("an HTTP date");
+            let off = (date.with_timezone(&Utc) - before).num_milliseconds();
+            assert!(
+                (skew * 1000 - 1000..=skew * 1000 + 1000).contains(&off),
+                "{skew}: Date {date} is {off} ms off"
+            );
+            assert!(sim.deliver(id, "invoices.created").await.success);
+            let stamp = sim.subscription_json(id).expect("sub")["lastSuccessAt"]
+                .as_str()
+                .map(|t| DateTime::parse_from_rfc3339(t).expect("time"))
+                .expect("lastSuccessAt");
+            let off = (stamp.with_timezone(&Utc) - before).num_milliseconds();
+            assert!(
+                (skew * 1000 - 1000..=skew * 1000 + 1000).contains(&off),
+                "{skew}: lastSuccessAt {stamp} is {off} ms off"
+            );
+        }
     }
 
     #[tokio::test]

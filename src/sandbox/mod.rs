@@ -64,6 +64,22 @@ pub(crate) async fn add_request_id(mut res: axum::response::Response) -> axum::r
     res
 }
 
+/// Axum middleware (with the simulator's clock skew as state): every answer carries
+/// a `Date` read from the simulator's clock, so a simulator whose clock is off shows
+/// it the way a real provider would. hyper adds its own `Date` only to a response
+/// that has none, so this one is what goes out.
+pub(crate) async fn add_date(
+    axum::extract::State(skew): axum::extract::State<chrono::TimeDelta>,
+    mut res: axum::response::Response,
+) -> axum::response::Response {
+    let now = chrono::Utc::now() + skew;
+    let date = now.format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+    if let Ok(v) = axum::http::HeaderValue::from_str(&date) {
+        res.headers_mut().insert(axum::http::header::DATE, v);
+    }
+    res
+}
+
 /// The client a simulator delivers webhooks with: the provider's delivery timeout, no
 /// redirects followed, no proxy (receivers are on loopback).
 pub(crate) fn delivery_client(timeout: std::time::Duration) -> std::io::Result<reqwest::Client> {

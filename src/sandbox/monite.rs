@@ -49,6 +49,10 @@ pub struct MoniteSimOptions {
     /// Page size when the client gives no `limit` (Monite caps `limit` at 100).
     pub default_page_size: usize,
     pub delivery_timeout: Duration,
+    /// How far the simulator's clock is from the host's (signed): deliveries'
+    /// `created_at` (and so the `created_at__gte` filter), signature timestamps and
+    /// the `Date` header read it.
+    pub clock_skew: chrono::TimeDelta,
 }
 
 impl Default for MoniteSimOptions {
@@ -61,6 +65,7 @@ impl Default for MoniteSimOptions {
             rate_limit_per_second: 30,
             default_page_size: 100,
             delivery_timeout: Duration::from_secs(10),
+            clock_skew: chrono::TimeDelta::zero(),
         }
     }
 }
@@ -524,6 +529,10 @@ impl MoniteSim {
             .nest("/v1", api)
             .fallback(|| async { error_response(404, default_message(404)) })
             .layer(axum::middleware::map_response(super::add_request_id))
+            .layer(axum::middleware::map_response_with_state(
+                shared.opts.clock_skew,
+                super::add_date,
+            ))
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -635,7 +644,7 @@ impl MoniteSim {
             (sub.url.clone(), sub.secret.clone(), sub.object_type.clone())
         };
         let event_id = uuid::Uuid::new_v4().to_string();
-        let now = Utc::now();
+        let now = Utc::now() + s.opts.clock_skew;
         let body = json!({
             "id": event_id, "created_at": now.to_rfc3339_opts(SecondsFormat::Secs, true),
             "action": format!("{object_type}.{action}"), "api_version": "2024-01-31",
@@ -819,6 +828,51 @@ mod tests {
         )
         .await;
         assert_eq!(v["data"].as_array().map(Vec::len), Some(0));
+    }
+
+    #[tokio::test]
+    async fn a_skewed_clock_moves_the_date_header_and_the_log_times() {
+        for skew in [5i64, -5] {
+            let sim = MoniteSim::start(MoniteSimOptions {
+                clock_skew: chrono::TimeDelta::seconds(skew),
+                ..Default::default()
+            })
+            .await
+            .expect("sim");
+            let store = Arc::new(MemStore::default());
+            let rx = Receiver::start(store.clone()).await.expect("rx");
+            let (id, first) = sim.add_subscription(&rx.register("monite/a", "p"));
+            store.publish("p", &first, None);
+            let before = Utc::now();
+            let res = client()
+                .get(format!("{}/webhook_subscriptions", sim.base_url()))
+                .send()
+                .await
+                .expect("send");
+            let date = res.headers()[header::DATE]
+                .to_str()
+                .expect("date")
+                .to_string();
+            let date = DateTime::parse_from_rfc2822(&date).expect("an HTTP date");
+            let within = skew * 1000 - 1000..=skew * 1000 + 1000;
+            let off = (date.with_timezone(&Utc) - before).num_milliseconds();
+            assert!(within.contains(&off), "{skew}: Date {date} is {off} ms off");
+            let d = sim.deliver(&id, "created").await.expect("d");
+            assert!(
+                d.was_successful,
+                "signature timestamps are within tolerance"
+            );
+            let off = (d.created_at - before).num_milliseconds();
+            assert!(within.contains(&off), "{skew}: created_at is {off} ms off");
+            // `created_at__gte` compares with the simulator's clock.
+            let tok = token_for(&sim).await;
+            let entity = sim.options().entity_id.clone();
+            let gte = (before + chrono::TimeDelta::seconds(skew) - chrono::TimeDelta::seconds(1))
+                .to_rfc3339_opts(SecondsFormat::Micros, true);
+            let path = format!("/webhook_deliveries?created_at__gte={gte}");
+            let (_, v) = get(&sim, &tok, &path, Some(&entity)).await;
+            assert_eq!(v["data"].as_array().map(Vec::len), Some(1), "{skew}");
+        }
     }
 
     #[tokio::test]

@@ -52,6 +52,9 @@ pub struct StornoSimOptions {
     /// Requests per minute before 429.
     pub rate_limit_per_minute: u32,
     pub delivery_timeout: Duration,
+    /// How far the simulator's clock is from the host's (signed): `triggeredAt`,
+    /// `completedAt` and the `Date` header read it.
+    pub clock_skew: chrono::TimeDelta,
 }
 
 impl Default for StornoSimOptions {
@@ -64,6 +67,7 @@ impl Default for StornoSimOptions {
             unwrapped: false,
             rate_limit_per_minute: 600,
             delivery_timeout: Duration::from_secs(10),
+            clock_skew: chrono::TimeDelta::zero(),
         }
     }
 }
@@ -246,6 +250,11 @@ impl Shared {
         self.state.lock().expect("storno sim state mutex poisoned")
     }
 
+    /// The simulator's clock (the host's, moved by `clock_skew`).
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now() + self.opts.clock_skew
+    }
+
     /// Count, authenticate, check the company, throttle, pick a fault.
     fn admit(&self, route: Route, headers: &HeaderMap) -> Result<Option<FaultKind>, Response> {
         let mut st = self.lock();
@@ -371,7 +380,7 @@ impl Shared {
             let ok = status.is_some_and(|c| (200..300).contains(&c));
             d.status = if ok { "success" } else { "failed" }.into();
             d.response_status_code = status;
-            d.completed_at = Some(Utc::now());
+            d.completed_at = Some(self.now());
             // Rounded up, so completion minus duration never lands after the send.
             d.duration_ms = took.as_millis() as u64 + 1;
             d.secret_fingerprint = Fingerprint::of_str(&secret);
@@ -443,7 +452,7 @@ async fn regenerate(
             // The old secret is replaced the moment this commits.
             e.secret = new_secret();
             e.rotations += 1;
-            e.updated_at = Utc::now();
+            e.updated_at = s.now();
             if s.opts.unwrapped {
                 let mut v = endpoint_json(&id, e, &e.secret);
                 if let Some(o) = v.as_object_mut() {
@@ -478,7 +487,7 @@ async fn test(
     };
     let delivery_id = uuid::Uuid::new_v4().to_string();
     let body = json!({
-        "event": "webhook.test", "id": delivery_id, "timestamp": ts(Utc::now()),
+        "event": "webhook.test", "id": delivery_id, "timestamp": ts(s.now()),
         "data": { "message": "This is a test webhook from Storno." },
     })
     .to_string();
@@ -600,6 +609,10 @@ impl StornoSim {
             .nest("/api/v1", api)
             .fallback(|| async { error(404, "Not found.") })
             .layer(axum::middleware::map_response(super::add_request_id))
+            .layer(axum::middleware::map_response_with_state(
+                shared.opts.clock_skew,
+                super::add_date,
+            ))
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -630,7 +643,7 @@ impl StornoSim {
     pub fn add_endpoint(&self, url: &str) -> (String, String) {
         let id = uuid::Uuid::new_v4().to_string();
         let secret = new_secret();
-        let now = Utc::now();
+        let now = self.shared().now();
         self.shared().lock().endpoints.insert(
             id.clone(),
             Endpoint {
@@ -656,7 +669,7 @@ impl StornoSim {
         let mut st = self.shared().lock();
         let e = st.endpoints.get_mut(id)?;
         e.secret = new_secret();
-        e.updated_at = Utc::now();
+        e.updated_at = self.shared().now();
         Some(e.secret.clone())
     }
 
@@ -734,7 +747,7 @@ impl StornoSim {
         }
         let delivery_id = uuid::Uuid::new_v4().to_string();
         let body = json!({
-            "event": event, "id": delivery_id, "timestamp": ts(Utc::now()),
+            "event": event, "id": delivery_id, "timestamp": ts(s.now()),
             "data": { "invoiceId": uuid::Uuid::new_v4().to_string() },
         })
         .to_string();
@@ -745,7 +758,7 @@ impl StornoSim {
             status: "pending".into(),
             response_status_code: None,
             attempt: 1,
-            triggered_at: Utc::now(),
+            triggered_at: s.now(),
             completed_at: None,
             duration_ms: 0,
             secret_fingerprint: Fingerprint::of_str(&secret),
@@ -785,6 +798,45 @@ mod tests {
             res.status().as_u16(),
             res.json().await.unwrap_or(Value::Null),
         )
+    }
+
+    #[tokio::test]
+    async fn a_skewed_clock_moves_the_date_header_and_the_log_times() {
+        for skew in [5i64, -5] {
+            let sim = StornoSim::start(StornoSimOptions {
+                clock_skew: chrono::TimeDelta::seconds(skew),
+                ..Default::default()
+            })
+            .await
+            .expect("sim");
+            let store = Arc::new(MemStore::default());
+            let rx = Receiver::start(store.clone()).await.expect("rx");
+            let (id, first) = sim.add_endpoint(&rx.register("storno/a", "p"));
+            store.publish("p", &first, None);
+            let before = Utc::now();
+            let res = client()
+                .get(format!("{}/webhooks", sim.base_url()))
+                .send()
+                .await
+                .expect("send");
+            let date = res.headers()[header::DATE]
+                .to_str()
+                .expect("date")
+                .to_string();
+            let date = DateTime::parse_from_rfc2822(&date).expect("an HTTP date");
+            let within = skew * 1000 - 1000..=skew * 1000 + 1000;
+            let off = (date.with_timezone(&Utc) - before).num_milliseconds();
+            assert!(within.contains(&off), "{skew}: Date {date} is {off} ms off");
+            let d = sim.deliver(&id, "invoice.created").await.expect("d");
+            assert_eq!(d.status, "success");
+            for (what, t) in [
+                ("triggeredAt", Some(d.triggered_at)),
+                ("completedAt", d.completed_at),
+            ] {
+                let off = (t.expect("stamped") - before).num_milliseconds();
+                assert!(within.contains(&off), "{skew}: {what} is {off} ms off");
+            }
+        }
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@ use rekey::sandbox::storno::StornoSimOptions;
 use rekey::secret::Fingerprint;
 use serde_json::Value;
 
-use crate::support::util::{next_second, panic_text, s};
+use crate::support::util::{panic_text, s};
 use crate::support::world::{ProviderWorld, Sim, World};
 
 /// The crash points at which the provider holds a secret that is only in rekey's
@@ -124,7 +124,7 @@ async fn crash_and_recover<S: Sim>(w: ProviderWorld<S>, point: &str) -> Run {
         if crashed && s(&st, "state") == "idle" && w.sim.rotations(&w.id) > 0 {
             break;
         }
-        next_second().await;
+        w.until_evidence_counts().await;
         // Whenever Vault holds the provider's live secret, a delivery must verify. It
         // may not only while a crash holds the new secret in rekey's local state alone
         // (the exposure window, stretched by the crash; the provider retries those).

@@ -6,29 +6,11 @@ use std::time::Duration;
 
 use rekey::sandbox::fintoro::{Fault, FaultKind, Route};
 use rustix::process::Signal;
-use serde_json::Value;
 
-use crate::support::daemon::{Daemon, PATIENCE};
+use crate::support::daemon::{Daemon, PATIENCE, until_state};
 use crate::support::rekey::{Rekey, assert_exit, stderr};
-use crate::support::util::{next_second, s};
+use crate::support::util::s;
 use crate::support::world::World;
-
-/// Polls `rekey status --json` (each poll is a short process run) until `sub` is in
-/// `state`; a bounded wait on a state change, not a sleep.
-async fn until_state(rekey: &Rekey, sub: &str, state: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let st = rekey.state_of(sub).await;
-        if s(&st, "state") == state {
-            return st;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{sub} never reached {state}: {st}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -155,7 +137,7 @@ async fn rekey_rotate_wakes_the_running_daemon_which_rotates_and_confirms_on_its
 
     // Evidence arrives; the daemon's own confirmation poll (every 1 s) sees it and
     // retires the old secret, with no further command.
-    next_second().await;
+    w.until_evidence_counts().await;
     assert!(w.sim.deliver(w.id, "clients.updated").await.success);
     until_state(&w.rekey, &w.name, "idle").await;
     let entry = w.entry().await;
@@ -188,10 +170,26 @@ async fn rekey_rotate_wakes_the_running_daemon_which_rotates_and_confirms_on_its
             "rekey_confirmation_latency_seconds_count 1",
             r#"rekey_last_success_timestamp_seconds{subscription="acme/801"}"#,
             r#"rekey_next_rotation_timestamp_seconds{subscription="acme/801"}"#,
+            r#"rekey_clock_offset_seconds{peer="acme",bound="low"}"#,
+            r#"rekey_clock_offset_seconds{peer="vault",bound="high"}"#,
         ],
     )
     .await;
     assert!(!metrics.contains(&w.live()) && !metrics.contains(&w.initial));
+    // Clock offsets, measured from the answers' `Date`: the provider's bounds hold
+    // its true offset (none: the simulator shares this host's clock).
+    let bound = |peer: &str, bound: &str| -> f64 {
+        let key = format!(r#"rekey_clock_offset_seconds{{peer="{peer}",bound="{bound}"}} "#);
+        let line = metrics.lines().find(|l| l.starts_with(&key));
+        let value = line.and_then(|l| l[key.len()..].trim().parse().ok());
+        value.unwrap_or_else(|| panic!("no {key}in:\n{metrics}"))
+    };
+    let (low, high) = (bound("acme", "low"), bound("acme", "high"));
+    assert!(
+        low <= 0.0 && 0.0 <= high && high - low <= 1.5,
+        "[{low}, {high}]"
+    );
+    assert!(bound("vault", "low") <= bound("vault", "high"));
 
     d.signal(Signal::INT);
     assert_eq!(d.exit(Duration::from_secs(10)).await.code(), Some(0));
@@ -230,7 +228,7 @@ async fn sigterm_mid_rotation_lets_the_rotate_call_publish_exits_0_and_a_later_r
     // A later run continues from there and finishes on evidence.
     assert_exit(&w.rekey.once(&[]).await, 0);
     assert_eq!(s(&w.rekey.state_of(&w.name).await, "state"), "confirming");
-    next_second().await;
+    w.until_evidence_counts().await;
     assert!(w.sim.deliver(w.id, "clients.updated").await.success);
     assert_exit(&w.rekey.once(&[]).await, 0);
     assert_eq!(s(&w.rekey.state_of(&w.name).await, "state"), "idle");

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use rekey::sandbox::fintoro::{Fault, FaultKind, Route};
 
 use crate::support::rekey::assert_exit;
-use crate::support::util::{next_second, s};
+use crate::support::util::s;
 use crate::support::world::World;
 
 /// Finishes the rotation in flight: deliver with the live secret, run once, expect idle
@@ -18,7 +18,7 @@ async fn finish_and_check(w: &World) {
         if s(&st, "state") == "idle" {
             break;
         }
-        next_second().await;
+        w.until_evidence_counts().await;
         w.sim.deliver(w.id, "clients.updated").await;
         w.rekey.once(&[]).await;
     }
@@ -258,7 +258,7 @@ async fn rate_limits_are_honoured_with_and_without_retry_after() {
 async fn confirmation_errors_never_retire_the_old_secret() {
     let w = World::new().await;
     assert_exit(&w.rekey.force(&w.name).await, 0);
-    next_second().await;
+    w.until_evidence_counts().await;
     assert!(w.sim.deliver(w.id, "clients.created").await.success);
     // The evidence is there, but the provider answers garbage, then 404.
     for kind in [FaultKind::Garbage, FaultKind::Status(404)] {

@@ -5,7 +5,7 @@ use rekey::sandbox::fintoro::{Fault, FaultKind, Route};
 use serde_json::Value;
 
 use crate::support::rekey::{assert_exit, stderr};
-use crate::support::util::{next_second, s};
+use crate::support::util::s;
 use crate::support::world::World;
 
 fn events(history: &[Value]) -> Vec<String> {
@@ -40,7 +40,7 @@ async fn rotating_a_fintoro_subscription_publishes_both_secrets_then_retires_the
 
     // A delivery signed with the new secret succeeds: lastSuccessAt passes the
     // publication time, and the next pass retires the old secret.
-    next_second().await;
+    w.until_evidence_counts().await;
     let after = w.sim.deliver(w.id, "clients.updated").await;
     assert!(after.success);
     assert_eq!(w.stats().accepted_with_current, 2);
@@ -81,6 +81,31 @@ async fn rotating_a_fintoro_subscription_publishes_both_secrets_then_retires_the
             .any(|h| s(h, "detail").contains("lastSuccessAt")),
         "the evidence is recorded"
     );
+    // What the confirmation rested on: the field, its stamp, the mark it passed
+    // (the publication plus the clock offset bound) and that bound.
+    let ev = history
+        .iter()
+        .find_map(|h| h.get("evidence"))
+        .unwrap_or_else(|| panic!("no evidence object: {history:?}"));
+    assert_eq!(s(ev, "source"), "lastSuccessAt");
+    let t = |k: &str| chrono::DateTime::parse_from_rfc3339(&s(ev, k)).expect(k);
+    let published = w.rekey.published_at(&w.name).await.expect("published");
+    assert!(t("stamp") > t("counted_after"), "{ev}");
+    assert!(
+        t("counted_after") > published - chrono::TimeDelta::milliseconds(50),
+        "{ev}"
+    );
+    assert!(
+        ev["offset"]["low_ms"].is_i64() && ev["offset"]["high_ms"].is_i64(),
+        "{ev}"
+    );
+    let text = w.rekey.run(&["history", &w.name]).await;
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains(&format!("[lastSuccessAt {} > ", t("stamp").to_rfc3339()))
+            && text.contains("provider clock offset ["),
+        "the text shows the rule: {text}"
+    );
     w.assert_no_leak(&[]);
 }
 
@@ -108,7 +133,7 @@ async fn a_crash_between_mint_and_publish_recovers_with_the_providers_secret_in_
     assert_eq!(s(&entry, "current"), w.live());
     assert_eq!(s(&entry, "previous"), w.initial);
     assert_eq!(w.sim.rotation_count(w.id), 1);
-    next_second().await;
+    w.until_evidence_counts().await;
     assert!(w.sim.deliver(w.id, "clients.created").await.success);
     assert_exit(&w.rekey.once(&[]).await, 0);
     assert_eq!(s(&w.rekey.state_of(&w.name).await, "state"), "idle");

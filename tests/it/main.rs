@@ -4,8 +4,10 @@
 //! the real `rekey` binary.
 
 mod config_errors;
+mod contrib;
 mod crash_matrix;
 mod daemon;
+mod evidence;
 mod faults;
 mod fintoro;
 mod first_start;

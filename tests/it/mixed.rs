@@ -6,10 +6,10 @@ use rekey::sandbox::monite::{MoniteSim, MoniteSimOptions};
 use rekey::sandbox::storno::{StornoSim, StornoSimOptions};
 use serde_json::json;
 
-use crate::support::rekey::{ProviderConf, Rekey, Setup, Store, assert_exit};
+use crate::support::rekey::{LONGEST_DELIVERY, ProviderConf, Rekey, Setup, Store, assert_exit};
 use crate::support::rvault::RustyVault;
 use crate::support::util::s;
-use crate::support::world::{FINTORO_TOKEN, Sim, receiver_for};
+use crate::support::world::{FINTORO_TOKEN, Sim, evidence_counts_for, receiver_for};
 
 /// The `[[providers]]` block for `conf`, named `name`, and its credential files.
 fn block(rekey: &Rekey, name: &str, conf: ProviderConf) -> String {
@@ -93,8 +93,9 @@ async fn fintoro_monite_and_storno_accounts_rotate_side_by_side_in_one_config() 
     assert_eq!(s(&rekey.state_of(&st.0).await, "state"), "idle");
     assert_eq!(s(&rekey.state_of(&f.0).await, "state"), "confirming");
     assert_eq!(s(&rekey.state_of(&m.0).await, "state"), "confirming");
-    // Fintoro's lastSuccessAt has whole seconds: deliver in a later second.
-    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    // Deliveries that count as evidence: past each publication and clock bound.
+    evidence_counts_for(&rekey, &f.0, &fintoro, LONGEST_DELIVERY).await;
+    evidence_counts_for(&rekey, &m.0, &monite, LONGEST_DELIVERY).await;
     let fid: u64 = f.1.parse().expect("fintoro id");
     assert!(fintoro.deliver(fid, "clients.created").await.success);
     assert!(

@@ -13,7 +13,9 @@ async fn world() -> World {
     World::monite(MoniteSimOptions::default(), None).await
 }
 
+/// A successful delivery that counts as evidence for the newest publication, if any.
 async fn deliver_ok(w: &World) {
+    w.until_evidence_counts().await;
     let d = w.sim.deliver(&w.id, "updated").await.expect("delivered");
     assert!(d.was_successful, "{d:?}");
 }
@@ -131,9 +133,9 @@ async fn a_monite_token_that_expires_mid_run_is_renewed_and_the_rotate_sent_once
 /// are picked up on a later pass, and one that disappears is reported, not dropped.
 #[tokio::test]
 async fn a_star_entry_discovers_new_monite_subscriptions_and_reports_vanished_ones() {
-    use crate::support::rekey::{PROVIDER, Rekey, Setup, Store};
+    use crate::support::rekey::{LONGEST_DELIVERY, PROVIDER, Rekey, Setup, Store};
     use crate::support::rvault::RustyVault;
-    use crate::support::world::{Sim, receiver_for};
+    use crate::support::world::{Sim, evidence_counts_for, receiver_for};
 
     let vault = RustyVault::start().await;
     let receiver = receiver_for(&vault).await;
@@ -196,6 +198,7 @@ async fn a_star_entry_discovers_new_monite_subscriptions_and_reports_vanished_on
         .await;
     assert_exit(&rekey.force(&name(&c)).await, 0);
     assert_eq!(s(&rekey.state_of(&name(&c)).await, "state"), "confirming");
+    evidence_counts_for(&rekey, &name(&c), &sim, LONGEST_DELIVERY).await;
     assert!(sim.deliver(&c, "updated").await.expect("d").was_successful);
     assert_exit(&rekey.once(&[]).await, 0);
     assert_eq!(s(&rekey.state_of(&name(&c)).await, "state"), "idle");

@@ -8,9 +8,6 @@
 //!
 //! Each table runs its cases in independent worlds, a few at a time.
 
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rekey::sandbox::faults::FaultKind;
@@ -18,14 +15,11 @@ use rekey::sandbox::monite::{self, MoniteSim, MoniteSimOptions};
 use rekey::sandbox::storno::{self, StornoSim, StornoSimOptions};
 use serde_json::Value;
 
-use crate::support::util::{next_second, panic_text, s};
+use crate::support::util::{Scenario, run_table, s};
 use crate::support::world::{ProviderWorld, Sim};
 
 type MoniteWorld = ProviderWorld<MoniteSim>;
 type StornoWorld = ProviderWorld<StornoSim>;
-
-/// Worlds of one table running at once.
-const PARALLEL: usize = 3;
 
 /// The provider client's backoff before a second attempt (500 ms; jitter only
 /// adds to it), and before the second, third and fourth (0.5 + 1 + 2 s).
@@ -48,40 +42,6 @@ async fn storno_world(unwrapped: bool) -> StornoWorld {
         |c| c,
     )
     .await
-}
-
-/// Runs a table's scenarios, [`PARALLEL`] at a time; each returns its problems (a
-/// panic, e.g. from the leak check, counts as one). Prints one summary line.
-type Scenario = Pin<Box<dyn Future<Output = Vec<String>> + Send>>;
-
-async fn run_table(table: &str, cases: Vec<(String, Scenario)>) {
-    let t0 = Instant::now();
-    let n = cases.len();
-    let permits = Arc::new(tokio::sync::Semaphore::new(PARALLEL));
-    let mut tasks = tokio::task::JoinSet::new();
-    for (i, (what, scenario)) in cases.into_iter().enumerate() {
-        let permits = permits.clone();
-        tasks.spawn(async move {
-            let _permit = permits.acquire_owned().await.expect("semaphore");
-            (i, what, tokio::spawn(scenario).await)
-        });
-    }
-    let mut failures = vec![];
-    while let Some(joined) = tasks.join_next().await {
-        let (i, what, result) = joined.expect("table task");
-        let problems = result.unwrap_or_else(|e| vec![panic_text(e)]);
-        if !problems.is_empty() {
-            failures.push((i, format!("{what}: {}", problems.join("; "))));
-        }
-    }
-    failures.sort();
-    println!(
-        "provider faults: {table}: {}/{n} cases as expected ({:.1} s)",
-        n - failures.len(),
-        t0.elapsed().as_secs_f64()
-    );
-    let lines: Vec<String> = failures.into_iter().map(|(_, f)| f).collect();
-    assert!(lines.is_empty(), "{table}:\n{}", lines.join("\n"));
 }
 
 /// Vault must hold only secrets rekey was given: never one whose rotate response
@@ -119,7 +79,7 @@ async fn finish<S: Sim>(w: &ProviderWorld<S>, unknown: &[String], problems: &mut
         if s(&w.rekey.state_of(&w.name).await, "state") == "idle" {
             break;
         }
-        next_second().await;
+        w.until_evidence_counts().await;
         w.sim.deliver_event(&w.id).await;
         w.rekey.once(&[]).await;
         check_vault(w, unknown, "recovering", problems).await;
@@ -684,7 +644,7 @@ async fn confirm_fault<S: Sim>(
         if out.status.code() != Some(0) {
             problems.push(format!("the rotation run exited {:?}", out.status.code()));
         }
-        next_second().await;
+        w.until_evidence_counts().await;
         if !w.sim.deliver_event(&w.id).await {
             problems.push("a delivery after the publication failed".into());
         }

@@ -149,3 +149,20 @@ impl Daemon {
             .push_str(&self.log());
     }
 }
+
+/// Polls `rekey status --json` (each poll is a short process run) until `sub` is in
+/// `state`; a bounded wait on a state change, not a sleep.
+pub async fn until_state(rekey: &Rekey, sub: &str, state: &str) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let st = rekey.state_of(sub).await;
+        if st["state"] == state {
+            return st;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{sub} never reached {state}: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -29,14 +30,30 @@ pub struct ProviderConf {
     pub files: Vec<(String, String)>,
 }
 
+/// The `longest_delivery` every scenario's provider gets: the simulators' deliveries
+/// complete in milliseconds, and only the test of the allowance itself needs the
+/// provider's default (10 s at Fintoro), which would make every scenario that waits
+/// for evidence wait that long.
+pub const LONGEST_DELIVERY: Duration = Duration::from_millis(1);
+const LONGEST_DELIVERY_LINE: &str = "longest_delivery = \"1ms\"";
+
 impl ProviderConf {
     pub fn fintoro(base_url: &str, token: &str) -> ProviderConf {
         ProviderConf {
             kind: "fintoro",
             base_url: base_url.to_string(),
-            lines: vec!["token_file = \"fintoro.token\"".into()],
+            lines: vec![
+                "token_file = \"fintoro.token\"".into(),
+                LONGEST_DELIVERY_LINE.into(),
+            ],
             files: vec![("fintoro.token".into(), token.to_string())],
         }
+    }
+
+    /// Leaves `longest_delivery` at the provider's default.
+    pub fn default_longest_delivery(mut self) -> ProviderConf {
+        self.lines.retain(|l| l != LONGEST_DELIVERY_LINE);
+        self
     }
 
     pub fn monite(
@@ -52,6 +69,7 @@ impl ProviderConf {
                 format!("client_id = \"{client_id}\""),
                 "client_secret_file = \"monite.secret\"".into(),
                 format!("entity_id = \"{entity}\""),
+                LONGEST_DELIVERY_LINE.into(),
             ],
             files: vec![("monite.secret".into(), client_secret.to_string())],
         }
@@ -64,6 +82,7 @@ impl ProviderConf {
             lines: vec![
                 "token_file = \"storno.token\"".into(),
                 format!("company = \"{company}\""),
+                LONGEST_DELIVERY_LINE.into(),
             ],
             files: vec![("storno.token".into(), token.to_string())],
         }
@@ -235,6 +254,22 @@ impl Rekey {
     pub async fn history(&self, sub: &str) -> Vec<Value> {
         let out = self.run(&["history", sub, "--json"]).await;
         serde_json::from_slice(&out.stdout).expect("history --json")
+    }
+
+    /// When the newest rotation of `sub` was published (rekey's clock), from its
+    /// history; `None` before any publication.
+    pub async fn published_at(&self, sub: &str) -> Option<DateTime<Utc>> {
+        self.history(sub)
+            .await
+            .iter()
+            .rev()
+            .find(|h| h["event"] == "published")
+            .map(|h| {
+                let at = h["at"].as_str().expect("history rows have a time");
+                DateTime::parse_from_rfc3339(at)
+                    .expect("an RFC 3339 time")
+                    .with_timezone(&Utc)
+            })
     }
 
     /// Starts `rekey run --once …` with `REKEY_FAILPOINT=point`, waits until the

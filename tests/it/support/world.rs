@@ -10,6 +10,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::TimeDelta;
 use rekey::config::{KvVersion, VaultAuth, VaultSettings};
 use rekey::sandbox::faults::FaultKind;
 use rekey::sandbox::fintoro::{self, FintoroSim, FintoroSimOptions};
@@ -20,8 +21,9 @@ use rekey::secret::secret;
 use rekey::store::{SecretStore, VaultStore};
 use serde_json::json;
 
-use super::rekey::{PROVIDER, ProviderConf, Rekey, Setup, Store};
+use super::rekey::{LONGEST_DELIVERY, PROVIDER, ProviderConf, Rekey, Setup, Store};
 use super::rvault::RustyVault;
+use super::util::until_evidence_counts;
 
 pub const FINTORO_TOKEN: &str = "fintoro-company-token-0123456789";
 
@@ -35,6 +37,8 @@ pub trait Sim: Sized + Send + Sync + 'static {
     const KIND: &'static str;
     /// The rotate call's route.
     const ROTATE: Self::Route;
+    /// How finely the provider stamps the deliveries rekey reads as evidence.
+    const STAMP_RESOLUTION: TimeDelta;
     /// Creates a subscription delivering to `url`: its id and initial secret.
     fn add(&self, url: &str) -> (Self::Id, String);
     /// Points the subscription at `url` (no rotation).
@@ -60,6 +64,11 @@ pub trait Sim: Sized + Send + Sync + 'static {
     fn inject_fault(&self, route: Self::Route, kind: FaultKind);
     /// Requests received on `route` so far.
     fn requests(&self, route: Self::Route) -> u64;
+    /// How far the simulator's clock runs ahead of this host's.
+    fn clock_skew(&self) -> TimeDelta;
+    /// Makes the next active probe fail as refused (Storno's test delivery), so that
+    /// only logged deliveries can confirm; nothing where the provider has none.
+    fn refuse_probe(&self) {}
 }
 
 impl Sim for FintoroSim {
@@ -67,6 +76,8 @@ impl Sim for FintoroSim {
     type Route = fintoro::Route;
     const KIND: &'static str = "fintoro";
     const ROTATE: fintoro::Route = fintoro::Route::Rotate;
+    // `lastSuccessAt` and `lastFailureAt` have whole seconds.
+    const STAMP_RESOLUTION: TimeDelta = TimeDelta::seconds(1);
     fn add(&self, url: &str) -> (u64, String) {
         self.add_subscription(url)
     }
@@ -94,6 +105,9 @@ impl Sim for FintoroSim {
     fn requests(&self, route: fintoro::Route) -> u64 {
         self.request_count(route)
     }
+    fn clock_skew(&self) -> TimeDelta {
+        self.options().clock_skew
+    }
 }
 
 impl Sim for MoniteSim {
@@ -101,6 +115,8 @@ impl Sim for MoniteSim {
     type Route = monite::Route;
     const KIND: &'static str = "monite";
     const ROTATE: monite::Route = monite::Route::Rotate;
+    // Creation times are compared at full precision (`created_at__gte`).
+    const STAMP_RESOLUTION: TimeDelta = TimeDelta::microseconds(1);
     fn add(&self, url: &str) -> (String, String) {
         self.add_subscription(url)
     }
@@ -136,6 +152,9 @@ impl Sim for MoniteSim {
     fn requests(&self, route: monite::Route) -> u64 {
         self.request_count(route)
     }
+    fn clock_skew(&self) -> TimeDelta {
+        self.options().clock_skew
+    }
 }
 
 impl Sim for StornoSim {
@@ -143,6 +162,8 @@ impl Sim for StornoSim {
     type Route = storno::Route;
     const KIND: &'static str = "storno";
     const ROTATE: storno::Route = storno::Route::Rotate;
+    // `completedAt` and `durationMs` have milliseconds.
+    const STAMP_RESOLUTION: TimeDelta = TimeDelta::milliseconds(1);
     fn add(&self, url: &str) -> (String, String) {
         self.add_endpoint(url)
     }
@@ -181,6 +202,36 @@ impl Sim for StornoSim {
     }
     fn requests(&self, route: storno::Route) -> u64 {
         self.request_count(route)
+    }
+    fn clock_skew(&self) -> TimeDelta {
+        self.options().clock_skew
+    }
+    fn refuse_probe(&self) {
+        // Not retried (a 403 is an answer), so one fault fails one check.
+        self.inject(storno::Fault {
+            route: storno::Route::Test,
+            kind: FaultKind::Status(403),
+        });
+    }
+}
+
+/// Waits until a delivery by `sim` made from now on counts as evidence for the
+/// newest publication of `sub` (at once if there was none): see
+/// [`until_evidence_counts`].
+pub async fn evidence_counts_for<S: Sim>(
+    rekey: &Rekey,
+    sub: &str,
+    sim: &S,
+    longest_delivery: Duration,
+) {
+    if let Some(published) = rekey.published_at(sub).await {
+        until_evidence_counts(
+            published,
+            sim.clock_skew(),
+            S::STAMP_RESOLUTION,
+            longest_delivery,
+        )
+        .await;
     }
 }
 
@@ -316,6 +367,18 @@ impl<S: Sim> ProviderWorld<S> {
 
     pub fn stats(&self) -> ReceiverStats {
         self.receiver.stats(&self.route)
+    }
+
+    /// Waits until a delivery made from now on counts as evidence for the newest
+    /// publication (at once if there was none): see [`until_evidence_counts`].
+    pub async fn until_evidence_counts(&self) {
+        self.until_evidence_counts_with(LONGEST_DELIVERY).await;
+    }
+
+    /// As [`Self::until_evidence_counts`], for a provider configured with another
+    /// `longest_delivery`.
+    pub async fn until_evidence_counts_with(&self, longest_delivery: Duration) {
+        evidence_counts_for(&self.rekey, &self.name, &self.sim, longest_delivery).await;
     }
 
     /// Every secret that passed through, for the leak check.
