@@ -385,8 +385,12 @@ impl Engine {
     pub fn orphans(&self, managed: &[Subscription]) -> Vec<Subscription> {
         let names: std::collections::HashSet<&str> =
             managed.iter().map(|s| s.name.as_str()).collect();
-        let records = match self.db.load_all() {
-            Ok(r) => r,
+        // Names first: only the few records left behind are read whole.
+        let left: Vec<String> = match self.db.rotating_names() {
+            Ok(r) => r
+                .into_iter()
+                .filter(|n| !names.contains(n.as_str()))
+                .collect(),
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the state for rotations left by the config");
                 return vec![];
@@ -394,21 +398,29 @@ impl Engine {
         };
         let mut orphans = self.orphans.lock().unwrap_or_else(|p| p.into_inner());
         orphans.clear();
-        records
-            .into_iter()
-            .filter(|r| !names.contains(r.name.as_str()) && r.state.rotation_id.is_some())
-            .filter_map(|r| {
-                let t = r.target?;
-                orphans.insert(r.name.clone());
-                Some(Subscription {
-                    name: r.name,
-                    provider: t.provider,
-                    id: t.id,
-                    policy: t.policy,
-                    vault_path: t.vault_path,
-                })
-            })
-            .collect()
+        let mut out = vec![];
+        for name in left {
+            let r = match self.db.load(&name) {
+                Ok(Some(r)) => r,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(subscription = %name, error = %e, "cannot read state");
+                    continue;
+                }
+            };
+            let Some(t) = r.target.filter(|_| r.state.rotation_id.is_some()) else {
+                continue;
+            };
+            orphans.insert(r.name.clone());
+            out.push(Subscription {
+                name: r.name,
+                provider: t.provider,
+                id: t.id,
+                policy: t.policy,
+                vault_path: t.vault_path,
+            });
+        }
+        out
     }
 
     /// Whether `name` is a rotation left behind by the config ([`Engine::orphans`]).
@@ -454,6 +466,8 @@ impl Engine {
                 return out;
             }
         };
+        let mut names: std::collections::HashSet<String> =
+            out.iter().map(|s| s.name.clone()).collect();
         for k in &known {
             // A vanished subscription rests, except one mid-rotation: a minted secret
             // still gets published, so nothing is stranded if the listing was wrong.
@@ -470,7 +484,7 @@ impl Engine {
             else {
                 continue;
             };
-            if out.iter().any(|s| s.name == k.name) {
+            if !names.insert(k.name.clone()) {
                 continue;
             }
             out.push(d.subscription(&k.id));
@@ -498,10 +512,13 @@ impl Engine {
         {
             taken.entry(path.as_str()).or_insert(name.as_str());
         }
+        let configured: std::collections::HashSet<&str> = (self.config.subscriptions.iter())
+            .map(|s| s.name.as_str())
+            .collect();
         for r in listed.iter().filter(|r| usable_id(&r.id)) {
             let sub = d.subscription(&r.id);
             // Explicit entries win; a templated path must not take another's entry.
-            if self.config.subscription(&sub.name).is_some() {
+            if configured.contains(sub.name.as_str()) {
                 continue;
             }
             if let Some(other) = taken
@@ -582,6 +599,34 @@ impl Engine {
         Ok(rec)
     }
 
+    /// [`Engine::record`] for many subscriptions at once, each handed to `each` as it
+    /// is read: the missing records are created in one commit and the unset due times
+    /// set in another, so a start adopting a fleet does not commit once per
+    /// subscription, nor hold every record in memory.
+    pub fn records(
+        &self,
+        subs: &[Subscription],
+        mut each: impl FnMut(&Record),
+    ) -> Result<(), EngineError> {
+        let by_name: HashMap<&str, &Subscription> =
+            subs.iter().map(|s| (s.name.as_str(), s)).collect();
+        let names: Vec<&str> = by_name.keys().copied().collect();
+        let mut dues = vec![];
+        self.db.load_or_create_many(&names, self.now(), |mut rec| {
+            if rec.next_due_at.is_none() && !rec.state.phase.in_flight() {
+                rec.next_due_at = by_name
+                    .get(rec.name.as_str())
+                    .and_then(|sub| self.next_due(sub, &rec));
+                if rec.next_due_at.is_some() {
+                    dues.push((rec.name.clone(), rec.next_due_at));
+                }
+            }
+            each(&rec);
+        })?;
+        self.db.set_next_due(&dues)?;
+        Ok(())
+    }
+
     /// The time the engine next has something to do for `sub`, if any.
     pub fn wake_at(&self, rec: &Record) -> Option<DateTime<Utc>> {
         match rec.state.phase {
@@ -629,241 +674,315 @@ impl Engine {
             // Left behind by the config and at rest: nothing more to do, ever.
             return Ok((Outcome::NotDue, rec));
         }
-        let now0 = self.now();
-        let due = rec.next_due_at.is_some_and(|t| t <= now0);
-        let retry_due = eager || rec.state.not_before.is_none_or(|t| t <= now0);
-        let restarted = self.first_sight(&sub.name);
-        let mut event = match rec.state.phase {
-            Phase::Held => return Ok((Outcome::Held, rec)),
-            // Only an operator's request rotates a drifted subscription; otherwise see
-            // whether the operator has reconciled the store in the meantime.
-            Phase::Drifted if trigger.is_none() && !self.take_drift_check(sub, eager) => {
-                return Ok((Outcome::Drifted, rec));
-            }
-            Phase::Drifted if trigger.is_none() => match self.drift(sub).await {
-                Ok(None) => Event::DriftResolved { now: now0 },
-                Ok(Some(_)) => return Ok((Outcome::Drifted, rec)),
-                Err(e) => {
-                    tracing::warn!(subscription = %sub.name, error = %e, "cannot re-check drift");
-                    return Ok((Outcome::Drifted, rec));
-                }
-            },
-            Phase::Drifted => Event::Start {
-                rotation_id: uuid::Uuid::new_v4().to_string(),
-                trigger: trigger.unwrap_or(Trigger::Forced),
-                now: now0,
-            },
-            // In flight, or started but interrupted before the preflight finished.
-            p if p.in_flight() || (p == Phase::Idle && rec.state.rotation_id.is_some()) => {
-                Event::Recover {
-                    now: now0,
-                    restarted,
-                    eager,
-                }
-            }
-            Phase::Idle | Phase::Failed => {
-                let trig = match trigger {
-                    Some(t) => Some(t),
-                    None if due && (rec.state.phase == Phase::Idle || retry_due) => {
-                        Some(Trigger::Schedule)
-                    }
-                    None if rec.state.phase == Phase::Failed && retry_due => {
-                        Some(Trigger::Schedule)
-                    }
-                    None => None,
-                };
-                match trig {
-                    Some(_) if stop.load(Ordering::SeqCst) => return Ok((Outcome::NotDue, rec)),
-                    Some(trigger) => Event::Start {
-                        rotation_id: uuid::Uuid::new_v4().to_string(),
-                        trigger,
-                        now: now0,
-                    },
-                    // Not due: still look for a rotation made outside rekey, so status
-                    // reports drift when it happens, not at the next rotation. Costs
-                    // nothing for providers that show no part of their secret.
-                    None if rec.state.phase == Phase::Idle && self.take_drift_check(sub, eager) => {
-                        match self.drift(sub).await {
-                            Ok(Some(detail)) => Event::DriftDetected { detail, now: now0 },
-                            Ok(None) => return Ok((Outcome::Checked, rec)),
-                            Err(e) => {
-                                tracing::debug!(subscription = %sub.name, error = %e, "drift check skipped");
-                                return Ok((Outcome::Checked, rec));
-                            }
-                        }
-                    }
-                    None => return Ok((Outcome::NotDue, rec)),
-                }
-            }
-            _ => unreachable!("in_flight covers every other phase"),
+        let mut event = match self.first_event(sub, &rec, trigger, eager, stop).await {
+            Ok(event) => event,
+            Err(outcome) => return Ok((outcome, rec)),
         };
-        // The operator's answer to a drift may be to rotate to a secret rekey knows:
-        // that rotation must not stop at the drift it is meant to repair.
-        let accept_drift = rec.state.phase == Phase::Drifted;
+        let mut run = Run {
+            // The operator's answer to a drift may be to rotate to a secret rekey
+            // knows: that rotation must not stop at the drift it is meant to repair.
+            accept_drift: rec.state.phase == Phase::Drifted,
+            eager,
+            stop,
+            urgent_waits: 0,
+        };
         let timing = self.timing(sub);
-        let mut urgent_waits = 0;
         loop {
-            let event_name = event.name();
-            let step = rotation::apply(&rec.state, event, &timing).map_err(|source| {
-                EngineError::Invalid {
-                    subscription: sub.name.clone(),
-                    source,
-                }
-            })?;
-            let t = self.now();
-            if step.state.phase != rec.state.phase {
-                rec.phase_since = t;
-            }
-            rec.state = step.state;
-            if matches!(rec.state.phase, Phase::Idle | Phase::Failed) {
-                rec.next_due_at = self.next_due(sub, &rec);
-            }
-            // The target lives exactly as long as the rotation id.
-            match (&rec.state.rotation_id, &rec.target) {
-                (Some(_), None) => rec.target = Some(self.target_of(sub)),
-                (None, Some(_)) => rec.target = None,
-                _ => {}
-            }
-            if step.transition.quiet {
-                // Routine (a poll without news): no fsync; a power cut only repeats it.
-                self.db.save_routine(&rec, t)?;
-            } else {
-                self.db.save(&rec, Some(&step.transition), t)?;
-                log_transition(sub, &rec, &step.transition);
-            }
-            failpoint::hit(&format!("after:{event_name}"));
-            if stop.load(Ordering::SeqCst) && can_wait(&step.action, &rec.state) {
+            let action = self.take_step(sub, &mut rec, event, &timing)?;
+            if stop.load(Ordering::SeqCst) && can_wait(&action, &rec.state) {
                 tracing::info!(subscription = %sub.name, state = %rec.state.phase, "stopping at a saved step; the next start continues from here");
                 return Ok((Outcome::Waiting(rec.state.phase, self.now()), rec));
             }
-
-            if let Some(detail) = self.orphaned(sub, &rec, &step.action) {
+            if let Some(detail) = self.orphaned(sub, &rec, &action) {
                 event = Event::Orphaned {
                     detail,
                     now: self.now(),
                 };
                 continue;
             }
-            event = match step.action {
-                Action::Preflight => match self.preflight(sub, accept_drift).await {
-                    Ok(()) => Event::PreflightPassed { now: self.now() },
-                    Err(Preflight::Failed(error)) => Event::PreflightFailed {
-                        error,
-                        now: self.now(),
-                    },
-                    Err(Preflight::Drifted(detail)) => Event::DriftDetected {
-                        detail,
-                        now: self.now(),
-                    },
-                },
-                Action::Rotate if !rec.state.rotate_in_flight => {
-                    Event::RotateSent { now: self.now() }
+            event = match self.perform(sub, &rec, action, &mut run).await? {
+                Ok(event) => event,
+                Err(outcome) => return Ok((outcome, rec)),
+            };
+        }
+    }
+
+    /// The event that sets `rec` going, or the outcome when there is nothing to do:
+    /// held, drifted (and not yet repaired), not due, or only a drift check due.
+    async fn first_event(
+        &self,
+        sub: &Subscription,
+        rec: &Record,
+        trigger: Option<Trigger>,
+        eager: bool,
+        stop: &AtomicBool,
+    ) -> Result<Event, Outcome> {
+        let now = self.now();
+        let restarted = self.first_sight(&sub.name);
+        let start = |trigger| Event::Start {
+            rotation_id: uuid::Uuid::new_v4().to_string(),
+            trigger,
+            now,
+        };
+        match rec.state.phase {
+            Phase::Held => Err(Outcome::Held),
+            // Only an operator's request rotates a drifted subscription; otherwise see
+            // whether the operator has reconciled the store in the meantime.
+            Phase::Drifted if trigger.is_none() && !self.take_drift_check(sub, eager) => {
+                Err(Outcome::Drifted)
+            }
+            Phase::Drifted if trigger.is_none() => match self.drift(sub).await {
+                Ok(None) => Ok(Event::DriftResolved { now }),
+                Ok(Some(_)) => Err(Outcome::Drifted),
+                Err(e) => {
+                    tracing::warn!(subscription = %sub.name, error = %e, "cannot re-check drift");
+                    Err(Outcome::Drifted)
                 }
-                Action::Rotate => {
-                    failpoint::hit("before:rotate-call");
-                    let result = match self.client(sub) {
-                        Ok(p) => p.rotate(&sub.id).await,
-                        Err(e) => Err(RotateError::NotRotated(
-                            provider::ProviderError::Malformed {
-                                provider: sub.provider.clone(),
-                                what: "rotate".into(),
-                                detail: e,
-                            },
-                        )),
-                    };
-                    failpoint::hit("after:rotate-call");
-                    match result {
-                        Ok(secret) => Event::RotateSucceeded {
-                            secret,
-                            now: self.now(),
-                        },
-                        Err(RotateError::NotRotated(e)) => Event::RotateRejected {
-                            error: e.to_string(),
-                            now: self.now(),
-                        },
-                        Err(RotateError::Unknown(e)) => Event::RotateOutcomeUnknown {
-                            error: e.to_string(),
-                            now: self.now(),
-                        },
-                    }
-                }
-                Action::Publish => match self.publish(sub, &rec).await {
-                    Ok(previous) => {
-                        failpoint::hit("after:publish-write");
-                        Event::Published {
-                            previous,
-                            now: self.now(),
+            },
+            Phase::Drifted => Ok(start(trigger.unwrap_or(Trigger::Forced))),
+            // In flight, or started but interrupted before the preflight finished.
+            p if p.in_flight() || (p == Phase::Idle && rec.state.rotation_id.is_some()) => {
+                Ok(Event::Recover {
+                    now,
+                    restarted,
+                    eager,
+                })
+            }
+            Phase::Idle | Phase::Failed => match self.start_trigger(rec, trigger, eager, now) {
+                Some(_) if stop.load(Ordering::SeqCst) => Err(Outcome::NotDue),
+                Some(trigger) => Ok(start(trigger)),
+                // Not due: still look for a rotation made outside rekey, so status
+                // reports drift when it happens, not at the next rotation. Costs
+                // nothing for providers that show no part of their secret.
+                None if rec.state.phase == Phase::Idle && self.take_drift_check(sub, eager) => {
+                    match self.drift(sub).await {
+                        Ok(Some(detail)) => Ok(Event::DriftDetected { detail, now }),
+                        Ok(None) => Err(Outcome::Checked),
+                        Err(e) => {
+                            tracing::debug!(subscription = %sub.name, error = %e, "drift check skipped");
+                            Err(Outcome::Checked)
                         }
                     }
-                    Err(e) => Event::PublishFailed {
-                        error: e.to_string(),
-                        now: self.now(),
-                    },
+                }
+                None => Err(Outcome::NotDue),
+            },
+            _ => unreachable!("in_flight covers every other phase"),
+        }
+    }
+
+    /// Why a rotation of an idle or failed `rec` starts now, if it does: asked for,
+    /// due by the schedule, or (failed) its retry backoff passed.
+    fn start_trigger(
+        &self,
+        rec: &Record,
+        trigger: Option<Trigger>,
+        eager: bool,
+        now: DateTime<Utc>,
+    ) -> Option<Trigger> {
+        let due = rec.next_due_at.is_some_and(|t| t <= now);
+        let retry_due = eager || rec.state.not_before.is_none_or(|t| t <= now);
+        match trigger {
+            Some(t) => Some(t),
+            None if due && (rec.state.phase == Phase::Idle || retry_due) => Some(Trigger::Schedule),
+            None if rec.state.phase == Phase::Failed && retry_due => Some(Trigger::Schedule),
+            None => None,
+        }
+    }
+
+    /// Feeds `event` to the state machine and persists what it returned (with its
+    /// history row) before anything acts on it; returns the action to perform.
+    fn take_step(
+        &self,
+        sub: &Subscription,
+        rec: &mut Record,
+        event: Event,
+        timing: &rotation::Timing,
+    ) -> Result<Action, EngineError> {
+        let event_name = event.name();
+        let step =
+            rotation::apply(&rec.state, event, timing).map_err(|source| EngineError::Invalid {
+                subscription: sub.name.clone(),
+                source,
+            })?;
+        let t = self.now();
+        if step.state.phase != rec.state.phase {
+            rec.phase_since = t;
+        }
+        rec.state = step.state;
+        if matches!(rec.state.phase, Phase::Idle | Phase::Failed) {
+            rec.next_due_at = self.next_due(sub, rec);
+        }
+        // The target lives exactly as long as the rotation id.
+        match (&rec.state.rotation_id, &rec.target) {
+            (Some(_), None) => rec.target = Some(self.target_of(sub)),
+            (None, Some(_)) => rec.target = None,
+            _ => {}
+        }
+        if step.transition.quiet {
+            // Routine (a poll without news): no fsync; a power cut only repeats it.
+            self.db.save_routine(rec, t)?;
+        } else {
+            self.db.save(rec, Some(&step.transition), t)?;
+            log_transition(sub, rec, &step.transition);
+        }
+        failpoint::hit(&format!("after:{event_name}"));
+        Ok(step.action)
+    }
+
+    /// Performs `action` at the provider or the store; returns the event its result
+    /// makes, or the outcome when the run ends here (a wait, an operator, rest).
+    async fn perform(
+        &self,
+        sub: &Subscription,
+        rec: &Record,
+        action: Action,
+        run: &mut Run<'_>,
+    ) -> Result<Result<Event, Outcome>, EngineError> {
+        let event = match action {
+            Action::Preflight => match self.preflight(sub, run.accept_drift).await {
+                Ok(()) => Event::PreflightPassed { now: self.now() },
+                Err(Preflight::Failed(error)) => Event::PreflightFailed {
+                    error,
+                    now: self.now(),
                 },
-                Action::Check { since } => {
-                    self.redeliver(sub, &rec).await?;
-                    let finding = match self.client(sub) {
-                        Ok(p) => p.evidence(&sub.id, since).await,
-                        Err(e) => Err(provider::ProviderError::Malformed {
-                            provider: sub.provider.clone(),
-                            what: "confirmation".into(),
-                            detail: e,
-                        }),
-                    };
-                    match finding {
-                        Ok(finding) => Event::Checked {
-                            finding,
-                            store_path: rec
-                                .target
-                                .as_ref()
-                                .map_or_else(|| sub.vault_path.clone(), |t| t.vault_path.clone()),
-                            now: self.now(),
-                        },
-                        Err(e) => Event::CheckFailed {
-                            error: e.to_string(),
-                            now: self.now(),
-                        },
-                    }
-                }
-                Action::Retire => match self.retire(sub, &rec).await {
-                    Ok(()) => {
-                        failpoint::hit("after:retire-write");
-                        Event::Retired { now: self.now() }
-                    }
-                    Err(e) => Event::RetireFailed {
-                        error: e.to_string(),
-                        now: self.now(),
-                    },
+                Err(Preflight::Drifted(detail)) => Event::DriftDetected {
+                    detail,
+                    now: self.now(),
                 },
-                Action::WaitUntil(t)
-                    if eager
-                        && urgent_waits < URGENT_WAITS
-                        && is_urgent(&rec.state)
-                        && !stop.load(Ordering::SeqCst)
-                        && t <= after(self.now(), URGENT_WAIT_MAX) =>
-                {
-                    urgent_waits += 1;
-                    let wait = (t - self.now()).to_std().unwrap_or_default();
-                    tracing::info!(
-                        subscription = %sub.name,
-                        state = %rec.state.phase,
-                        retry_in = %humantime::format_duration(wait),
-                        "retrying within this run: a secret is at stake"
-                    );
-                    tokio::time::sleep(wait).await;
-                    Event::Recover {
+            },
+            Action::Rotate if !rec.state.rotate_in_flight => Event::RotateSent { now: self.now() },
+            Action::Rotate => self.rotate_call(sub).await,
+            Action::Publish => match self.publish(sub, rec).await {
+                Ok(previous) => {
+                    failpoint::hit("after:publish-write");
+                    Event::Published {
+                        previous,
                         now: self.now(),
-                        restarted: false,
-                        eager: true,
                     }
                 }
-                Action::WaitUntil(t) => return Ok((Outcome::Waiting(rec.state.phase, t), rec)),
-                Action::AwaitOperator if rec.state.phase == Phase::Drifted => {
-                    return Ok((Outcome::Drifted, rec));
+                Err(e) => Event::PublishFailed {
+                    error: e.to_string(),
+                    now: self.now(),
+                },
+            },
+            Action::Check { since } => self.check(sub, rec, since).await?,
+            Action::Retire => match self.retire(sub, rec).await {
+                Ok(()) => {
+                    failpoint::hit("after:retire-write");
+                    Event::Retired { now: self.now() }
                 }
-                Action::AwaitOperator => return Ok((Outcome::Held, rec)),
-                Action::Rest => return Ok((Outcome::Rested(rec.state.phase), rec)),
-            };
+                Err(e) => Event::RetireFailed {
+                    error: e.to_string(),
+                    now: self.now(),
+                },
+            },
+            Action::WaitUntil(t) if self.may_wait_here(rec, t, run) => {
+                self.wait_here(sub, rec, t, run).await
+            }
+            Action::WaitUntil(t) => return Ok(Err(Outcome::Waiting(rec.state.phase, t))),
+            Action::AwaitOperator if rec.state.phase == Phase::Drifted => {
+                return Ok(Err(Outcome::Drifted));
+            }
+            Action::AwaitOperator => return Ok(Err(Outcome::Held)),
+            Action::Rest => return Ok(Err(Outcome::Rested(rec.state.phase))),
+        };
+        Ok(Ok(event))
+    }
+
+    /// The provider's rotate call (its intent is saved), as the event its answer makes.
+    async fn rotate_call(&self, sub: &Subscription) -> Event {
+        failpoint::hit("before:rotate-call");
+        let result = match self.client(sub) {
+            Ok(p) => p.rotate(&sub.id).await,
+            Err(e) => Err(RotateError::NotRotated(
+                provider::ProviderError::Malformed {
+                    provider: sub.provider.clone(),
+                    what: "rotate".into(),
+                    detail: e,
+                },
+            )),
+        };
+        failpoint::hit("after:rotate-call");
+        match result {
+            Ok(secret) => Event::RotateSucceeded {
+                secret,
+                now: self.now(),
+            },
+            Err(RotateError::NotRotated(e)) => Event::RotateRejected {
+                error: e.to_string(),
+                now: self.now(),
+            },
+            Err(RotateError::Unknown(e)) => Event::RotateOutcomeUnknown {
+                error: e.to_string(),
+                now: self.now(),
+            },
+        }
+    }
+
+    /// One confirmation check: redelivers what failed in the exposure window, then
+    /// asks the provider for evidence since `since`.
+    async fn check(
+        &self,
+        sub: &Subscription,
+        rec: &Record,
+        since: DateTime<Utc>,
+    ) -> Result<Event, EngineError> {
+        self.redeliver(sub, rec).await?;
+        let finding = match self.client(sub) {
+            Ok(p) => p.evidence(&sub.id, since).await,
+            Err(e) => Err(provider::ProviderError::Malformed {
+                provider: sub.provider.clone(),
+                what: "confirmation".into(),
+                detail: e,
+            }),
+        };
+        Ok(match finding {
+            Ok(finding) => Event::Checked {
+                finding,
+                store_path: rec
+                    .target
+                    .as_ref()
+                    .map_or_else(|| sub.vault_path.clone(), |t| t.vault_path.clone()),
+                now: self.now(),
+            },
+            Err(e) => Event::CheckFailed {
+                error: e.to_string(),
+                now: self.now(),
+            },
+        })
+    }
+
+    /// Whether a one-shot run waits for `t` itself rather than leaving the step for
+    /// its next start: only while a secret is at stake ([`is_urgent`]), a few times,
+    /// and never long.
+    fn may_wait_here(&self, rec: &Record, t: DateTime<Utc>, run: &Run<'_>) -> bool {
+        run.eager
+            && run.urgent_waits < URGENT_WAITS
+            && is_urgent(&rec.state)
+            && !run.stop.load(Ordering::SeqCst)
+            && t <= after(self.now(), URGENT_WAIT_MAX)
+    }
+
+    async fn wait_here(
+        &self,
+        sub: &Subscription,
+        rec: &Record,
+        t: DateTime<Utc>,
+        run: &mut Run<'_>,
+    ) -> Event {
+        run.urgent_waits += 1;
+        let wait = (t - self.now()).to_std().unwrap_or_default();
+        tracing::info!(
+            subscription = %sub.name,
+            state = %rec.state.phase,
+            retry_in = %humantime::format_duration(wait),
+            "retrying within this run: a secret is at stake"
+        );
+        tokio::time::sleep(wait).await;
+        Event::Recover {
+            now: self.now(),
+            restarted: false,
+            eager: true,
         }
     }
 
@@ -1103,6 +1222,17 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// What one call of [`Engine::advance_until`] carries from step to step.
+struct Run<'a> {
+    /// Rotating out of a drift the operator asked to repair: preflight accepts it.
+    accept_drift: bool,
+    /// A one-shot run (`--once`): it may wait out a short urgent retry itself.
+    eager: bool,
+    stop: &'a AtomicBool,
+    /// How often this run has waited for an urgent retry.
+    urgent_waits: u32,
 }
 
 /// A one-shot run does not leave these for its next start (which may be a day away):

@@ -3,8 +3,8 @@
 //!
 //! Nothing in the rotation path calls into this module. The scheduler feeds it the
 //! history rows the engine appended (so every transition is counted exactly once,
-//! whichever task made it) and the records it already reads on each pass (for the
-//! gauges). Labels are provider, outcome, state and subscription names: never a secret.
+//! whichever task made it), and for the gauges each subscription's record as it
+//! changes and the counts by state it keeps. Labels are provider, outcome, state and subscription names: never a secret.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,9 +24,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::config::Subscription;
 use crate::rotation::Phase;
-use crate::state::{HistoryRow, Record};
+use crate::state::HistoryRow;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RotationLabels {
@@ -218,35 +217,44 @@ impl Metrics {
         }
     }
 
-    /// Sets the gauges from the records of `subs`: the subscriptions managed now,
-    /// discovered ones included.
-    pub fn set_records(&self, subs: &[Subscription], records: &[Record]) {
-        self.next_rotation.clear();
-        self.last_success.clear();
-        let mut by_state: HashMap<&'static str, i64> =
-            Phase::ALL.iter().map(|p| (p.as_str(), 0)).collect();
-        let by_name: HashMap<&str, &Record> =
-            records.iter().map(|r| (r.name.as_str(), r)).collect();
-        for sub in subs {
-            let rec = by_name.get(sub.name.as_str());
-            let phase = rec.map_or(Phase::Idle, |r| r.state.phase);
-            *by_state.entry(phase.as_str()).or_default() += 1;
-            let labels = SubscriptionLabels {
-                subscription: sub.name.clone(),
-            };
-            if let Some(t) = rec.and_then(|r| r.next_due_at) {
-                self.next_rotation.get_or_create(&labels).set(t.timestamp());
-            }
-            if let Some(t) = rec.and_then(|r| r.state.last_rotated_at) {
-                self.last_success.get_or_create(&labels).set(t.timestamp());
+    /// Sets one managed subscription's gauges (a `None` removes that gauge).
+    pub fn set_subscription(
+        &self,
+        name: &str,
+        next_due: Option<DateTime<Utc>>,
+        last_success: Option<DateTime<Utc>>,
+    ) {
+        let labels = SubscriptionLabels {
+            subscription: name.to_string(),
+        };
+        for (family, t) in [
+            (&self.next_rotation, next_due),
+            (&self.last_success, last_success),
+        ] {
+            match t {
+                Some(t) => {
+                    family.get_or_create(&labels).set(t.timestamp());
+                }
+                None => {
+                    family.remove(&labels);
+                }
             }
         }
-        for (state, n) in by_state {
+    }
+
+    /// Drops the gauges of a subscription no longer managed.
+    pub fn forget_subscription(&self, name: &str) {
+        self.set_subscription(name, None, None);
+    }
+
+    /// Sets how many managed subscriptions are in each state.
+    pub fn set_state_counts(&self, counts: impl IntoIterator<Item = (Phase, usize)>) {
+        for (phase, n) in counts {
             self.subscriptions
                 .get_or_create(&StateLabels {
-                    state: state.to_string(),
+                    state: phase.as_str().to_string(),
                 })
-                .set(n);
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
 

@@ -1,17 +1,25 @@
 //! The daemon's scheduler: the one task that decides when each subscription's next
 //! step runs, and runs it.
 //!
-//! There is no polling tick and no timer per subscription. Each pass reads every
-//! subscription's persisted record, works out when it next has something to do (a due
-//! rotation moved into its policy's window and offset by its jitter, a retry backoff, a
-//! confirmation poll), starts what is due now within the concurrency caps, and then
-//! sleeps until the earliest of those times, a finished step, or a control message
-//! (SIGUSR1, SIGHUP, SIGTERM from [`crate::daemon`]). Because the times come from the
-//! state database, a restart or a reload loses nothing.
+//! There is no polling tick and no timer per subscription. The scheduler keeps what it
+//! needs of every managed subscription's record ([`fleet::Brief`]) and when each next
+//! has something to do (a due rotation moved into its policy's window and offset by
+//! its jitter, a retry backoff, a confirmation poll) in a queue ordered by time
+//! ([`queue::WakeQueue`]), both updated from the record each finished step returns. A
+//! wake starts what is due within the concurrency caps, re-checking each one's time as
+//! it is taken (a window may have closed meanwhile), and then sleeps until the
+//! earliest time left, a finished step, or a control message (SIGUSR1, SIGHUP, SIGTERM
+//! from [`crate::daemon`]). A wake costs O(log N) and reads nothing from the database;
+//! the records are read once at start, and again only for a reload, a discovery
+//! listing or SIGUSR1. Because the times come from the state database, a restart or a
+//! reload loses nothing.
 //!
 //! When a policy lets a rotation start (schedule, window, jitter, catch-up) is
 //! [`crate::policy_timing`]'s to say; this file combines it with each subscription's
 //! phase ([`wake_time`]) and runs the loop.
+
+mod fleet;
+mod queue;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -28,9 +36,12 @@ use crate::metrics::Metrics;
 use crate::notify::{self, Notify, notify};
 use crate::policy_timing::{after, catch_up, retry_start, start_time};
 use crate::rotation::{Phase, Transition, Trigger};
-use crate::state::{HISTORY_PAGE, Record};
+use crate::state::HISTORY_PAGE;
+pub use fleet::Brief;
+use fleet::Fleet;
 
-/// When `rec` next needs the engine, by the daemon's rules: `None` for never (held).
+/// When a subscription whose record says `rec` next needs the engine, by the daemon's
+/// rules: `None` for never (held).
 /// A new rotation (idle, or failed and retrying) starts only per the policy's start
 /// rules; steps of a rotation in flight run at their own time. Each time agrees with
 /// what [`Engine::advance`] will accept as due, or the loop would wake for nothing.
@@ -42,7 +53,7 @@ use crate::state::{HISTORY_PAGE, Record};
 pub fn wake_time(
     policy: &Policy,
     name: &str,
-    rec: &Record,
+    rec: &Brief,
     now: DateTime<Utc>,
     drift_check: Option<DateTime<Utc>>,
 ) -> Option<DateTime<Utc>> {
@@ -50,10 +61,10 @@ pub fn wake_time(
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
-    match rec.state.phase {
+    match rec.phase {
         Phase::Held => None,
         Phase::Drifted => drift_check.map(|t| t.max(now)),
-        Phase::Idle if rec.state.rotation_id.is_none() => earliest(
+        Phase::Idle if !rec.rotating => earliest(
             rec.next_due_at
                 .map(|due| start_time(&policy.start, name, due, now)),
             drift_check.map(|t| t.max(now)),
@@ -62,21 +73,20 @@ pub fn wake_time(
         // After a failure the engine retries only once the backoff has passed, even
         // if the schedule says the rotation is (over)due.
         Phase::Failed => rec
-            .state
             .not_before
             .or(rec.next_due_at)
             .map(|t| retry_start(&policy.start, t, now)),
-        _ => Some(rec.state.not_before.unwrap_or(now).max(now)),
+        _ => Some(rec.not_before.unwrap_or(now).max(now)),
     }
 }
 
 /// When a rotation left behind by the config ([`Engine::orphans`]) next needs the
 /// engine: only the steps of the rotation under way, never a new one.
-pub fn orphan_wake_time(rec: &Record, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-    match rec.state.phase {
-        _ if rec.state.rotation_id.is_none() => None,
+pub fn orphan_wake_time(rec: &Brief, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    match rec.phase {
+        _ if !rec.rotating => None,
         Phase::Held | Phase::Drifted => None,
-        _ => Some(rec.state.not_before.unwrap_or(now).max(now)),
+        _ => Some(rec.not_before.unwrap_or(now).max(now)),
     }
 }
 
@@ -104,7 +114,7 @@ enum Job {
 struct Done {
     name: String,
     job: Job,
-    result: Result<(Outcome, Record), EngineError>,
+    result: Result<(Outcome, crate::state::Record), EngineError>,
 }
 
 /// Re-evaluate at least this often even if nothing is due: a wall-clock jump (NTP
@@ -132,9 +142,10 @@ pub struct Scheduler {
     /// Subscriptions the engine found not due although [`wake_time`] said they were,
     /// held back until then so a disagreement cannot spin the loop.
     cooldown: HashMap<String, DateTime<Utc>>,
-    /// The subscriptions managed now: the configured ones plus those discovery found
-    /// (`id = "*"`), refreshed every [`DISCOVERY_INTERVAL`] and on SIGUSR1 or reload.
-    subs: Vec<Subscription>,
+    /// The subscriptions managed now (the configured ones plus those discovery found
+    /// with `id = "*"`, refreshed every [`DISCOVERY_INTERVAL`] and on SIGUSR1 or
+    /// reload), what their records say, and when each next wakes.
+    fleet: Fleet,
     /// When the providers were last listed for discovery.
     listed_at: Option<DateTime<Utc>>,
 }
@@ -165,12 +176,12 @@ impl Scheduler {
             metrics: None,
             counted_seq: 0,
             cooldown: HashMap::new(),
-            subs: Vec::new(),
+            fleet: Fleet::default(),
             listed_at: None,
         }
     }
 
-    /// Refreshes [`Scheduler::subs`]: the configured subscriptions at once; discovered
+    /// Refreshes the managed subscriptions: the configured ones at once; discovered
     /// ones by listing the providers, when due (or `now_please`).
     ///
     /// Rotations under way whose subscription left the config are added too
@@ -178,12 +189,12 @@ impl Scheduler {
     async fn refresh_subscriptions(&mut self, now_please: bool) {
         let config = self.engine.config();
         let now = self.engine.now();
-        if config.discoveries.is_empty() {
+        let mut subs = if config.discoveries.is_empty() {
             // The configured list changes only with the config (a reload asks).
             if !now_please && self.listed_at.is_some() {
                 return;
             }
-            self.subs = config.subscriptions.clone();
+            config.subscriptions.clone()
         } else {
             let due = self.listed_at.is_none_or(|t| {
                 now - t >= chrono::Duration::from_std(DISCOVERY_INTERVAL).unwrap_or_default()
@@ -191,15 +202,70 @@ impl Scheduler {
             if !(due || now_please) {
                 return;
             }
-            self.subs = self.engine.subscriptions().await;
-        }
+            self.engine.subscriptions().await
+        };
         self.listed_at = Some(now);
-        let orphans = self.engine.orphans(&self.subs);
+        let orphans = self.engine.orphans(&subs);
         for o in &orphans {
             tracing::warn!(subscription = %o.name, vault_path = %o.vault_path, "rotation under way for a subscription no longer in the config; finishing it");
         }
-        self.subs.extend(orphans);
-        self.engine.set_account_sizes(&self.subs);
+        subs.extend(orphans);
+        self.engine.set_account_sizes(&subs);
+        self.manage(subs);
+    }
+
+    /// Makes `subs` the managed subscriptions: reads the records of those new to the
+    /// fleet (creating what is missing in one commit), drops those that left, and
+    /// works out again when each wakes (the engine, so the policies, may be new).
+    fn manage(&mut self, subs: Vec<Subscription>) {
+        let (gone, unread) = self.fleet.replace(subs);
+        if let Some(m) = &self.metrics {
+            for name in &gone {
+                m.forget_subscription(name);
+            }
+        }
+        let engine = self.engine.clone();
+        if let Err(e) = engine.records(&unread, |rec| self.note(&rec.name, Brief::of(rec))) {
+            tracing::error!(error = %e, "cannot read state");
+        }
+        let names: Vec<String> = self.fleet.subs().iter().map(|s| s.name.clone()).collect();
+        for name in &names {
+            self.requeue(name);
+        }
+    }
+
+    /// Takes in what `name`'s record says now: counts, gauges, wake time.
+    fn note(&mut self, name: &str, brief: Brief) {
+        if !self.fleet.note(name, brief) {
+            return;
+        }
+        if let Some(m) = &self.metrics {
+            m.set_subscription(name, brief.next_due_at, brief.last_rotated_at);
+        }
+        self.requeue(name);
+    }
+
+    /// Puts `name` in the queue at its wake time (or out of it, while a task runs it
+    /// or when it has nothing to wait for).
+    fn requeue(&mut self, name: &str) {
+        let (Some(sub), false) = (self.fleet.get(name), self.running.contains_key(name)) else {
+            self.fleet.queue.remove(name);
+            return;
+        };
+        let at = self.wake_of(sub, self.engine.now());
+        let provider = sub.provider.clone();
+        self.fleet.queue.set(name, &provider, at);
+    }
+
+    /// When `sub` next needs the engine, from what its record said last.
+    fn wake_of(&self, sub: &Subscription, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let brief = self.fleet.brief(&sub.name)?;
+        if self.engine.is_orphan(&sub.name) {
+            return orphan_wake_time(brief, now);
+        }
+        let policy = self.engine.config().policy(&sub.policy)?;
+        let drift_check = self.engine.drift_check_at(sub);
+        wake_time(policy, &sub.name, brief, now, drift_check)
     }
 
     /// When discovery next lists the providers, if any entry uses it.
@@ -226,7 +292,7 @@ impl Scheduler {
         self.take_requests();
         let mut next = self.pass();
         notify(&[Notify::Ready]);
-        tracing::info!(subscriptions = self.subs.len(), "scheduler ready");
+        tracing::info!(subscriptions = self.fleet.len(), "scheduler ready");
         loop {
             self.report_status(next);
             self.count_history();
@@ -265,7 +331,6 @@ impl Scheduler {
         }
         self.drain(&mut control).await;
     }
-
     async fn drain(&mut self, control: &mut mpsc::Receiver<Control>) {
         self.stop.store(true, Ordering::SeqCst);
         notify(&[Notify::Stopping]);
@@ -301,26 +366,28 @@ impl Scheduler {
     }
 
     /// Applies `catch_up = "skip"` to rotations that fell due while the daemon was down.
+    /// Only records whose due time was missed are read and written.
     fn catch_up_missed(&mut self) {
         let engine = self.engine.clone();
-        for sub in &self.subs.clone() {
-            let Some(policy) = engine.config().policy(&sub.policy) else {
-                continue;
-            };
-            let mut rec = match engine.record(sub) {
+        let missed: Vec<(Subscription, DateTime<Utc>, DateTime<Utc>)> = (self.fleet.subs().iter())
+            .filter_map(|sub| {
+                let policy = engine.config().policy(&sub.policy)?;
+                let brief = self.fleet.brief(&sub.name)?;
+                if brief.phase != Phase::Idle {
+                    return None;
+                }
+                let due = brief.next_due_at?;
+                let new_due = catch_up(&policy.schedule, &policy.start, due, self.started_at)?;
+                Some((sub.clone(), due, new_due))
+            })
+            .collect();
+        for (sub, due, new_due) in missed {
+            let mut rec = match engine.record(&sub) {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(subscription = %sub.name, error = %e, "cannot read state");
                     continue;
                 }
-            };
-            if rec.state.phase != Phase::Idle {
-                continue;
-            }
-            let Some(due) = rec.next_due_at else { continue };
-            let Some(new_due) = catch_up(&policy.schedule, &policy.start, due, self.started_at)
-            else {
-                continue;
             };
             let detail = format!(
                 "rotation due {} was missed while rekey was down; catch_up = \"skip\": next due {}",
@@ -332,7 +399,9 @@ impl Scheduler {
             let t = Transition::note(Phase::Idle, "catch-up-skipped", detail);
             if let Err(e) = engine.db().save(&rec, Some(&t), engine.now()) {
                 tracing::error!(subscription = %sub.name, error = %e, "cannot save state");
+                continue;
             }
+            self.note(&sub.name, Brief::of(&rec));
         }
     }
 
@@ -366,40 +435,7 @@ impl Scheduler {
     fn reload(&mut self, new: Arc<Engine>) {
         let old = std::mem::replace(&mut self.engine, new);
         self.engine.adopt_seen(&old);
-        let now = self.engine.now();
-        // A changed schedule applies to the next rotation at once, not after the one
-        // the old schedule had already planned.
-        for sub in &self.engine.config().subscriptions {
-            let (Some(p_new), Some(p_old)) = (
-                self.engine.config().policy(&sub.policy),
-                old.config()
-                    .subscription(&sub.name)
-                    .and_then(|s| old.config().policy(&s.policy)),
-            ) else {
-                continue;
-            };
-            if p_new.schedule.describe() == p_old.schedule.describe()
-                && p_new.rotate_on_adopt == p_old.rotate_on_adopt
-            {
-                continue;
-            }
-            match self.engine.db().load(&sub.name) {
-                Ok(Some(mut rec)) if rec.state.phase == Phase::Idle => {
-                    rec.next_due_at = p_new.schedule.next_due(
-                        rec.state.last_rotated_at,
-                        rec.first_seen_at,
-                        p_new.rotate_on_adopt,
-                    );
-                    if let Err(e) = self.engine.db().save(&rec, None, now) {
-                        tracing::error!(subscription = %sub.name, error = %e, "cannot save state");
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::error!(subscription = %sub.name, error = %e, "cannot read state")
-                }
-            }
-        }
+        self.reschedule_changed_policies(old.config());
         tracing::info!(
             subscriptions = self.config().subscriptions.len(),
             discoveries = self.config().discoveries.len(),
@@ -408,66 +444,132 @@ impl Scheduler {
         notify(&[Notify::Ready]);
     }
 
+    /// A changed schedule applies to the next rotation at once, not after the one the
+    /// old schedule had already planned: the idle subscriptions whose policy's schedule
+    /// (or `rotate_on_adopt`) changed get a new due time, all in one commit.
+    fn reschedule_changed_policies(&mut self, old: &Config) {
+        let old_policy: HashMap<&str, &Policy> = (old.subscriptions.iter())
+            .filter_map(|s| Some((s.name.as_str(), old.policy(&s.policy)?)))
+            .collect();
+        let engine = self.engine.clone();
+        let config = engine.config();
+        let changed: Vec<(&Subscription, &Policy)> = (config.subscriptions.iter())
+            .filter_map(|sub| {
+                let (p_new, p_old) = (config.policy(&sub.policy)?, old_policy.get(&*sub.name)?);
+                let same = p_new.schedule.describe() == p_old.schedule.describe()
+                    && p_new.rotate_on_adopt == p_old.rotate_on_adopt;
+                let idle = self
+                    .fleet
+                    .brief(&sub.name)
+                    .is_none_or(|b| b.phase == Phase::Idle);
+                (!same && idle).then_some((sub, p_new))
+            })
+            .collect();
+        if changed.is_empty() {
+            return;
+        }
+        let db = engine.db();
+        let mut dues = Vec::with_capacity(changed.len());
+        let mut briefs = Vec::with_capacity(changed.len());
+        for (sub, p_new) in changed {
+            match db.load(&sub.name) {
+                Ok(Some(mut rec)) if rec.state.phase == Phase::Idle => {
+                    rec.next_due_at = p_new.schedule.next_due(
+                        rec.state.last_rotated_at,
+                        rec.first_seen_at,
+                        p_new.rotate_on_adopt,
+                    );
+                    dues.push((rec.name.clone(), rec.next_due_at));
+                    briefs.push((rec.name.clone(), Brief::of(&rec)));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(subscription = %sub.name, error = %e, "cannot read state")
+                }
+            }
+        }
+        if let Err(e) = db.set_next_due(&dues) {
+            tracing::error!(error = %e, "cannot save the new due times");
+            return;
+        }
+        for (name, brief) in briefs {
+            self.note(&name, brief);
+        }
+    }
+
     /// Starts whatever is due (within the caps) and returns the earliest later time
     /// something will be.
     fn pass(&mut self) -> Option<DateTime<Utc>> {
-        let engine = self.engine.clone();
         let now = self.engine.now();
-        let mut next: Option<DateTime<Utc>> = self.next_listing();
-        for sub in &self.subs.clone() {
-            if self.running.contains_key(&sub.name) {
+        self.start_requested();
+        self.start_due(now);
+        [self.fleet.queue.next_after(now), self.next_listing()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Starts the requests and operator decisions waiting, as the caps allow; drops
+    /// those for subscriptions not managed.
+    fn start_requested(&mut self) {
+        let waiting: Vec<(String, Job)> =
+            self.pending.iter().map(|(n, j)| (n.clone(), *j)).collect();
+        for (name, job) in waiting {
+            let Some(sub) = self.fleet.get(&name).cloned() else {
+                tracing::warn!(subscription = %name, "request for a subscription neither configured nor discovered; dropped");
+                self.pending.remove(&name);
+                continue;
+            };
+            // When the caps are full it stays pending; a finished task wakes the loop
+            // and the next pass tries again.
+            if !self.running.contains_key(&name) && self.try_spawn(&sub, job) {
+                self.fleet.queue.remove(&name);
+            }
+        }
+    }
+
+    /// Starts the subscriptions due by `now` while there is room, from the accounts
+    /// with the fewest running first. Each one's wake time is checked again as it is
+    /// taken (the queue may hold a time computed before a window closed, say): one no
+    /// longer due goes back in at its new time.
+    fn start_due(&mut self, now: DateTime<Utc>) {
+        while !self.stop.load(Ordering::SeqCst)
+            && self.running.len() < self.config().daemon.max_concurrent
+        {
+            let Some((_, name)) = self.fleet.queue.next_due(now, |a| self.room(a)) else {
+                break;
+            };
+            let name = name.to_string();
+            let Some(sub) = self.fleet.get(&name).cloned() else {
+                self.fleet.queue.remove(&name);
+                continue;
+            };
+            let at = match self.wake_of(&sub, now) {
+                Some(t) if t <= now => Some(self.cooling(&name, now).unwrap_or(t)),
+                other => other,
+            };
+            if at.is_none_or(|t| t > now) {
+                self.fleet.queue.set(&name, &sub.provider, at);
                 continue;
             }
-            let job = match self.pending.get(&sub.name) {
-                Some(job) => Some(*job),
-                None => {
-                    let policy = engine.config().policy(&sub.policy);
-                    let wake = |rec: &Record| match policy {
-                        _ if engine.is_orphan(&sub.name) => orphan_wake_time(rec, now),
-                        Some(policy) => {
-                            wake_time(policy, &sub.name, rec, now, engine.drift_check_at(sub))
-                        }
-                        None => None,
-                    };
-                    match engine.record(sub) {
-                        Ok(rec) => match wake(&rec) {
-                            Some(t) if t <= now => match self.cooling(&sub.name, now) {
-                                Some(until) => {
-                                    next = Some(next.map_or(until, |n| n.min(until)));
-                                    None
-                                }
-                                None => Some(Job::Due),
-                            },
-                            Some(t) => {
-                                next = Some(next.map_or(t, |n| n.min(t)));
-                                None
-                            }
-                            None => None,
-                        },
-                        Err(e) => {
-                            tracing::error!(subscription = %sub.name, error = %e, "cannot read state");
-                            None
-                        }
-                    }
-                }
-            };
-            if let Some(job) = job {
-                // When the caps are full this stays due (or pending); a finished task
-                // wakes the loop and the next pass tries again.
-                self.try_spawn(sub, job);
+            let job = self.pending.get(&name).copied().unwrap_or(Job::Due);
+            if self.try_spawn(&sub, job) {
+                self.fleet.queue.remove(&name);
+            } else {
+                break;
             }
         }
-        let unknown: Vec<String> = self
-            .pending
-            .keys()
-            .filter(|n| !self.subs.iter().any(|s| &s.name == *n))
-            .cloned()
-            .collect();
-        for n in unknown {
-            tracing::warn!(subscription = %n, "request for a subscription neither configured nor discovered; dropped");
-            self.pending.remove(&n);
-        }
-        next
+    }
+
+    /// How many tasks run for provider account `account`; `None` when it is at its
+    /// own cap (`max_concurrent` on the provider).
+    fn room(&self, account: &str) -> Option<usize> {
+        let running = self.running.values().filter(|p| *p == account).count();
+        let cap = self
+            .config()
+            .provider(account)
+            .and_then(|p| p.max_concurrent);
+        cap.is_none_or(|c| running < c).then_some(running)
     }
 
     /// Until when `name` is cooling down, if it is.
@@ -536,50 +638,72 @@ impl Scheduler {
                 let name = self.task_names.remove(&e.id()).unwrap_or_default();
                 tracing::error!(subscription = %name, error = %e, "a rotation task failed; the subscription resumes from its saved state");
                 self.running.remove(&name);
+                self.reread(&name);
                 return;
             }
         };
         self.running.remove(&done.name);
         let name = &done.name;
         match done.result {
-            Ok((outcome, rec)) => match outcome {
-                Outcome::NotDue => {
-                    if matches!(done.job, Job::Start(_)) && rec.state.phase.in_flight() {
-                        tracing::info!(subscription = %name, state = %rec.state.phase, "already rotating; request merged");
-                    }
-                    if done.job == Job::Due && !self.stop.load(Ordering::SeqCst) {
-                        tracing::warn!(
-                            subscription = %name,
-                            state = %rec.state.phase,
-                            "woke for a step the engine did not find due; retrying in {}",
-                            humantime::format_duration(COOLDOWN)
-                        );
-                        self.cooldown
-                            .insert(name.clone(), after(self.engine.now(), COOLDOWN));
-                    }
-                }
-                Outcome::Checked => {
-                    tracing::debug!(subscription = %name, "checked for drift; none")
-                }
-                Outcome::Held => tracing::warn!(
-                    subscription = %name,
-                    "held: no evidence before the deadline; see `rekey status` and `rekey history`, then `rekey resume` or `rekey retire`"
-                ),
-                Outcome::Drifted => tracing::warn!(
-                    subscription = %name,
-                    "drifted: rotated outside rekey; `rekey status` says how to recover"
-                ),
-                Outcome::Rested(p) => {
-                    tracing::info!(subscription = %name, state = %p, "rotation cycle complete")
-                }
-                Outcome::Waiting(p, t) => {
-                    tracing::debug!(subscription = %name, state = %p, until = %t.to_rfc3339(), "waiting")
-                }
-            },
-            Err(e) => tracing::error!(subscription = %name, error = %e, "cannot advance"),
+            Ok((outcome, rec)) => {
+                self.log_outcome(name, done.job, &outcome, &rec);
+                self.note(name, Brief::of(&rec));
+            }
+            Err(e) => {
+                tracing::error!(subscription = %name, error = %e, "cannot advance");
+                self.reread(name);
+            }
         }
     }
 
+    /// Takes in `name`'s record from the database, after a step that returned none.
+    fn reread(&mut self, name: &str) {
+        match self.engine.db().load(name) {
+            Ok(Some(rec)) => self.note(name, Brief::of(&rec)),
+            Ok(None) => self.requeue(name),
+            Err(e) => {
+                tracing::error!(subscription = %name, error = %e, "cannot read state");
+                self.requeue(name);
+            }
+        }
+    }
+
+    fn log_outcome(&mut self, name: &str, job: Job, outcome: &Outcome, rec: &crate::state::Record) {
+        match outcome {
+            Outcome::NotDue => {
+                if matches!(job, Job::Start(_)) && rec.state.phase.in_flight() {
+                    tracing::info!(subscription = %name, state = %rec.state.phase, "already rotating; request merged");
+                }
+                if job == Job::Due && !self.stop.load(Ordering::SeqCst) {
+                    tracing::warn!(
+                        subscription = %name,
+                        state = %rec.state.phase,
+                        "woke for a step the engine did not find due; retrying in {}",
+                        humantime::format_duration(COOLDOWN)
+                    );
+                    self.cooldown
+                        .insert(name.to_string(), after(self.engine.now(), COOLDOWN));
+                }
+            }
+            Outcome::Checked => {
+                tracing::debug!(subscription = %name, "checked for drift; none")
+            }
+            Outcome::Held => tracing::warn!(
+                subscription = %name,
+                "held: no evidence before the deadline; see `rekey status` and `rekey history`, then `rekey resume` or `rekey retire`"
+            ),
+            Outcome::Drifted => tracing::warn!(
+                subscription = %name,
+                "drifted: rotated outside rekey; `rekey status` says how to recover"
+            ),
+            Outcome::Rested(p) => {
+                tracing::info!(subscription = %name, state = %p, "rotation cycle complete")
+            }
+            Outcome::Waiting(p, t) => {
+                tracing::debug!(subscription = %name, state = %p, until = %t.to_rfc3339(), "waiting")
+            }
+        }
+    }
     /// Feeds the transitions recorded since the last call to the metrics.
     fn count_history(&mut self) {
         let Some(m) = &self.metrics else { return };
@@ -609,28 +733,15 @@ impl Scheduler {
     }
 
     /// Sends a STATUS= line to systemd when the summary changed; updates the gauges.
+    /// Both come from counts kept as records change, never from reading them all.
     fn report_status(&mut self, next: Option<DateTime<Utc>>) {
-        let records = match self.engine.db().load_all() {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the state for the status line");
-                return;
-            }
-        };
-        // What is managed now counts, discovered subscriptions included.
         if let Some(m) = &self.metrics {
-            m.set_records(&self.subs, &records);
+            m.set_state_counts(Phase::ALL.map(|p| (p, self.fleet.count(p))));
             m.set_clock_offsets(&self.engine.clock_offsets());
         }
-        let managed: std::collections::HashSet<&str> =
-            self.subs.iter().map(|s| s.name.as_str()).collect();
-        let mine: Vec<&Record> = records
-            .iter()
-            .filter(|r| managed.contains(r.name.as_str()))
-            .collect();
-        let count = |p: Phase| mine.iter().filter(|r| r.state.phase == p).count();
+        let count = |p: Phase| self.fleet.count(p);
         let confirming = count(Phase::Confirming) + count(Phase::Published);
-        let n = self.subs.len();
+        let n = self.fleet.len();
         let mut status = format!(
             "{n} subscription{}, {} active, {} confirming, {} held, {} failed",
             if n == 1 { "" } else { "s" },
@@ -672,11 +783,14 @@ mod tests {
         now: HashMap<String, usize>,
         max: HashMap<String, usize>,
         calls: usize,
+        /// The provider of each rotate call, in the order they started.
+        order: Vec<String>,
     }
 
     impl Gauge {
         fn enter(&mut self, keys: &[String]) {
             self.calls += 1;
+            self.order.push(keys[1].clone());
             for k in keys {
                 let n = self.now.entry(k.clone()).or_default();
                 *n += 1;
@@ -752,11 +866,16 @@ mod tests {
     }
 
     fn fleet_with(dir: &std::path::Path, policy: &str) -> Config {
+        fleet_capped(dir, policy, "max_concurrent = 1\n")
+    }
+
+    /// [`fleet_with`], with `a_cap` as account `a`'s own settings.
+    fn fleet_capped(dir: &std::path::Path, policy: &str, a_cap: &str) -> Config {
         std::fs::write(dir.join("token"), "t").unwrap();
-        let mut toml = String::from(
+        let mut toml = format!(
             "version = 1\nstate_dir = \"state\"\n[file_store]\ndir = \"published\"\n\
              [daemon]\nmax_concurrent = 2\n\
-             [[providers]]\nname = \"a\"\nkind = \"fintoro\"\nbase_url = \"http://127.0.0.1:9\"\ntoken_file = \"token\"\nmax_concurrent = 1\n\
+             [[providers]]\nname = \"a\"\nkind = \"fintoro\"\nbase_url = \"http://127.0.0.1:9\"\ntoken_file = \"token\"\n{a_cap}\
              [[providers]]\nname = \"b\"\nkind = \"fintoro\"\nbase_url = \"http://127.0.0.1:9\"\ntoken_file = \"token\"\n\
              [[policies]]\nname = \"p\"\n",
         );
@@ -847,6 +966,36 @@ mod tests {
         let rec = db.load("a/2").unwrap().unwrap();
         assert_eq!(rec.state.phase, Phase::Idle);
         assert!(rec.next_due_at.unwrap() > chrono::Utc::now() + chrono::Duration::days(29));
+    }
+
+    /// An account listed first must not take every slot: when its calls wait on its
+    /// rate limit, the other accounts' slots would sit idle.
+    #[tokio::test]
+    async fn free_slots_go_to_the_account_with_the_fewest_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Arc::new(fleet_capped(
+            dir.path(),
+            "every = \"30d\"\nrotate_on_adopt = true\n",
+            "",
+        ));
+        let (engine, db, gauge) = parts(dir.path(), config.clone());
+        let (tx, rx) = mpsc::channel(4);
+        let sched = tokio::spawn(Scheduler::new(engine, &[]).run(rx));
+        for s in &config.subscriptions {
+            until_rotations(&db, &s.name, 1).await;
+        }
+        tx.send(Control::Stop).await.unwrap();
+        sched.await.unwrap();
+        let g = gauge.lock().unwrap();
+        let mut first_two = g.order[..2].to_vec();
+        first_two.sort();
+        assert_eq!(
+            first_two,
+            ["a", "b"],
+            "rotate calls in order: {:?}",
+            g.order
+        );
+        assert_eq!(g.calls, 5);
     }
 
     #[tokio::test]
@@ -957,7 +1106,7 @@ mod tests {
             rules(Some("02:00-05:00"), 600),
         );
         let now = utc("2026-11-23T01:30:00Z"); // 02:30 CET, window open
-        let mut rec = Record {
+        let mut rec = crate::state::Record {
             name: "a/1".into(),
             state: crate::rotation::RotationState::new(),
             first_seen_at: utc("2026-11-01T00:00:00Z"),
@@ -968,24 +1117,24 @@ mod tests {
         rec.state.phase = Phase::Failed;
         rec.state.not_before = Some(utc("2026-11-23T01:35:00Z"));
         assert_eq!(
-            wake_time(&p, "a/1", &rec, now, None),
+            wake_time(&p, "a/1", &Brief::of(&rec), now, None),
             Some(utc("2026-11-23T01:35:00Z")),
             "no jitter on a retry, and not the long-past due time"
         );
         // A retry that falls outside the window waits for it.
         rec.state.not_before = Some(utc("2026-11-23T05:00:00Z"));
         assert_eq!(
-            wake_time(&p, "a/1", &rec, now, None),
+            wake_time(&p, "a/1", &Brief::of(&rec), now, None),
             Some(utc("2026-11-24T01:00:00Z"))
         );
         // In flight: its own time, window or not.
         rec.state.phase = Phase::Confirming;
         rec.state.not_before = Some(utc("2026-11-23T12:00:00Z"));
         assert_eq!(
-            wake_time(&p, "a/1", &rec, now, None),
+            wake_time(&p, "a/1", &Brief::of(&rec), now, None),
             Some(utc("2026-11-23T12:00:00Z"))
         );
         rec.state.phase = Phase::Held;
-        assert_eq!(wake_time(&p, "a/1", &rec, now, None), None);
+        assert_eq!(wake_time(&p, "a/1", &Brief::of(&rec), now, None), None);
     }
 }

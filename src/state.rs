@@ -560,6 +560,101 @@ impl StateDb {
         rows.into_iter().map(RawRow::into_record).collect()
     }
 
+    /// Hands `each` the record of every name in `names`, creating an idle one first
+    /// seen `now` for each that has none: all the new ones in one transaction, so
+    /// adopting a fleet costs one commit, not one per subscription. The records are
+    /// read one at a time (a fleet's are never all in memory at once); `each` runs
+    /// while the database is held, so it must not use it.
+    pub fn load_or_create_many(
+        &self,
+        names: &[&str],
+        now: DateTime<Utc>,
+        mut each: impl FnMut(Record),
+    ) -> Result<(), StateError> {
+        let existing: std::collections::HashSet<String> = self.names()?.into_iter().collect();
+        let missing: Vec<&str> = (names.iter().copied())
+            .filter(|n| !existing.contains(*n))
+            .collect();
+        if !missing.is_empty() {
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO subscriptions (name, phase, first_seen_at, phase_since)
+                     VALUES (?1, 'idle', ?2, ?2)",
+                )?;
+                let at = ts1(now);
+                for n in &missing {
+                    insert.execute(params![n, at])?;
+                }
+            }
+            tx.commit()?;
+        }
+        // A few are read one by one; many, in one pass over the table.
+        if names.len() <= 64 {
+            for n in names {
+                let rec = self.load(n)?.ok_or_else(|| StateError::Corrupt {
+                    subscription: n.to_string(),
+                    detail: "row vanished right after insert".into(),
+                })?;
+                each(rec);
+            }
+            return Ok(());
+        }
+        let wanted: std::collections::HashSet<&str> = names.iter().copied().collect();
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {RECORD_COLUMNS} FROM subscriptions ORDER BY name"
+        ))?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let raw = RawRow::from_row(row)?;
+            if wanted.contains(raw.name.as_str()) {
+                each(raw.into_record()?);
+            }
+        }
+        Ok(())
+    }
+
+    /// The name of every record.
+    pub fn names(&self) -> Result<Vec<String>, StateError> {
+        self.names_where("1")
+    }
+
+    /// The names of the records with a rotation started (a rotation id set).
+    pub fn rotating_names(&self) -> Result<Vec<String>, StateError> {
+        self.names_where("rotation_id IS NOT NULL")
+    }
+
+    fn names_where(&self, condition: &str) -> Result<Vec<String>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT name FROM subscriptions WHERE {condition} ORDER BY name"
+        ))?;
+        let names = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
+        Ok(names)
+    }
+
+    /// Sets the next due time of each named record, in one transaction.
+    pub fn set_next_due(&self, dues: &[(String, Option<DateTime<Utc>>)]) -> Result<(), StateError> {
+        if dues.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut update =
+                tx.prepare_cached("UPDATE subscriptions SET next_due_at = ?2 WHERE name = ?1")?;
+            for (name, due) in dues {
+                update.execute(params![name, ts(due)])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Persists `record` and appends `transition` to the history, atomically and
     /// durably. When this returns `Ok`, the state survives a crash or power loss.
     pub fn save(
