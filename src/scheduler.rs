@@ -142,6 +142,10 @@ pub struct Scheduler {
     /// Subscriptions the engine found not due although [`wake_time`] said they were,
     /// held back until then so a disagreement cannot spin the loop.
     cooldown: HashMap<String, DateTime<Utc>>,
+    /// Consecutive failed steps (engine errors, panics) per subscription, for the
+    /// growing cooldown after each: a fault that persists (a full disk, a bug) must not
+    /// spin the loop, and one that clears is retried soon.
+    failures: HashMap<String, u32>,
     /// The subscriptions managed now (the configured ones plus those discovery found
     /// with `id = "*"`, refreshed every [`DISCOVERY_INTERVAL`] and on SIGUSR1 or
     /// reload), what their records say, and when each next wakes.
@@ -153,8 +157,19 @@ pub struct Scheduler {
 /// How often the daemon lists providers for `id = "*"` entries.
 const DISCOVERY_INTERVAL: Duration = Duration::from_secs(300);
 
-/// How long a subscription the engine refused as not due waits before the next try.
+/// How long a subscription the engine refused as not due waits before the next try;
+/// also the first wait after a failed step, doubling with each failure in a row.
 const COOLDOWN: Duration = Duration::from_secs(60);
+
+/// The longest wait between retries of a step that keeps failing.
+const MAX_FAILURE_COOLDOWN: Duration = Duration::from_secs(15 * 60);
+
+/// The wait after the `n`th failed step in a row (n ≥ 1).
+fn failure_cooldown(n: u32) -> Duration {
+    COOLDOWN
+        .saturating_mul(1 << n.saturating_sub(1).min(16))
+        .min(MAX_FAILURE_COOLDOWN)
+}
 
 impl Scheduler {
     /// `force`: subscriptions to rotate now (`rekey run --force` without `--once`).
@@ -176,6 +191,7 @@ impl Scheduler {
             metrics: None,
             counted_seq: 0,
             cooldown: HashMap::new(),
+            failures: HashMap::new(),
             fleet: Fleet::default(),
             listed_at: None,
         }
@@ -636,7 +652,8 @@ impl Scheduler {
                 // A panicked step: the saved state is intact, so the subscription is
                 // simply free to be advanced again from it.
                 let name = self.task_names.remove(&e.id()).unwrap_or_default();
-                tracing::error!(subscription = %name, error = %e, "a rotation task failed; the subscription resumes from its saved state");
+                let wait = self.failed(&name);
+                tracing::error!(subscription = %name, error = %e, "a rotation task failed; the subscription resumes from its saved state in {}", humantime::format_duration(wait));
                 self.running.remove(&name);
                 self.reread(&name);
                 return;
@@ -646,14 +663,27 @@ impl Scheduler {
         let name = &done.name;
         match done.result {
             Ok((outcome, rec)) => {
+                self.failures.remove(name);
                 self.log_outcome(name, done.job, &outcome, &rec);
                 self.note(name, Brief::of(&rec));
             }
             Err(e) => {
-                tracing::error!(subscription = %name, error = %e, "cannot advance");
+                let wait = self.failed(name);
+                tracing::error!(subscription = %name, error = %e, "cannot advance; retrying in {}", humantime::format_duration(wait));
                 self.reread(name);
             }
         }
+    }
+
+    /// Counts a failed step of `name` and holds it back for the growing cooldown;
+    /// returns how long.
+    fn failed(&mut self, name: &str) -> Duration {
+        let n = self.failures.entry(name.to_string()).or_default();
+        *n = n.saturating_add(1);
+        let wait = failure_cooldown(*n);
+        self.cooldown
+            .insert(name.to_string(), after(self.engine.now(), wait));
+        wait
     }
 
     /// Takes in `name`'s record from the database, after a step that returned none.
@@ -785,6 +815,9 @@ mod tests {
         calls: usize,
         /// The provider of each rotate call, in the order they started.
         order: Vec<String>,
+        /// Preflight calls, and how many more of them panic (a bug in a step).
+        preflights: usize,
+        panic_preflights: usize,
     }
 
     impl Gauge {
@@ -819,6 +852,13 @@ mod tests {
             crate::config::ProviderKind::Fintoro
         }
         async fn preflight(&self, _id: &str) -> Result<(), crate::provider::ProviderError> {
+            let mut g = self.gauge.lock().unwrap();
+            g.preflights += 1;
+            if g.panic_preflights > 0 {
+                g.panic_preflights -= 1;
+                drop(g);
+                panic!("a step that fails every time");
+            }
             Ok(())
         }
         async fn rotate(
@@ -966,6 +1006,52 @@ mod tests {
         let rec = db.load("a/2").unwrap().unwrap();
         assert_eq!(rec.state.phase, Phase::Idle);
         assert!(rec.next_due_at.unwrap() > chrono::Utc::now() + chrono::Duration::days(29));
+    }
+
+    /// A step that fails every time (here a panic; an engine error takes the same
+    /// path) is retried after a cooldown that grows, never in a loop.
+    #[tokio::test(start_paused = true)]
+    async fn a_step_that_keeps_failing_is_retried_with_a_growing_cooldown_not_in_a_loop() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Arc::new(fleet(dir.path()));
+        let (engine, db, gauge) = parts(dir.path(), config.clone());
+        let clock = Arc::new(crate::clock::VirtualClock::starting_at(utc(
+            "2026-11-23T00:00:00Z",
+        )));
+        let engine = Arc::new(Arc::into_inner(engine).unwrap().with_clock(clock));
+        // Enough that a loop without a cooldown uses them up at once (and the test
+        // still ends); far more than a cooldown allows in the time below.
+        gauge.lock().unwrap().panic_preflights = 200;
+        let (tx, rx) = mpsc::channel(4);
+        let sched = tokio::spawn(Scheduler::new(engine, &[]).run(rx));
+        // 1, 2, 4, 8 minutes apart, then 15 at most: attempts at 0, 1, 3, 7, 15,
+        // 30, 45 and 60 minutes.
+        tokio::time::sleep(Duration::from_secs(60 * 60 + 30)).await;
+        let tries = gauge.lock().unwrap().preflights;
+        let n = config.subscriptions.len();
+        assert_eq!(
+            tries,
+            8 * n,
+            "attempts in the first hour, 8 for each of {n}"
+        );
+        tx.send(Control::Stop).await.unwrap();
+        sched.await.unwrap();
+        assert_eq!(
+            gauge.lock().unwrap().calls,
+            0,
+            "no rotate call after a failed preflight"
+        );
+        for s in &config.subscriptions {
+            let rec = db.load(&s.name).unwrap().unwrap();
+            assert_eq!(
+                rec.state.phase,
+                Phase::Idle,
+                "{} waits to start again",
+                s.name
+            );
+        }
+        assert_eq!(failure_cooldown(1), COOLDOWN);
+        assert_eq!(failure_cooldown(40), MAX_FAILURE_COOLDOWN);
     }
 
     /// An account listed first must not take every slot: when its calls wait on its
