@@ -513,12 +513,13 @@ fn status_cmd(path: &Path, json: bool) -> u8 {
             return exit::SOFTWARE;
         }
     };
-    if json {
-        if let Err(code) = print_json(&rows) {
-            return code;
-        }
+    let printed = if json {
+        print_json(&rows)
     } else {
-        print!("{}", status::table(&rows, now));
+        print_out(&status::table(&rows, now))
+    };
+    if let Err(code) = printed {
+        return code;
     }
     if rows
         .iter()
@@ -532,12 +533,27 @@ fn status_cmd(path: &Path, json: bool) -> u8 {
 
 /// Prints `value` as pretty JSON on stdout.
 fn print_json<T: serde::Serialize>(value: &T) -> Result<(), u8> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| {
+    let mut text = serde_json::to_string_pretty(value).map_err(|e| {
         eprintln!("rekey: {e}");
         exit::SOFTWARE
     })?;
-    println!("{text}");
-    Ok(())
+    text.push('\n');
+    print_out(&text)
+}
+
+/// Writes `text` to stdout. A reader that went away (`rekey status | head`) has what
+/// it wanted: that is not an error, and never a panic as `print!` would make it.
+fn print_out(text: &str) -> Result<(), u8> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => {
+            eprintln!("rekey: cannot write to stdout: {e}");
+            Err(exit::SOFTWARE)
+        }
+    }
 }
 
 /// Where `history --since` starts: a time, or a duration back from now.
@@ -586,7 +602,7 @@ fn history_cmd(path: &Path, filter: &HistoryFilter<'_>, limit: Option<usize>, js
         Ok(Some(db)) => db,
         Ok(None) => {
             if json {
-                println!("[]");
+                return print_out("[]\n").err().unwrap_or(exit::OK);
             } else {
                 no_state_yet(&config);
             }

@@ -121,3 +121,38 @@ async fn the_daemon_prunes_old_history_at_start_but_not_a_held_rotation_s() {
         "{left:?}"
     );
 }
+
+/// `rekey status --json | head -1`: a reader that stops reading is not an error, and
+/// never a panic. The pipe's read end is closed before rekey starts, so every write
+/// meets a broken pipe.
+#[tokio::test]
+async fn status_and_history_into_a_closed_pipe_end_quietly() {
+    let r = rekey();
+    seed(&r, 3);
+    for args in [
+        &["status"][..],
+        &["status", "--json"][..],
+        &["history"][..],
+        &["history", "--json"][..],
+    ] {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let mut cmd = r.command(args);
+        cmd.stdout(writer);
+        // `output()` would capture stdout whatever was set; `spawn` keeps the pipe.
+        let out = cmd
+            .spawn()
+            .expect("spawn rekey")
+            .wait_with_output()
+            .await
+            .expect("wait for rekey");
+        assert!(out.stdout.is_empty(), "stdout went to the closed pipe");
+        let err = stderr(&out);
+        assert!(!err.contains("panicked"), "rekey {args:?} panicked: {err}");
+        let code = out.status.code();
+        assert!(
+            code == Some(0) || (args[0] == "status" && code == Some(1)),
+            "rekey {args:?}: exit {code:?}, stderr: {err}"
+        );
+    }
+}
