@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::Figment;
-use figment::providers::{Env, Format, Toml};
+use figment::providers::Env;
 use serde::Deserialize;
 
 use crate::policy_timing::{CatchUp, Schedule, StartRules, Window};
@@ -662,7 +662,7 @@ impl Config {
         };
         let text = std::fs::read_to_string(path)
             .map_err(|e| fail("", format!("cannot read config file: {e}")))?;
-        let mut fig = Figment::from(Toml::string(&text));
+        let mut fig = Figment::from(TomlText(&text));
         if overlay {
             fig = fig.merge(Env::prefixed(ENV_PREFIX).split("__"));
         }
@@ -672,6 +672,26 @@ impl Config {
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         validate(raw, path, base, env)
+    }
+}
+
+/// The config file's text as a figment source. Parsed by `toml`'s streaming parser
+/// straight into figment's values: figment's own TOML source builds a full
+/// `toml_edit` document first (about 2.3 KB per `[[subscriptions]]` table), whose
+/// peak the allocator keeps for the daemon's whole life.
+struct TomlText<'a>(&'a str);
+
+impl figment::Provider for TomlText<'_> {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named("TOML source string")
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        let dict: figment::value::Dict =
+            toml::from_str(self.0).map_err(|e| figment::Error::from(e.to_string()))?;
+        Ok(figment::Profile::Default.collect(dict))
     }
 }
 

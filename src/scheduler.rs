@@ -307,6 +307,8 @@ impl Scheduler {
         self.catch_up_missed();
         self.take_requests();
         let mut next = self.pass();
+        // Loading the config and the records was the burst of the daemon's life.
+        crate::memory::release_freed();
         notify(&[Notify::Ready]);
         tracing::info!(subscriptions = self.fleet.len(), "scheduler ready");
         loop {
@@ -457,6 +459,8 @@ impl Scheduler {
             discoveries = self.config().discoveries.len(),
             "config reloaded"
         );
+        // The old config and the new one's parse are freed by now.
+        crate::memory::release_freed();
         notify(&[Notify::Ready]);
     }
 
