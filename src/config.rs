@@ -1466,6 +1466,9 @@ struct Subscriptions {
     discovery_keys: Vec<String>,
     /// Each listed subscription's `vault_path`, to the subscription's name.
     paths: BTreeMap<String, String>,
+    /// The listed subscriptions' names: a fleet of ten thousand is not compared
+    /// pairwise.
+    names: HashSet<String>,
 }
 
 fn validate_subscriptions(
@@ -1479,6 +1482,7 @@ fn validate_subscriptions(
         discoveries: vec![],
         discovery_keys: vec![],
         paths: BTreeMap::new(),
+        names: HashSet::new(),
     };
     for (i, s) in raw.into_iter().enumerate() {
         let k = format!("subscriptions[{i}]");
@@ -1635,7 +1639,7 @@ impl Subscriptions {
         vault_path: String,
     ) {
         let name = format!("{provider}/{id}");
-        if self.listed.iter().any(|x| x.name == name) {
+        if self.names.contains(&name) {
             c.problem(
                 format!("{k}.id"),
                 format!("subscription `{name}` is listed twice"),
@@ -1651,6 +1655,7 @@ impl Subscriptions {
             );
             return;
         }
+        self.names.insert(name.clone());
         self.listed.push(Subscription {
             name,
             provider,
