@@ -32,6 +32,7 @@ use tokio::task::JoinSet;
 
 use crate::config::{Config, Policy, Subscription};
 use crate::engine::{Engine, EngineError, Outcome};
+use crate::failpoint;
 use crate::metrics::Metrics;
 use crate::notify::{self, Notify, notify};
 use crate::policy_timing::{after, catch_up, retry_start, start_time};
@@ -333,6 +334,7 @@ impl Scheduler {
                 }
                 msg = control.recv() => match msg {
                     Some(Control::Wake) => {
+                        failpoint::hit(failpoint::SCHEDULER_WOKEN);
                         tracing::info!("woken (SIGUSR1): taking requests and anything due");
                         self.refresh_subscriptions(true).await;
                         self.take_requests();

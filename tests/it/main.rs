@@ -17,6 +17,7 @@ mod monite;
 mod once;
 mod poll_writes;
 mod provider_faults;
+mod real_systemd;
 mod rvault_smoke;
 mod sandbox;
 mod sim;

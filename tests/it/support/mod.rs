@@ -1,4 +1,5 @@
 pub mod daemon;
+pub mod nspawn;
 pub mod rekey;
 pub mod rvault;
 pub mod util;
