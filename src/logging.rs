@@ -27,8 +27,6 @@ pub fn init(config: &Config) {
             .event_format(crate::journal::Prioritized(format.json()))
             .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
             .try_init(),
-        (LogFormat::Text, true) => builder
-            .event_format(crate::journal::Prioritized(format.without_time()))
-            .try_init(),
+        (LogFormat::Text, true) => builder.event_format(crate::journal::Line).try_init(),
     };
 }
