@@ -548,8 +548,12 @@ fn check_template(t: &str) -> Result<(), String> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
+    /// journald's native protocol under systemd, text elsewhere (the default).
+    Auto,
     Text,
     Json,
+    /// journald's native protocol, every event with its fields.
+    Journald,
 }
 
 #[derive(Debug, Clone)]
@@ -1644,19 +1648,21 @@ impl Subscriptions {
 fn validate_log(c: &mut Checker, log: Option<RawLog>) -> LogSettings {
     let Some(l) = log else {
         return LogSettings {
-            format: LogFormat::Text,
+            format: LogFormat::Auto,
             level: "info".into(),
         };
     };
     let format = match l.format.as_deref() {
-        None | Some("text") => LogFormat::Text,
+        None | Some("auto") => LogFormat::Auto,
+        Some("text") => LogFormat::Text,
         Some("json") => LogFormat::Json,
+        Some("journald") => LogFormat::Journald,
         Some(other) => {
             c.problem(
                 "log.format",
-                format!("`{other}` is not one of \"text\", \"json\""),
+                format!("`{other}` is not one of \"auto\", \"text\", \"json\", \"journald\""),
             );
-            LogFormat::Text
+            LogFormat::Auto
         }
     };
     let level = l.level.unwrap_or_else(|| "info".into());
