@@ -146,7 +146,10 @@ impl Fields {
             return;
         }
         self.rest.push_str(&format!(" {name}={shown}"));
-        self.journal.push((journal_name(name), value));
+        // rekey writes `-` for "none" (no rotation under way): no field to match on.
+        if value != "-" {
+            self.journal.push((journal_name(name), value));
+        }
     }
 
     fn text(&self) -> String {
@@ -405,6 +408,16 @@ mod tests {
         assert_eq!(f["MESSAGE"].len(), big.len() + " subscription=a/1".len());
         assert_eq!(f["SUBSCRIPTION"], "a/1");
         assert_eq!(f["PRIORITY"], "4");
+    }
+
+    #[test]
+    fn a_dash_for_none_is_no_field() {
+        let j = FakeJournal::new();
+        j.log(|| tracing::warn!(subscription = %"a/1", rotation = "-", "failed"));
+        let entry = j.entry();
+        let f = map(&entry);
+        assert!(!f.contains_key("ROTATION"), "{entry:?}");
+        assert_eq!(f["MESSAGE"], "failed subscription=a/1 rotation=\"-\"");
     }
 
     #[test]
