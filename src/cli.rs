@@ -99,7 +99,7 @@ pub enum Command {
         json: bool,
     },
     /// Validate the config and print the plan (each subscription's next start times),
-    /// touching nothing.
+    /// touching nothing. Reads the token files only with --preflight.
     CheckConfig {
         #[command(flatten)]
         config: ConfigArg,
