@@ -100,6 +100,9 @@ pub enum Control {
     Wake,
     /// SIGHUP, after the new config validated and its engine was built.
     Reload(Arc<Engine>),
+    /// SIGHUP with a config that did not validate: the running one stays, and the
+    /// STATUS= line says so until a reload succeeds.
+    ReloadRefused,
     /// SIGTERM/SIGINT: stop starting steps and drain. A second one stops waiting.
     Stop,
 }
@@ -136,7 +139,11 @@ pub struct Scheduler {
     /// Set on SIGTERM: tasks stop at the next saved step boundary.
     stop: Arc<AtomicBool>,
     watchdog: Option<Duration>,
+    /// The STATUS= text sent last. The scheduler is the only sender of STATUS=, so
+    /// this is what systemd shows.
     last_status: String,
+    /// A reload was refused since the config in use was loaded.
+    reload_refused: bool,
     metrics: Option<Arc<Metrics>>,
     /// The last history row the metrics counted.
     counted_seq: i64,
@@ -189,6 +196,7 @@ impl Scheduler {
             stop: Arc::new(AtomicBool::new(false)),
             watchdog: notify::watchdog_interval(),
             last_status: String::new(),
+            reload_refused: false,
             metrics: None,
             counted_seq: 0,
             cooldown: HashMap::new(),
@@ -340,9 +348,11 @@ impl Scheduler {
                         self.take_requests();
                     }
                     Some(Control::Reload(engine)) => {
+                        self.reload_refused = false;
                         self.reload(engine);
                         self.refresh_subscriptions(true).await;
                     }
+                    Some(Control::ReloadRefused) => self.reload_refused = true,
                     Some(Control::Stop) | None => break,
                 },
             }
@@ -778,14 +788,18 @@ impl Scheduler {
         let count = |p: Phase| self.fleet.count(p);
         let confirming = count(Phase::Confirming) + count(Phase::Published);
         let n = self.fleet.len();
-        let mut status = format!(
+        let mut status = String::new();
+        if self.reload_refused {
+            status.push_str("reload refused; running the previous config; ");
+        }
+        status.push_str(&format!(
             "{n} subscription{}, {} active, {} confirming, {} held, {} failed",
             if n == 1 { "" } else { "s" },
             self.running.len(),
             confirming,
             count(Phase::Held),
             count(Phase::Failed)
-        );
+        ));
         if let Some(t) = next {
             status.push_str(&format!(", next step {}", t.format("%Y-%m-%d %H:%M:%SZ")));
         }

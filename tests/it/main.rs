@@ -6,6 +6,7 @@
 mod config_errors;
 mod contrib;
 mod crash_matrix;
+mod credentials;
 mod daemon;
 mod evidence;
 mod faults;
