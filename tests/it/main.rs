@@ -15,6 +15,7 @@ mod history;
 mod mixed;
 mod monite;
 mod once;
+mod package;
 mod poll_writes;
 mod provider_faults;
 mod rvault_smoke;
