@@ -16,6 +16,7 @@ mod history;
 mod mixed;
 mod monite;
 mod once;
+mod package;
 mod poll_writes;
 mod provider_faults;
 mod real_systemd;
