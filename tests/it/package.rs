@@ -387,7 +387,11 @@ fn it_installs_upgrades_removes_and_purges_in_a_throwaway_root() {
         "{status}"
     );
 
-    // purge: nothing of rekey is left.
+    // purge: nothing of rekey is left, not even systemd's stamp of the timer's last
+    // run (Persistent=true).
+    let stamp = r.join("var/lib/systemd/timers/stamp-rekey-once.timer");
+    std::fs::create_dir_all(stamp.parent().unwrap()).unwrap();
+    std::fs::write(&stamp, "").unwrap();
     dpkg(r, &["--purge", "rekey"]);
     for gone in [
         "etc/rekey",
