@@ -252,6 +252,26 @@ impl Container {
         self.ok(&args).await
     }
 
+    /// `unit`'s journal entries with all their fields (`-o json`), after `since` if
+    /// given, narrowed by journalctl `matches` such as `SUBSCRIPTION=acme/801`.
+    pub async fn journal_entries(
+        &self,
+        since: Option<&str>,
+        unit: &str,
+        matches: &[&str],
+    ) -> Vec<serde_json::Value> {
+        let after = since.map(|c| format!("--after-cursor={c}"));
+        let mut args = vec!["journalctl", "-q", "--no-pager", "-o", "json", "-u", unit];
+        args.extend(after.as_deref());
+        args.extend_from_slice(matches);
+        let out = self.ok(&args).await;
+        out.lines()
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("journalctl -o json: {e}: {l}"))
+            })
+            .collect()
+    }
+
     /// Waits until `unit`'s journal after `since` has a line containing every one of
     /// `needles`; returns that line.
     pub async fn until_logged(&self, since: &str, unit: &str, needles: &[&str]) -> String {
