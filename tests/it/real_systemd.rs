@@ -345,19 +345,29 @@ async fn a_journal_mark_misses_no_entry(c: &Container) {
         "--wait",
         "-u",
         "probe",
-        "sh",
-        "-c",
-        "echo one | systemd-cat -t probe",
+        "-p",
+        "SyslogIdentifier=probe",
+        "echo",
+        "one",
     ])
     .await;
-    let entries = c
-        .journal_entries(Some(&mark), "probe.service", &["SYSLOG_IDENTIFIER=probe"])
-        .await;
-    let messages: Vec<&str> = entries
-        .iter()
-        .filter_map(|e| e["MESSAGE"].as_str())
-        .collect();
-    assert_eq!(messages, ["one"]);
+    // The line reaches the journal through the unit's stdout stream: maybe after the
+    // unit ended.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let entries = c
+            .journal_entries(Some(&mark), "probe.service", &["SYSLOG_IDENTIFIER=probe"])
+            .await;
+        let messages: Vec<&str> = entries
+            .iter()
+            .filter_map(|e| e["MESSAGE"].as_str())
+            .collect();
+        if !messages.is_empty() || tokio::time::Instant::now() > deadline {
+            assert_eq!(messages, ["one"]);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn start_returns_after_ready(s: &Stage<'_>) -> u32 {
