@@ -1,4 +1,4 @@
-//! The shipped units, byte for byte, under a real systemd (the host's; 252 on Debian 12)
+//! The shipped package and units under a real systemd (the host's; 252 on Debian 12)
 //! booted in a throwaway systemd-nspawn container over this host's root
 //! (`scripts/real-systemd`, through `support::nspawn`), against the Fintoro simulator and
 //! a real RustyVault.
@@ -6,14 +6,12 @@
 //! Where things run: the guest has only loopback, so the test joins the guest's network
 //! namespace and starts the simulator, the receiver and RustyVault there exactly as the
 //! other tests do: in this process (RustyVault as its child), reachable by the guest's
-//! services at 127.0.0.1 and in the test's hands. The guest gets the test build of rekey
-//! (it has the failpoints) at `/usr/bin/rekey` and the repository's units, bound
-//! read-only; the units are installed as shipped (no path needs changing) and the config
-//! and tokens written to `/etc/rekey` in the guest. Operator commands run in the guest
-//! as root, as `sudo rekey …` would.
-//!
-//! To run an installed package instead: boot with the package bound in, `dpkg -i` it
-//! instead of [`install_build`], then [`Stage::new`] and the same steps.
+//! services at 127.0.0.1 and in the test's hands. The main test installs the package
+//! `scripts/build-deb` makes of the test build (it has the failpoints; the package
+//! module builds it once per run) with `dpkg -i`, configures it as docs/daemon.md says,
+//! runs it, then removes and purges it. The watchdog test binds the test build at
+//! `/usr/bin/rekey` and the repository's units instead. Operator commands run in the
+//! guest as root, as `sudo rekey …` would.
 
 use std::process::Output;
 use std::time::Duration;
@@ -47,6 +45,83 @@ fn boot_with_build(what: &str) -> Option<Container> {
     )
 }
 
+/// Where the guest sees the package.
+const DEB: &str = "/run/rekey.deb";
+/// Where the package puts the daemon's unit.
+const SHIPPED_UNIT: &str = "/lib/systemd/system/rekey.service";
+
+/// Boots a guest with the package of this build bound in.
+fn boot_with_package(what: &str) -> Option<Container> {
+    let deb = &crate::package::package().deb;
+    Container::boot_or_skip(what, &[Bind::ro(deb, DEB)])
+}
+
+/// Installs the package as an operator does. It enables rekey.service but starts
+/// nothing while the config names no subscription, and creates no user
+/// (DynamicUser=yes). This host image's policy-rc.d (exit 101, as Docker images
+/// have) would keep the maintainer scripts from starting or stopping anything; a
+/// real machine has none. Rebuilding the guest's man page index after each dpkg run
+/// (man-db's trigger) would take 2 s each time.
+async fn install_package(c: &Container) {
+    c.ok(&[
+        "rm",
+        "-f",
+        "/usr/sbin/policy-rc.d",
+        "/var/lib/man-db/auto-update",
+    ])
+    .await;
+    let out = c.run(&["dpkg", "-i", DEB]).await;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "dpkg -i: {said}");
+    assert!(
+        said.contains("has no [[subscriptions]] yet, so rekey.service was not started"),
+        "{said}"
+    );
+    assert_eq!(c.show(DAEMON, "FragmentPath").await, SHIPPED_UNIT);
+    assert_eq!(c.show(DAEMON, "UnitFileState").await, "enabled");
+    assert_eq!(c.show(DAEMON, "ActiveState").await, "inactive");
+    assert_eq!(
+        c.run(&["getent", "passwd", "rekey"]).await.status.code(),
+        Some(2),
+        "the package created a static rekey user"
+    );
+}
+
+/// The shipped /etc/rekey/rekey.toml as an operator following docs/daemon.md edits
+/// it: the Vault address set, a provider, policy and subscription added. Its token
+/// files stay where the package points them, which must be credentials the shipped
+/// unit loads, or the daemon could not read them.
+async fn operator_config(s: &Stage<'_>, shipped: &str) -> String {
+    let (c, w) = (s.c, &s.w);
+    let credentials: Vec<String> = c
+        .ok(&["cat", SHIPPED_UNIT])
+        .await
+        .lines()
+        .filter_map(|l| l.strip_prefix("LoadCredential="))
+        .filter_map(|l| l.split(':').next())
+        .map(|name| format!("/run/credentials/{DAEMON}/{name}"))
+        .collect();
+    // [vault]'s, then the commented-out example provider's.
+    let token_files: Vec<&str> = shipped
+        .lines()
+        .filter_map(|l| {
+            l.trim_start_matches(['#', ' '])
+                .strip_prefix("token_file = \"")
+        })
+        .filter_map(|rest| rest.split('"').next())
+        .collect();
+    assert_eq!(token_files.len(), 2, "token_file lines:\n{shipped}");
+    for file in &token_files {
+        assert!(
+            credentials.iter().any(|c| c == file),
+            "the shipped config's token_file {file} is none of rekey.service's credentials {credentials:?}"
+        );
+    }
+    let edited = set(shipped, "address", &format!("\"{}\"", w.vault.addr()));
+    let edited = set(&edited, "kv_version", "1");
+    edited + &tables(w, &[w.id], token_files[1])
+}
+
 /// Installs the units as docs/daemon.md does (the binary is bound in already).
 async fn install_build(c: &Container) {
     for unit in [DAEMON, ONCE, TIMER] {
@@ -61,7 +136,7 @@ async fn install_build(c: &Container) {
 /// `unit`'s credentials directory (each unit has its own).
 fn config(w: &World, subs: &[u64], unit: &str) -> String {
     let creds = format!("/run/credentials/{unit}");
-    let mut text = format!(
+    let head = format!(
         r#"version = 1
 state_dir = "/var/lib/rekey"
 
@@ -71,12 +146,21 @@ token_file = "{creds}/vault-token"
 mount = "secret"
 kv_version = 1
 timeout = "5s"
+"#,
+        vault = w.vault.addr(),
+    );
+    head + &tables(w, subs, &format!("{creds}/fintoro-acme.token"))
+}
 
+/// The provider, policy and `subs` of a config, the provider's token read from `token`.
+fn tables(w: &World, subs: &[u64], token: &str) -> String {
+    let mut text = format!(
+        r#"
 [[providers]]
 name = "{PROVIDER}"
 kind = "fintoro"
 base_url = "{base}"
-token_file = "{creds}/fintoro-acme.token"
+token_file = "{token}"
 longest_delivery = "1ms"
 timeout = "2s"
 
@@ -89,7 +173,6 @@ on_timeout = "hold"
 retry_base = "1s"
 retry_max = "2s"
 "#,
-        vault = w.vault.addr(),
         base = w.sim.base_url(),
     );
     for id in subs {
@@ -98,6 +181,26 @@ retry_max = "2s"
         ));
     }
     text
+}
+
+/// `text` with the first line that sets `key` (at the start of the line) set to
+/// `value` instead.
+fn set(text: &str, key: &str, value: &str) -> String {
+    let prefix = format!("{key} = ");
+    let mut found = false;
+    let lines: Vec<String> = text
+        .lines()
+        .map(|l| {
+            if !found && l.starts_with(&prefix) {
+                found = true;
+                format!("{prefix}{value}")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    assert!(found, "no `{key}` line in:\n{text}");
+    lines.join("\n") + "\n"
 }
 
 /// The world a guest's rekey talks to, and its config: the world's first subscription
@@ -207,23 +310,64 @@ impl<'a> Stage<'a> {
 }
 
 #[test]
-fn rekey_service_and_the_once_timer_work_under_a_real_systemd() {
-    let Some(c) =
-        boot_with_build("real_systemd::rekey_service_and_the_once_timer_work_under_a_real_systemd")
-    else {
+fn the_package_installs_runs_and_purges_under_a_real_systemd() {
+    let Some(c) = boot_with_package(
+        "real_systemd::the_package_installs_runs_and_purges_under_a_real_systemd",
+    ) else {
         return;
     };
     c.in_network(|| async {
-        install_build(&c).await;
+        a_journal_mark_misses_no_entry(&c).await;
+        install_package(&c).await;
+        let shipped = c.ok(&["cat", CONFIG]).await;
         let s = Stage::new(&c).await;
+        s.config(&operator_config(&s, &shipped).await).await;
         let pid = start_returns_after_ready(&s).await;
         confined_as_shipped(&s, pid).await;
         reloads_keep_the_daemon_running(&s, pid).await;
         usr1_makes_the_daemon_take_a_recorded_request(&s).await;
+        the_journal_has_each_event_s_fields(&s).await;
         rotate_hands_over_and_stop_drains(&s, pid).await;
+        read_only_commands_need_no_credentials(&s).await;
         once_finishes_what_the_daemon_left(&s).await;
         timer_schedules_the_pass(&s).await;
+        remove_keeps_config_and_state_and_purge_deletes_them(&s).await;
     });
+}
+
+/// What the steps' marks rely on: the first entry of interest right after a mark
+/// that is of no interest is read (systemd 252's `--after-cursor` would skip it).
+async fn a_journal_mark_misses_no_entry(c: &Container) {
+    let mark = c.cursor().await;
+    c.ok(&[
+        "systemd-run",
+        "--quiet",
+        "--wait",
+        "-u",
+        "probe",
+        "-p",
+        "SyslogIdentifier=probe",
+        "echo",
+        "one",
+    ])
+    .await;
+    // The line reaches the journal through the unit's stdout stream: maybe after the
+    // unit ended.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let entries = c
+            .journal_entries(Some(&mark), "probe.service", &["SYSLOG_IDENTIFIER=probe"])
+            .await;
+        let messages: Vec<&str> = entries
+            .iter()
+            .filter_map(|e| e["MESSAGE"].as_str())
+            .collect();
+        if !messages.is_empty() || tokio::time::Instant::now() > deadline {
+            assert_eq!(messages, ["one"]);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn start_returns_after_ready(s: &Stage<'_>) -> u32 {
@@ -360,11 +504,83 @@ async fn reloads_keep_the_daemon_running(s: &Stage<'_>, pid: u32) {
     assert_eq!(s.main_pid().await, pid, "the daemon kept running");
     assert_eq!(c.show(DAEMON, "ActiveState").await, "active");
 
+    let refused = c.journal_entries(Some(&mark), DAEMON, &[]).await;
+    assert_eq!(priority_of(&refused, "invalid config"), "3", "an error");
+
+    // Valid again, with a [log] change the daemon warns about (it needs a restart).
     let mark = c.cursor().await;
-    s.config(&both).await;
+    s.config(&format!("{both}\n[log]\nlevel = \"info,rekey=info\"\n"))
+        .await;
     c.ok(&["systemctl", "reload", DAEMON]).await;
     c.until_logged(&mark, DAEMON, &["config reloaded"]).await;
     assert_eq!(s.main_pid().await, pid, "the daemon kept running");
+    // STATUS= no longer says the reload was refused, though no subscription changed
+    // state since.
+    c.until_show(DAEMON, "StatusText", |t| {
+        t.starts_with("2 subscriptions") && !t.contains("refused")
+    })
+    .await;
+    let reloaded = c.journal_entries(Some(&mark), DAEMON, &[]).await;
+    assert_eq!(priority_of(&reloaded, "config reloaded"), "6", "info");
+    assert_eq!(
+        priority_of(&reloaded, "[log] settings change at the next restart"),
+        "4",
+        "a warning"
+    );
+}
+
+/// The PRIORITY of the entry among `entries` whose MESSAGE contains `needle`; each
+/// such MESSAGE reads plainly (the priority is the entry's, not a word in it).
+fn priority_of(entries: &[Value], needle: &str) -> String {
+    let entry = entries
+        .iter()
+        .find(|e| e["MESSAGE"].as_str().is_some_and(|m| m.contains(needle)))
+        .unwrap_or_else(|| panic!("no entry says {needle:?}: {entries:#?}"));
+    plain_message(entry);
+    entry["PRIORITY"].as_str().expect("PRIORITY").to_string()
+}
+
+/// rekey's MESSAGE starts with its text: no leading space, no level word.
+fn plain_message(entry: &Value) {
+    let message = entry["MESSAGE"].as_str().expect("a text MESSAGE");
+    let first = message.split_whitespace().next().unwrap_or_default();
+    let level = ["TRACE", "DEBUG", "INFO", "WARN", "ERROR"]
+        .iter()
+        .any(|l| first.trim_end_matches(':').eq_ignore_ascii_case(l));
+    assert!(
+        !message.starts_with(char::is_whitespace) && !level,
+        "MESSAGE {message:?}"
+    );
+}
+
+/// `journalctl -u rekey SUBSCRIPTION=…` tells that subscription's story, each entry
+/// with its fields: a transition's ROTATION, PROVIDER, PHASE and EVENT at PRIORITY 6.
+async fn the_journal_has_each_event_s_fields(s: &Stage<'_>) {
+    let name = s.name(s.w.id);
+    let entries =
+        s.c.journal_entries(None, DAEMON, &[&format!("SUBSCRIPTION={name}")])
+            .await;
+    for e in &entries {
+        assert_eq!(e["SUBSCRIPTION"], name.as_str(), "{e:#}");
+        assert_eq!(e["PROVIDER"], PROVIDER, "{e:#}");
+        assert_eq!(e["SYSLOG_IDENTIFIER"], "rekey", "{e:#}");
+        plain_message(e);
+    }
+    assert!(
+        entries.iter().any(|e| e["MESSAGE"]
+            .as_str()
+            .is_some_and(|m| m.contains("rotation requested"))),
+        "{entries:#?}"
+    );
+    let rotated = entries
+        .iter()
+        .find(|e| e["EVENT"] == "rotate-succeeded")
+        .unwrap_or_else(|| panic!("no rotate-succeeded entry: {entries:#?}"));
+    assert_eq!(rotated["PRIORITY"], "6", "{rotated:#}");
+    let rotation = rotated["ROTATION"].as_str().unwrap_or_default();
+    assert!(!rotation.is_empty() && rotation != "-", "{rotated:#}");
+    let phase = rotated["PHASE"].as_str().unwrap_or_default();
+    assert!(!phase.is_empty(), "{rotated:#}");
 }
 
 /// A `rekey rotate` that may not signal the daemon (here: `kill` filtered out) records
@@ -452,6 +668,25 @@ async fn rotate_hands_over_and_stop_drains(s: &Stage<'_>, pid: u32) {
     );
 }
 
+/// With the daemon stopped its credentials are gone (the config points at them):
+/// `status` and `history` still work for root, reading no token.
+async fn read_only_commands_need_no_credentials(s: &Stage<'_>) {
+    let c = s.c;
+    let creds = format!("/run/credentials/{DAEMON}");
+    assert!(!c.run(&["test", "-e", &creds]).await.status.success());
+    let name = s.name(s.other);
+    for args in [&["status"][..], &["history", &name]] {
+        let out = s.rekey(args).await;
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && said.contains(&name),
+            "rekey {args:?} ({}): {said}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 /// With the daemon stopped, the timer's one-shot pass completes both rotations (a
 /// delivery with each new secret has since arrived) and exits 0.
 async fn once_finishes_what_the_daemon_left(s: &Stage<'_>) {
@@ -494,6 +729,66 @@ async fn timer_schedules_the_pass(s: &Stage<'_>) {
     assert_eq!(c.show(TIMER, "Triggers").await, ONCE);
     let next = c.show(TIMER, "NextElapseUSecRealtime").await;
     assert!(!next.is_empty(), "the timer has a next run");
+}
+
+/// `dpkg -r` with the daemon and the timer running: both stopped (the daemon drains
+/// and exits 0), program and units gone, config, tokens and state kept. `dpkg --purge`:
+/// config, tokens and state gone too, and nothing of rekey left for systemd.
+async fn remove_keeps_config_and_state_and_purge_deletes_them(s: &Stage<'_>) {
+    let c = s.c;
+    let text = config(&s.w, &[s.w.id, s.other], DAEMON);
+    s.config(&text).await;
+    c.ok(&["systemctl", "start", DAEMON]).await;
+    assert_eq!(c.show(TIMER, "ActiveState").await, "active");
+
+    c.ok(&["dpkg", "-r", "rekey"]).await;
+    for unit in [DAEMON, TIMER] {
+        assert_eq!(c.show(unit, "ActiveState").await, "inactive", "{unit}");
+        assert_ne!(c.show(unit, "LoadState").await, "loaded", "{unit}");
+    }
+    assert_eq!(c.show(DAEMON, "Result").await, "success");
+    let exists = async |path: &str| {
+        c.run(&["sh", "-c", r#"test -e "$1" || test -L "$1""#, "sh", path])
+            .await
+            .status
+            .success()
+    };
+    for (path, kept) in [
+        ("/usr/bin/rekey", false),
+        (SHIPPED_UNIT, false),
+        ("/etc/rekey/vault-token", true),
+        ("/var/lib/private/rekey/rekey.db", true),
+        ("/var/lib/rekey", true),
+    ] {
+        assert_eq!(exists(path).await, kept, "{path} after dpkg -r");
+    }
+    assert_eq!(c.ok(&["cat", CONFIG]).await, text, "the config is kept");
+    let status = ["dpkg-query", "-W", "-f", "${db:Status-Abbrev}", "rekey"];
+    assert_eq!(c.ok(&status).await.trim(), "rc");
+
+    c.ok(&["dpkg", "--purge", "rekey"]).await;
+    for path in ["/etc/rekey", "/var/lib/rekey", "/var/lib/private/rekey"] {
+        assert!(!exists(path).await, "{path} survived the purge");
+    }
+    assert!(!c.run(&status).await.status.success(), "dpkg knows rekey");
+    for unit in [DAEMON, TIMER] {
+        assert_eq!(c.show(unit, "LoadState").await, "not-found", "{unit}");
+    }
+    let left = c
+        .ok(&[
+            "find",
+            "/etc/systemd",
+            "/var/lib/systemd",
+            "-name",
+            "*rekey*",
+        ])
+        .await;
+    assert_eq!(left, "", "left for systemd after the purge");
+    assert_eq!(
+        c.run(&["getent", "passwd", "rekey"]).await.status.code(),
+        Some(2),
+        "a rekey user is left"
+    );
 }
 
 /// A scheduler that stops pinging (frozen by a failpoint on SIGUSR1) is killed by

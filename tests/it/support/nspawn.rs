@@ -236,20 +236,51 @@ impl Container {
             .to_string()
     }
 
-    /// `unit`'s journal (systemd's lines about it included), after `since` if given.
+    /// `unit`'s journal (systemd's lines about it included), after `since` if given,
+    /// one line per entry: `[monotonic] identifier[pid]: message`.
     pub async fn journal(&self, since: Option<&str>, unit: &str) -> String {
-        let after = since.map(|c| format!("--after-cursor={c}"));
-        let mut args = vec![
-            "journalctl",
-            "-q",
-            "--no-pager",
-            "-o",
-            "short-monotonic",
-            "-u",
-            unit,
-        ];
-        args.extend(after.as_deref());
-        self.ok(&args).await
+        let field = |e: &serde_json::Value, k: &str| match &e[k] {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Null => String::new(),
+            other => other.to_string(),
+        };
+        let mut text = String::new();
+        for e in self.journal_entries(since, unit, &[]).await {
+            let usec: u64 = field(&e, "__MONOTONIC_TIMESTAMP").parse().unwrap_or(0);
+            text.push_str(&format!(
+                "[{}.{:06}] {}[{}]: {}\n",
+                usec / 1_000_000,
+                usec % 1_000_000,
+                field(&e, "SYSLOG_IDENTIFIER"),
+                field(&e, "_PID"),
+                field(&e, "MESSAGE")
+            ));
+        }
+        text
+    }
+
+    /// `unit`'s journal entries with all their fields (`-o json`), after `since` if
+    /// given, narrowed by journalctl `matches` such as `SUBSCRIPTION=acme/801`.
+    pub async fn journal_entries(
+        &self,
+        since: Option<&str>,
+        unit: &str,
+        matches: &[&str],
+    ) -> Vec<serde_json::Value> {
+        // From the mark itself, not --after-cursor: systemd 252's journalctl skips two
+        // entries from the cursor, so with matches the mark does not pass it drops the
+        // first one that does.
+        let from = since.map(|c| format!("--cursor={c}"));
+        let mut args = vec!["journalctl", "-q", "--no-pager", "-o", "json", "-u", unit];
+        args.extend(from.as_deref());
+        args.extend_from_slice(matches);
+        let out = self.ok(&args).await;
+        out.lines()
+            .map(|l| -> serde_json::Value {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("journalctl -o json: {e}: {l}"))
+            })
+            .filter(|e| since.is_none_or(|mark| e["__CURSOR"] != mark))
+            .collect()
     }
 
     /// Waits until `unit`'s journal after `since` has a line containing every one of
