@@ -16,7 +16,9 @@ use crate::once::Job;
 use crate::policy_timing::{self, CatchUp};
 use crate::rotation::Trigger;
 use crate::signals::Signals;
-use crate::state::{Ask, HISTORY_PAGE, HistoryFilter, HistoryRow, StateDb};
+use crate::state::{
+    Ask, HISTORY_PAGE, HistoryFilter, HistoryRow, Location, PG_SCHEMA_VERSION, PgSettings, StateDb,
+};
 use crate::status;
 
 const DEFAULT_CONFIG: &str = "/etc/rekey/rekey.toml";
@@ -189,8 +191,30 @@ fn load(path: &Path) -> Result<Config, u8> {
     })
 }
 
+/// The PostgreSQL state of `[state] url`, if set (else SQLite in `state_dir`).
+fn pg_settings(config: &Config) -> Option<PgSettings> {
+    config.state.postgres.as_ref().map(|pg| PgSettings {
+        url: pg.url.clone(),
+        connect: pg.connect.clone(),
+        tls: pg.tls,
+        root_cert: pg.root_cert.clone(),
+        password: pg.password.clone(),
+        cluster: pg.cluster.clone(),
+        lease: pg.lease,
+        renew_every: pg.renew_every,
+    })
+}
+
+fn state_location<'a>(config: &'a Config, pg: &'a Option<PgSettings>) -> Location<'a> {
+    match pg {
+        Some(pg) => Location::Postgres(pg),
+        None => Location::Dir(&config.state_dir),
+    }
+}
+
 fn open_db(config: &Config) -> Result<Arc<StateDb>, u8> {
-    StateDb::open(&config.state_dir).map(Arc::new).map_err(|e| {
+    let pg = pg_settings(config);
+    StateDb::open_at(state_location(config, &pg)).map(Arc::new).map_err(|e| {
         eprintln!("rekey: {e}");
         exit::SOFTWARE
     })
@@ -199,7 +223,8 @@ fn open_db(config: &Config) -> Result<Arc<StateDb>, u8> {
 /// For the commands that only show the state: creates nothing, and `None` when
 /// nothing has run yet (or a first start is still creating the database).
 fn read_db(config: &Config) -> Result<Option<StateDb>, u8> {
-    StateDb::open_read_only(&config.state_dir).map_err(|e| {
+    let pg = pg_settings(config);
+    StateDb::open_read_only_at(state_location(config, &pg)).map_err(|e| {
         eprintln!("rekey: {e}");
         exit::SOFTWARE
     })
@@ -281,9 +306,12 @@ fn known(config: &Config, names: &[String]) -> Result<(), u8> {
     let discovered: Vec<String> = if config.discoveries.is_empty() {
         vec![]
     } else {
-        StateDb::open_read_only(&config.state_dir)
-            .and_then(|db| db.map(|db| db.discovered()).transpose())
-            .map(|d| d.unwrap_or_default().into_iter().map(|d| d.name).collect())
+        let pg = pg_settings(config);
+        StateDb::open_read_only_at(state_location(config, &pg))
+            .ok()
+            .flatten()
+            .and_then(|db| db.discovered().ok())
+            .map(|d| d.into_iter().map(|d| d.name).collect())
             .unwrap_or_default()
     };
     for n in names {
@@ -735,6 +763,15 @@ async fn check_config(path: &Path, preflight: bool) -> u8 {
         "  state: history kept {}",
         humantime::format_duration(config.state.history_retention)
     );
+    if let Some(pg) = &config.state.postgres {
+        println!(
+            "  state: postgres {} (cluster {}, lease {}, renewed every {})",
+            pg.url,
+            pg.cluster,
+            humantime::format_duration(pg.lease),
+            humantime::format_duration(pg.renew_every)
+        );
+    }
     for p in &config.policies {
         let mut rules = p.schedule.describe();
         if let Some(w) = &p.start.window {
@@ -780,9 +817,33 @@ async fn check_config(path: &Path, preflight: bool) -> u8 {
         );
     }
     if preflight {
-        return check_credentials(&config).await;
+        let state = check_state(&config);
+        let credentials = check_credentials(&config).await;
+        return if state == exit::OK { credentials } else { state };
     }
     exit::OK
+}
+
+/// `check-config --preflight` on a PostgreSQL state: connects (TLS, password) and
+/// reads the schema version, writing nothing. SQLite needs no check.
+fn check_state(config: &Config) -> u8 {
+    let Some(pg) = pg_settings(config) else {
+        return exit::OK;
+    };
+    match StateDb::open_read_only_at(Location::Postgres(&pg)) {
+        Ok(Some(_)) => {
+            println!("  preflight: state {}: ok (schema version {PG_SCHEMA_VERSION})", pg.url);
+            exit::OK
+        }
+        Ok(None) => {
+            println!("  preflight: state {}: ok, empty (`rekey run` creates the schema)", pg.url);
+            exit::OK
+        }
+        Err(e) => {
+            println!("  preflight: state: FAILED: {e}");
+            exit::FAILED
+        }
+    }
 }
 
 /// `check-config --preflight`: the rotation's preflight for every subscription, with

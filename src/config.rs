@@ -50,6 +50,11 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawState {
     pub history_retention: Option<String>,
+    pub url: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub cluster: Option<String>,
+    pub lease: Option<String>,
+    pub renew_every: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -176,18 +181,42 @@ pub struct Config {
 }
 
 /// The state database's own settings (`[state]`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct StateSettings {
     /// History rows older than this are pruned (never those of a rotation under way).
     pub history_retention: Duration,
+    /// The shared PostgreSQL database (`url`); SQLite in `state_dir` when `None`.
+    pub postgres: Option<PostgresSettings>,
 }
 
 impl Default for StateSettings {
     fn default() -> Self {
         StateSettings {
             history_retention: Duration::from_secs(400 * 86_400),
+            postgres: None,
         }
     }
+}
+
+/// `[state] url = "postgres://…"`: the state in PostgreSQL, shared by a cluster of
+/// rekey instances of which one leads at a time.
+#[derive(Debug, Clone)]
+pub struct PostgresSettings {
+    /// The URL as written, less its TLS parameters; it holds no password.
+    pub url: String,
+    /// The URL parsed, without password or TLS settings.
+    pub connect: tokio_postgres::Config,
+    /// `sslmode=disable` (loopback hosts only): no TLS at all.
+    pub tls: bool,
+    /// `sslrootcert=<file>`: a CA for the server's certificate besides the system's.
+    pub root_cert: Option<PathBuf>,
+    /// From `password_file`, else `$PGPASSWORD`.
+    pub password: Option<SecretString>,
+    /// The lease's name: instances sharing one cluster name take turns leading.
+    pub cluster: String,
+    /// How long a lease lasts unrenewed, on the database's clock.
+    pub lease: Duration,
+    pub renew_every: Duration,
 }
 
 /// The long-running mode's own settings (`[daemon]`).
@@ -943,7 +972,7 @@ fn validate(
     let log = validate_log(&mut c, raw.log);
     let daemon = validate_daemon(&mut c, raw.daemon);
     let metrics_listen = validate_metrics(&mut c, raw.metrics);
-    let state = validate_state(&mut c, raw.state);
+    let state = validate_state(&mut c, raw.state, env);
 
     if !c.problems.is_empty() {
         return Err(ConfigError {
@@ -1712,9 +1741,10 @@ fn validate_metrics(c: &mut Checker, raw: Option<RawMetrics>) -> Option<std::net
     }
 }
 
-fn validate_state(c: &mut Checker, raw: Option<RawState>) -> StateSettings {
+fn validate_state(c: &mut Checker, raw: Option<RawState>, env: &dyn Environment) -> StateSettings {
     let mut state = StateSettings::default();
     let Some(raw) = raw else { return state };
+    state.postgres = validate_postgres(c, &raw, env);
     state.history_retention = c.duration(
         "state.history_retention",
         raw.history_retention.as_deref(),
@@ -1728,6 +1758,136 @@ fn validate_state(c: &mut Checker, raw: Option<RawState>) -> StateSettings {
         );
     }
     state
+}
+
+/// The `[state]` keys of a PostgreSQL state: the URL (never with a password in it),
+/// the password from a file or `$PGPASSWORD`, and the lease timing.
+fn validate_postgres(
+    c: &mut Checker,
+    raw: &RawState,
+    env: &dyn Environment,
+) -> Option<PostgresSettings> {
+    let Some(url) = raw.url.as_deref() else {
+        for (key, given) in [
+            ("password_file", raw.password_file.is_some()),
+            ("cluster", raw.cluster.is_some()),
+            ("lease", raw.lease.is_some()),
+            ("renew_every", raw.renew_every.is_some()),
+        ] {
+            if given {
+                c.problem(
+                    format!("state.{key}"),
+                    "applies only to a PostgreSQL state: set state.url too, or remove it",
+                );
+            }
+        }
+        return None;
+    };
+    let (connect, tls, root_cert) = match parse_postgres_url(url) {
+        Ok(parts) => parts,
+        Err(why) => {
+            c.problem("state.url", why);
+            return None;
+        }
+    };
+    let root_cert = root_cert.map(|p| c.resolve(&p));
+    let password = match &raw.password_file {
+        Some(f) => c.secret_file("state.password_file", f),
+        None => env.var("PGPASSWORD").map(secret),
+    };
+    let lease = c.duration("state.lease", raw.lease.as_deref(), Duration::from_secs(15));
+    let renew_every = c.duration(
+        "state.renew_every",
+        raw.renew_every.as_deref(),
+        Duration::from_secs(5),
+    );
+    // Two renewals must fit in a lease, so that one slow round trip never costs it.
+    if renew_every.saturating_mul(2) > lease || lease < Duration::from_secs(2) {
+        c.problem(
+            "state.renew_every",
+            "must be at most half of state.lease, and the lease at least 2s (e.g. lease = \"15s\", renew_every = \"5s\")",
+        );
+    }
+    let cluster = raw.cluster.clone().unwrap_or_else(|| "default".into());
+    if cluster.is_empty() || cluster.len() > 200 {
+        c.problem("state.cluster", "must be a name of 1 to 200 characters");
+    }
+    Some(PostgresSettings {
+        url: strip_query(url),
+        connect,
+        tls,
+        root_cert,
+        password,
+        cluster,
+        lease,
+        renew_every,
+    })
+}
+
+/// `url` without its query string (where the TLS parameters are).
+fn strip_query(url: &str) -> String {
+    url.split_once('?').map_or(url, |(base, _)| base).to_string()
+}
+
+/// Splits a `postgres://` URL into what the driver reads and the TLS settings rekey
+/// handles itself (`sslmode`: `verify-full`, the default, or `disable` on loopback;
+/// `sslrootcert`). Refuses a password in the URL: config files get copied and shown.
+fn parse_postgres_url(
+    url: &str,
+) -> Result<(tokio_postgres::Config, bool, Option<PathBuf>), String> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err("must be a postgres:// URL, e.g. \"postgres://rekey@db.example:5432/rekey?sslmode=verify-full\"".into());
+    }
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut tls = true;
+    let mut root_cert = None;
+    let mut rest = vec![];
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("sslmode", "verify-full")) => tls = true,
+            Some(("sslmode", "disable")) => tls = false,
+            Some(("sslmode", other)) => {
+                return Err(format!(
+                    "sslmode={other} is not supported: rekey verifies the server's certificate and name (sslmode=verify-full, the default), or uses no TLS on a loopback host (sslmode=disable)"
+                ));
+            }
+            Some(("sslrootcert", path)) => root_cert = Some(PathBuf::from(path)),
+            Some(("password", _)) => return Err(password_in_url()),
+            _ => rest.push(pair),
+        }
+    }
+    let driver_url = if rest.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    let connect: tokio_postgres::Config = driver_url
+        .parse()
+        .map_err(|e| format!("is not a valid PostgreSQL URL: {e}"))?;
+    if connect.get_password().is_some() {
+        return Err(password_in_url());
+    }
+    if connect.get_user().is_none() {
+        return Err("names no user: write postgres://<user>@<host>/<database>".into());
+    }
+    let hosts = connect.get_hosts();
+    if hosts.is_empty() {
+        return Err("names no host: write postgres://<user>@<host>/<database>".into());
+    }
+    let loopback = hosts.iter().all(|h| match h {
+        tokio_postgres::config::Host::Tcp(name) => is_loopback(name),
+        tokio_postgres::config::Host::Unix(_) => true,
+    });
+    if !tls && !loopback {
+        return Err(
+            "sslmode=disable is allowed only for a loopback host or a unix socket: anything else goes over TLS with verification (sslmode=verify-full)".into(),
+        );
+    }
+    Ok((connect, tls, root_cert))
+}
+
+fn password_in_url() -> String {
+    "holds a password: config files get copied and shown; put the password in state.password_file or $PGPASSWORD instead".into()
 }
 
 fn validate_vault(c: &mut Checker, v: RawVault, env: &dyn Environment) -> Option<VaultSettings> {
