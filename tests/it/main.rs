@@ -20,6 +20,7 @@ mod provider_faults;
 mod rvault_smoke;
 mod sandbox;
 mod sim;
+mod state_backends;
 mod state_damage;
 mod storno;
 mod support;

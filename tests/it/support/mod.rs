@@ -1,4 +1,5 @@
 pub mod daemon;
+pub mod postgres;
 pub mod rekey;
 pub mod rvault;
 pub mod util;
