@@ -214,10 +214,12 @@ fn state_location<'a>(config: &'a Config, pg: &'a Option<PgSettings>) -> Locatio
 
 fn open_db(config: &Config) -> Result<Arc<StateDb>, u8> {
     let pg = pg_settings(config);
-    StateDb::open_at(state_location(config, &pg)).map(Arc::new).map_err(|e| {
-        eprintln!("rekey: {e}");
-        exit::SOFTWARE
-    })
+    StateDb::open_at(state_location(config, &pg))
+        .map(Arc::new)
+        .map_err(|e| {
+            eprintln!("rekey: {e}");
+            exit::SOFTWARE
+        })
 }
 
 /// For the commands that only show the state: creates nothing, and `None` when
@@ -819,7 +821,11 @@ async fn check_config(path: &Path, preflight: bool) -> u8 {
     if preflight {
         let state = check_state(&config);
         let credentials = check_credentials(&config).await;
-        return if state == exit::OK { credentials } else { state };
+        return if state == exit::OK {
+            credentials
+        } else {
+            state
+        };
     }
     exit::OK
 }
@@ -832,11 +838,17 @@ fn check_state(config: &Config) -> u8 {
     };
     match StateDb::open_read_only_at(Location::Postgres(&pg)) {
         Ok(Some(_)) => {
-            println!("  preflight: state {}: ok (schema version {PG_SCHEMA_VERSION})", pg.url);
+            println!(
+                "  preflight: state {}: ok (schema version {PG_SCHEMA_VERSION})",
+                pg.url
+            );
             exit::OK
         }
         Ok(None) => {
-            println!("  preflight: state {}: ok, empty (`rekey run` creates the schema)", pg.url);
+            println!(
+                "  preflight: state {}: ok, empty (`rekey run` creates the schema)",
+                pg.url
+            );
             exit::OK
         }
         Err(e) => {

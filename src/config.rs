@@ -1826,7 +1826,9 @@ fn validate_postgres(
 
 /// `url` without its query string (where the TLS parameters are).
 fn strip_query(url: &str) -> String {
-    url.split_once('?').map_or(url, |(base, _)| base).to_string()
+    url.split_once('?')
+        .map_or(url, |(base, _)| base)
+        .to_string()
 }
 
 /// Splits a `postgres://` URL into what the driver reads and the TLS settings rekey
@@ -2362,6 +2364,87 @@ company = "550e8400-e29b-41d4-a716-446655440000"
         ] {
             let c = load(&two_discoveries(a, b)).unwrap_or_else(|e| panic!("{a} / {b}: {e}"));
             assert_eq!(c.discoveries.len(), 2);
+        }
+    }
+
+    #[test]
+    fn a_postgres_state_takes_its_password_from_a_file_or_the_environment_never_the_url() {
+        let with = |v: &str| GOOD.to_string() + &format!("\n[state]\n{v}\n");
+        let c = load(&with(
+            "url = \"postgres://rekey@db.example:5432/rekey?sslmode=verify-full\"",
+        ))
+        .unwrap();
+        let pg = c.state.postgres.unwrap();
+        assert_eq!(pg.url, "postgres://rekey@db.example:5432/rekey");
+        assert!(pg.tls && pg.password.is_none());
+        assert_eq!(
+            (pg.cluster.as_str(), pg.lease, pg.renew_every),
+            ("default", Duration::from_secs(15), Duration::from_secs(5))
+        );
+        let env = BTreeMap::from([("PGPASSWORD".to_string(), "from-env".to_string())]);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("fintoro.token"), "tok\n").unwrap();
+        std::fs::write(dir.path().join("vault.token"), "hvs.x").unwrap();
+        let p = dir.path().join("rekey.toml");
+        std::fs::write(
+            &p,
+            with("url = \"postgres://rekey@127.0.0.1/rekey?sslmode=disable\""),
+        )
+        .unwrap();
+        let pg = Config::load_with(&p, &env, false)
+            .unwrap()
+            .state
+            .postgres
+            .unwrap();
+        assert!(!pg.tls);
+        assert_eq!(pg.password.unwrap().expose_secret(), "from-env");
+        for (bad, key, says) in [
+            (
+                "url = \"postgres://rekey:hunter2@db.example/rekey\"",
+                "state.url",
+                "password_file",
+            ),
+            (
+                "url = \"postgres://rekey@db.example/rekey?password=hunter2\"",
+                "state.url",
+                "password_file",
+            ),
+            (
+                "url = \"postgres://rekey@db.example/rekey?sslmode=disable\"",
+                "state.url",
+                "loopback",
+            ),
+            (
+                "url = \"postgres://rekey@db.example/rekey?sslmode=prefer\"",
+                "state.url",
+                "verify-full",
+            ),
+            (
+                "url = \"mysql://rekey@db.example/rekey\"",
+                "state.url",
+                "postgres://",
+            ),
+            (
+                "url = \"postgres://db.example/rekey\"",
+                "state.url",
+                "no user",
+            ),
+            ("cluster = \"a\"", "state.cluster", "state.url"),
+            (
+                "url = \"postgres://rekey@db.example/rekey\"\nlease = \"10s\"\nrenew_every = \"6s\"",
+                "state.renew_every",
+                "half",
+            ),
+            (
+                "url = \"postgres://rekey@db.example/rekey\"\npassword_file = \"missing\"",
+                "state.password_file",
+                "cannot read",
+            ),
+        ] {
+            let err = load(&with(bad)).unwrap_err();
+            assert_eq!(err.problems[0].key, key, "{bad}: {err}");
+            assert!(err.to_string().contains(says), "{bad}: {err}");
+            assert!(!err.to_string().contains("hunter2"), "{err}");
         }
     }
 

@@ -9,8 +9,13 @@ use crate::config::{Config, LogFormat};
 pub fn init(config: &Config) {
     use std::io::IsTerminal;
     let filter = std::env::var("REKEY_LOG").unwrap_or_else(|_| config.log.level.clone());
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+    let mut filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // The PostgreSQL driver logs statement parameters at debug level, and a minted
+    // secret is one: never below info, whatever the level asked for.
+    if let Ok(quiet) = "tokio_postgres=info".parse() {
+        filter = filter.add_directive(quiet);
+    }
     let journal = crate::journal::connected();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

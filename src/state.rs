@@ -297,7 +297,7 @@ pub struct StateDb {
 
 enum Backend {
     Sqlite(SqliteDb),
-    Postgres(postgres::PgDb),
+    Postgres(Box<postgres::PgDb>),
 }
 
 /// Where the state lives: SQLite in `state_dir`, or PostgreSQL.
@@ -328,7 +328,7 @@ impl StateDb {
     pub fn open_at(at: Location<'_>) -> Result<StateDb, StateError> {
         let backend = match at {
             Location::Dir(dir) => Backend::Sqlite(SqliteDb::open(dir)?),
-            Location::Postgres(pg) => Backend::Postgres(postgres::PgDb::open(pg)?),
+            Location::Postgres(pg) => Backend::Postgres(Box::new(postgres::PgDb::open(pg)?)),
         };
         Ok(StateDb { backend })
     }
@@ -342,7 +342,9 @@ impl StateDb {
     pub fn open_read_only_at(at: Location<'_>) -> Result<Option<StateDb>, StateError> {
         Ok(match at {
             Location::Dir(dir) => SqliteDb::open_read_only(dir)?.map(Backend::Sqlite),
-            Location::Postgres(pg) => postgres::PgDb::open_read_only(pg)?.map(Backend::Postgres),
+            Location::Postgres(pg) => {
+                postgres::PgDb::open_read_only(pg)?.map(|db| Backend::Postgres(Box::new(db)))
+            }
         }
         .map(|backend| StateDb { backend }))
     }

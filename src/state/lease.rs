@@ -72,7 +72,9 @@ impl PgDb {
         if let Some(f) = current
             && !f.deposed
         {
-            return self.renew(f.epoch).map(|()| Leadership::Leading { epoch: f.epoch });
+            return self
+                .renew(f.epoch)
+                .map(|()| Leadership::Leading { epoch: f.epoch });
         }
         let sent = Instant::now();
         let sql = self.sql();

@@ -22,8 +22,7 @@ use tokio_postgres::{Client, Row};
 
 use super::{
     Ask, Asks, Discovered, HistoryFilter, HistoryRow, RECORD_COLUMNS, RawHistoryRow, RawRow,
-    Record, SECRET_COLUMN, SaveCounts, StateError, forget_secret, parse_ts, record_values, ts,
-    ts1,
+    Record, SECRET_COLUMN, SaveCounts, StateError, forget_secret, parse_ts, record_values, ts, ts1,
 };
 use crate::rotation::Transition;
 use crate::secret::{ExposeSecret, SecretString};
@@ -362,8 +361,9 @@ impl PgDb {
             attempt += 1;
             match self.migrate_once() {
                 Err(StateError::Postgres { detail, .. })
-                    if attempt < 3 && detail.contains("already exists")
-                        || attempt < 3 && detail.contains("duplicate key") =>
+                    if attempt < 3
+                        && (detail.contains("already exists")
+                            || detail.contains("duplicate key")) =>
                 {
                     tracing::debug!(detail = %detail, "another rekey created the schema; looking again");
                 }
@@ -470,7 +470,9 @@ impl PgDb {
         let sql = self.sql();
         let rows = self.run(async |c| {
             c.query(
-                &format!("SELECT {RECORD_COLUMNS} FROM subscriptions WHERE {condition} ORDER BY name"),
+                &format!(
+                    "SELECT {RECORD_COLUMNS} FROM subscriptions WHERE {condition} ORDER BY name"
+                ),
                 params,
             )
             .await
@@ -533,9 +535,7 @@ impl PgDb {
                 .await
                 .map_err(&sql)?;
             for (name, due) in dues {
-                tx.execute(&update, &[name, &ts(due)])
-                    .await
-                    .map_err(&sql)?;
+                tx.execute(&update, &[name, &ts(due)]).await.map_err(&sql)?;
             }
             Ok(())
         })
@@ -567,11 +567,8 @@ impl PgDb {
     /// A failure only delays the cleanup.
     fn vacuum_secret(&self, subscription: &str) {
         let sql = self.sql();
-        let result = self.run(async |c| {
-            c.batch_execute("VACUUM subscriptions")
-                .await
-                .map_err(&sql)
-        });
+        let result =
+            self.run(async |c| c.batch_execute("VACUUM subscriptions").await.map_err(&sql));
         if let Err(e) = result {
             tracing::warn!(subscription = %subscription, error = %e, "cannot vacuum the state's subscriptions table: the old row version that held the minted secret stays until autovacuum reclaims it");
         }
@@ -734,10 +731,12 @@ impl PgDb {
     pub fn last_seq(&self) -> Result<i64, StateError> {
         let sql = self.sql();
         self.run(async |c| {
-            Ok(c.query_one("SELECT coalesce(max(seq), 0)::bigint FROM history", &[])
-                .await
-                .map_err(&sql)?
-                .get(0))
+            Ok(
+                c.query_one("SELECT coalesce(max(seq), 0)::bigint FROM history", &[])
+                    .await
+                    .map_err(&sql)?
+                    .get(0),
+            )
         })
     }
 
@@ -793,10 +792,7 @@ impl PgDb {
                 .await
                 .map_err(&sql)?;
             let asks = Asks {
-                rotate: oldest_first(&rotate, 1)
-                    .iter()
-                    .map(|r| r.get(0))
-                    .collect(),
+                rotate: oldest_first(&rotate, 1).iter().map(|r| r.get(0)).collect(),
                 decide: oldest_first(&decide, 2)
                     .iter()
                     .map(|r| (r.get(0), r.get::<_, String>(1) == "retire"))
@@ -810,9 +806,12 @@ impl PgDb {
     pub fn take_requests(&self) -> Result<Vec<String>, StateError> {
         let sql = self.sql();
         let rows = self.fenced_write(async |tx| {
-            tx.query("DELETE FROM requests RETURNING subscription, requested_at", &[])
-                .await
-                .map_err(&sql)
+            tx.query(
+                "DELETE FROM requests RETURNING subscription, requested_at",
+                &[],
+            )
+            .await
+            .map_err(&sql)
         })?;
         Ok(oldest_first(&rows, 1).iter().map(|r| r.get(0)).collect())
     }
@@ -928,13 +927,13 @@ impl PgDb {
 
 /// Both sides of an ask's hand-over take this lock first (it conflicts with itself
 /// and with plain inserts), so a recorder and a taker never interleave.
-const LOCK_ASKS: &str =
-    "LOCK TABLE requests, operator_decisions IN SHARE ROW EXCLUSIVE MODE";
+const LOCK_ASKS: &str = "LOCK TABLE requests, operator_decisions IN SHARE ROW EXCLUSIVE MODE";
 
 const INSERT_REQUEST: &str = "INSERT INTO requests (subscription, requested_at) VALUES ($1, $2)
      ON CONFLICT (subscription) DO UPDATE SET requested_at = $2";
 
-const INSERT_DECISION: &str = "INSERT INTO operator_decisions (subscription, decision, requested_at)
+const INSERT_DECISION: &str =
+    "INSERT INTO operator_decisions (subscription, decision, requested_at)
      VALUES ($1, $2, $3)
      ON CONFLICT (subscription) DO UPDATE SET decision = $2, requested_at = $3";
 
@@ -1023,15 +1022,15 @@ fn raw_row(r: &Row) -> Result<RawRow, StateError> {
 }
 
 /// The history filter as `AND …` clauses with `$first`… placeholders, and values.
-fn pg_condition(
-    filter: &HistoryFilter<'_>,
-    first: usize,
-) -> (String, Vec<Box<dyn ToSql + Sync>>) {
+fn pg_condition(filter: &HistoryFilter<'_>, first: usize) -> (String, Vec<Box<dyn ToSql + Sync>>) {
     let mut sql = String::new();
     let mut values: Vec<Box<dyn ToSql + Sync>> = Vec::new();
     if let Some(name) = filter.subscription {
         values.push(Box::new(name.to_string()));
-        sql.push_str(&format!(" AND subscription = ${}", first + values.len() - 1));
+        sql.push_str(&format!(
+            " AND subscription = ${}",
+            first + values.len() - 1
+        ));
     }
     if let Some(since) = filter.since {
         values.push(Box::new(ts1(since)));

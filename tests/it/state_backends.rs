@@ -44,100 +44,153 @@ macro_rules! on_both {
     };
 }
 
-on_both!(a_minted_record_and_its_history_round_trip, |db: &StateDb| {
-    let mut r = db.load_or_create("fintoro/801", now()).unwrap();
-    assert_eq!(r.state.phase, Phase::Idle);
-    assert_eq!(r.first_seen_at, now());
-    r.state.phase = Phase::Minted;
-    r.state.rotation_id = Some("rot-1".into());
-    r.state.pending_secret = Some(secret("whsec_minted_value"));
-    r.state.new_fingerprint = Some(Fingerprint::of_str("whsec_minted_value"));
-    r.state.rotated_at = Some(now());
-    r.state.lost_responses = 2;
-    r.state.rotate_in_flight = true;
-    let t = Transition {
-        from: Phase::Rotating,
-        to: Phase::Minted,
-        event: "rotate-succeeded",
-        detail: "x".into(),
-        quiet: false,
-        evidence: None,
-    };
-    db.save(&r, Some(&t), now()).unwrap();
-    let back = db.load("fintoro/801").unwrap().unwrap();
-    assert_eq!(back.state.phase, Phase::Minted);
-    assert_eq!(
-        back.state.pending_secret.as_ref().unwrap().expose_secret(),
-        "whsec_minted_value"
-    );
-    assert_eq!(back.state.rotated_at, Some(now()));
-    assert_eq!(back.state.lost_responses, 2);
-    assert!(back.state.rotate_in_flight);
-    assert_eq!(db.rotating_names().unwrap(), vec!["fintoro/801".to_string()]);
-    let h = db.history(Some("fintoro/801")).unwrap();
-    assert_eq!(h.len(), 1);
-    assert_eq!((h[0].from.as_str(), h[0].to.as_str()), ("rotating", "minted"));
-    assert_eq!(h[0].rotation_id.as_deref(), Some("rot-1"));
-    // Published: the stored copy is gone.
-    r.state.phase = Phase::Published;
-    r.state.pending_secret = None;
-    db.save(&r, None, now()).unwrap();
-    assert!(db.load("fintoro/801").unwrap().unwrap().state.pending_secret.is_none());
-});
+on_both!(
+    a_minted_record_and_its_history_round_trip,
+    |db: &StateDb| {
+        let mut r = db.load_or_create("fintoro/801", now()).unwrap();
+        assert_eq!(r.state.phase, Phase::Idle);
+        assert_eq!(r.first_seen_at, now());
+        r.state.phase = Phase::Minted;
+        r.state.rotation_id = Some("rot-1".into());
+        r.state.pending_secret = Some(secret("whsec_minted_value"));
+        r.state.new_fingerprint = Some(Fingerprint::of_str("whsec_minted_value"));
+        r.state.rotated_at = Some(now());
+        r.state.lost_responses = 2;
+        r.state.rotate_in_flight = true;
+        let t = Transition {
+            from: Phase::Rotating,
+            to: Phase::Minted,
+            event: "rotate-succeeded",
+            detail: "x".into(),
+            quiet: false,
+            evidence: None,
+        };
+        db.save(&r, Some(&t), now()).unwrap();
+        let back = db.load("fintoro/801").unwrap().unwrap();
+        assert_eq!(back.state.phase, Phase::Minted);
+        assert_eq!(
+            back.state.pending_secret.as_ref().unwrap().expose_secret(),
+            "whsec_minted_value"
+        );
+        assert_eq!(back.state.rotated_at, Some(now()));
+        assert_eq!(back.state.lost_responses, 2);
+        assert!(back.state.rotate_in_flight);
+        assert_eq!(
+            db.rotating_names().unwrap(),
+            vec!["fintoro/801".to_string()]
+        );
+        let h = db.history(Some("fintoro/801")).unwrap();
+        assert_eq!(h.len(), 1);
+        assert_eq!(
+            (h[0].from.as_str(), h[0].to.as_str()),
+            ("rotating", "minted")
+        );
+        assert_eq!(h[0].rotation_id.as_deref(), Some("rot-1"));
+        // Published: the stored copy is gone.
+        r.state.phase = Phase::Published;
+        r.state.pending_secret = None;
+        db.save(&r, None, now()).unwrap();
+        assert!(
+            db.load("fintoro/801")
+                .unwrap()
+                .unwrap()
+                .state
+                .pending_secret
+                .is_none()
+        );
+    }
+);
 
-on_both!(an_unchanged_record_is_not_written_and_a_routine_save_is_counted_unsynced, |db: &StateDb| {
-    let mut r = db.load_or_create("fintoro/801", now()).unwrap();
-    r.state.phase = Phase::Confirming;
-    db.save(&r, None, now()).unwrap();
-    let before = db.save_counts();
-    db.save(&r, None, now()).unwrap();
-    db.save_routine(&r, now()).unwrap();
-    assert_eq!(db.save_counts(), before, "nothing to write");
-    r.state.not_before = Some(now() + chrono::Duration::seconds(30));
-    db.save_routine(&r, now()).unwrap();
-    let after = db.save_counts();
-    assert_eq!((after.commits, after.synced), (before.commits + 1, before.synced));
-    assert_eq!(db.load("fintoro/801").unwrap().unwrap().state.not_before, r.state.not_before);
-    let t = Transition::note(Phase::Confirming, "test", "x".into());
-    db.save(&r, Some(&t), now()).unwrap();
-    assert_eq!(db.save_counts().synced, before.synced + 1);
-    assert_eq!(db.history(None).unwrap().len(), 1);
-});
+on_both!(
+    an_unchanged_record_is_not_written_and_a_routine_save_is_counted_unsynced,
+    |db: &StateDb| {
+        let mut r = db.load_or_create("fintoro/801", now()).unwrap();
+        r.state.phase = Phase::Confirming;
+        db.save(&r, None, now()).unwrap();
+        let before = db.save_counts();
+        db.save(&r, None, now()).unwrap();
+        db.save_routine(&r, now()).unwrap();
+        assert_eq!(db.save_counts(), before, "nothing to write");
+        r.state.not_before = Some(now() + chrono::Duration::seconds(30));
+        db.save_routine(&r, now()).unwrap();
+        let after = db.save_counts();
+        assert_eq!(
+            (after.commits, after.synced),
+            (before.commits + 1, before.synced)
+        );
+        assert_eq!(
+            db.load("fintoro/801").unwrap().unwrap().state.not_before,
+            r.state.not_before
+        );
+        let t = Transition::note(Phase::Confirming, "test", "x".into());
+        db.save(&r, Some(&t), now()).unwrap();
+        assert_eq!(db.save_counts().synced, before.synced + 1);
+        assert_eq!(db.history(None).unwrap().len(), 1);
+    }
+);
 
-on_both!(requests_and_decisions_are_taken_once_and_the_latest_decision_wins, |db: &StateDb| {
-    db.add_request("fintoro/801", now()).unwrap();
-    db.add_request("fintoro/802", now() + chrono::Duration::seconds(1)).unwrap();
-    db.add_decision("fintoro/801", false, now()).unwrap();
-    db.add_decision("fintoro/801", true, now()).unwrap();
-    assert_eq!(db.take_requests().unwrap(), vec!["fintoro/801", "fintoro/802"]);
-    assert!(db.take_requests().unwrap().is_empty());
-    assert_eq!(db.take_decisions().unwrap(), vec![("fintoro/801".to_string(), true)]);
-    assert!(db.take_decisions().unwrap().is_empty());
-    let names = vec!["fintoro/803".to_string()];
-    let seen = db.ask(Ask::Rotate(&names), now(), || 7).unwrap();
-    assert_eq!(seen, 7, "`then` ran inside the ask");
-    db.ask(Ask::Decide { name: "fintoro/804", retire: false }, now(), || ()).unwrap();
-    let mut saw = None;
-    let asks = db.take_asks(|a| saw = Some(a.clone())).unwrap();
-    assert_eq!(asks.rotate, names);
-    assert_eq!(asks.decide, vec![("fintoro/804".to_string(), false)]);
-    assert_eq!(saw, Some(asks));
-    assert!(db.take_asks(|_| {}).unwrap().is_empty());
-});
+on_both!(
+    requests_and_decisions_are_taken_once_and_the_latest_decision_wins,
+    |db: &StateDb| {
+        db.add_request("fintoro/801", now()).unwrap();
+        db.add_request("fintoro/802", now() + chrono::Duration::seconds(1))
+            .unwrap();
+        db.add_decision("fintoro/801", false, now()).unwrap();
+        db.add_decision("fintoro/801", true, now()).unwrap();
+        assert_eq!(
+            db.take_requests().unwrap(),
+            vec!["fintoro/801", "fintoro/802"]
+        );
+        assert!(db.take_requests().unwrap().is_empty());
+        assert_eq!(
+            db.take_decisions().unwrap(),
+            vec![("fintoro/801".to_string(), true)]
+        );
+        assert!(db.take_decisions().unwrap().is_empty());
+        let names = vec!["fintoro/803".to_string()];
+        let seen = db.ask(Ask::Rotate(&names), now(), || 7).unwrap();
+        assert_eq!(seen, 7, "`then` ran inside the ask");
+        db.ask(
+            Ask::Decide {
+                name: "fintoro/804",
+                retire: false,
+            },
+            now(),
+            || (),
+        )
+        .unwrap();
+        let mut saw = None;
+        let asks = db.take_asks(|a| saw = Some(a.clone())).unwrap();
+        assert_eq!(asks.rotate, names);
+        assert_eq!(asks.decide, vec![("fintoro/804".to_string(), false)]);
+        assert_eq!(saw, Some(asks));
+        assert!(db.take_asks(|_| {}).unwrap().is_empty());
+    }
+);
 
-on_both!(discovered_subscriptions_are_new_once_and_again_after_vanishing, |db: &StateDb| {
-    let saw = |db: &StateDb| db.saw_discovered("acme/a", "acme", "a", "w/acme/a", now()).unwrap();
-    assert!(saw(db), "first sight");
-    assert!(!saw(db), "seen before");
-    db.mark_vanished("acme/a", now()).unwrap();
-    let d = db.discovered().unwrap();
-    assert_eq!(d.len(), 1);
-    assert_eq!(d[0].vanished_at, Some(now()));
-    assert!(saw(db), "came back");
-    assert_eq!(db.discovered().unwrap()[0].vanished_at, None);
-    assert!(db.saw_discovered("acme/a", "acme", "a", "w/acme/moved", now()).unwrap() == false);
-    assert_eq!(db.discovered().unwrap()[0].vault_path, "w/acme/moved");
-});
+on_both!(
+    discovered_subscriptions_are_new_once_and_again_after_vanishing,
+    |db: &StateDb| {
+        let saw = |db: &StateDb| {
+            db.saw_discovered("acme/a", "acme", "a", "w/acme/a", now())
+                .unwrap()
+        };
+        assert!(saw(db), "first sight");
+        assert!(!saw(db), "seen before");
+        db.mark_vanished("acme/a", now()).unwrap();
+        let d = db.discovered().unwrap();
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].vanished_at, Some(now()));
+        assert!(saw(db), "came back");
+        assert_eq!(db.discovered().unwrap()[0].vanished_at, None);
+        assert!(
+            !db.saw_discovered("acme/a", "acme", "a", "w/acme/moved", now())
+                .unwrap(),
+            "a moved path is not news"
+        );
+        assert_eq!(db.discovered().unwrap()[0].vault_path, "w/acme/moved");
+    }
+);
 
 /// Appends a history row for `name` recorded at `at`, the record carrying
 /// `rotation_id` (a rotation under way while it stays there).
@@ -149,20 +202,27 @@ fn row_at(db: &StateDb, name: &str, rotation_id: Option<&str>, at: DateTime<Utc>
     db.last_seq().unwrap()
 }
 
-on_both!(pruning_keeps_a_rotation_under_way_and_stops_at_the_first_recent_row, |db: &StateDb| {
-    let _done = row_at(db, "a/1", Some("r-done"), days(500));
-    let held = row_at(db, "b/2", Some("r-held"), days(499));
-    row_at(db, "a/1", None, days(498));
-    row_at(db, "a/1", None, days(497));
-    let recent = row_at(db, "a/1", None, days(10));
-    let behind_recent = row_at(db, "a/1", None, days(450));
-    let before = days(400);
-    assert_eq!(db.prune_history(before, 2).unwrap(), 2, "a full batch");
-    assert_eq!(db.prune_history(before, 2).unwrap(), 1, "the rest, then stop");
-    assert_eq!(db.prune_history(before, 2).unwrap(), 0);
-    let left: Vec<i64> = db.history(None).unwrap().iter().map(|r| r.seq).collect();
-    assert_eq!(left, vec![held, recent, behind_recent]);
-});
+on_both!(
+    pruning_keeps_a_rotation_under_way_and_stops_at_the_first_recent_row,
+    |db: &StateDb| {
+        let _done = row_at(db, "a/1", Some("r-done"), days(500));
+        let held = row_at(db, "b/2", Some("r-held"), days(499));
+        row_at(db, "a/1", None, days(498));
+        row_at(db, "a/1", None, days(497));
+        let recent = row_at(db, "a/1", None, days(10));
+        let behind_recent = row_at(db, "a/1", None, days(450));
+        let before = days(400);
+        assert_eq!(db.prune_history(before, 2).unwrap(), 2, "a full batch");
+        assert_eq!(
+            db.prune_history(before, 2).unwrap(),
+            1,
+            "the rest, then stop"
+        );
+        assert_eq!(db.prune_history(before, 2).unwrap(), 0);
+        let left: Vec<i64> = db.history(None).unwrap().iter().map(|r| r.seq).collect();
+        assert_eq!(left, vec![held, recent, behind_recent]);
+    }
+);
 
 on_both!(history_pages_filters_and_tails, |db: &StateDb| {
     let mut seqs = vec![];
@@ -176,36 +236,70 @@ on_both!(history_pages_filters_and_tails, |db: &StateDb| {
     assert_eq!(page.iter().map(|r| r.seq).collect::<Vec<_>>(), seqs[..3]);
     let next = db.history_page(&all, page[2].seq, 3).unwrap();
     assert_eq!(next.iter().map(|r| r.seq).collect::<Vec<_>>(), seqs[3..6]);
-    let a = HistoryFilter { subscription: Some("a/1"), since: Some(days(6)) };
+    let a = HistoryFilter {
+        subscription: Some("a/1"),
+        since: Some(days(6)),
+    };
     let rows = db.history_page(&a, 0, 100).unwrap();
-    assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![seqs[4], seqs[6]]);
+    assert_eq!(
+        rows.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        vec![seqs[4], seqs[6]]
+    );
     assert!(rows.iter().all(|r| r.subscription == "a/1"));
-    let start = db.history_tail_start(&HistoryFilter { subscription: Some("b/2"), since: None }, 2).unwrap();
-    let tail = db.history_page(&HistoryFilter { subscription: Some("b/2"), since: None }, start, 100).unwrap();
-    assert_eq!(tail.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![seqs[3], seqs[5]]);
-    assert_eq!(db.history_tail_start(&all, 0).unwrap(), db.last_seq().unwrap());
+    let start = db
+        .history_tail_start(
+            &HistoryFilter {
+                subscription: Some("b/2"),
+                since: None,
+            },
+            2,
+        )
+        .unwrap();
+    let tail = db
+        .history_page(
+            &HistoryFilter {
+                subscription: Some("b/2"),
+                since: None,
+            },
+            start,
+            100,
+        )
+        .unwrap();
+    assert_eq!(
+        tail.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        vec![seqs[3], seqs[5]]
+    );
+    assert_eq!(
+        db.history_tail_start(&all, 0).unwrap(),
+        db.last_seq().unwrap()
+    );
     assert_eq!(db.history_after(seqs[5], 10).unwrap().len(), 1);
 });
 
-on_both!(a_fleet_is_adopted_in_one_pass_and_its_due_times_set, |db: &StateDb| {
-    let names: Vec<String> = (0..100).map(|i| format!("fintoro/{i:03}")).collect();
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let mut seen = vec![];
-    db.load_or_create_many(&refs, now(), |r| seen.push(r.name)).unwrap();
-    seen.sort();
-    assert_eq!(seen, names);
-    let few = &refs[..3];
-    let mut again = 0;
-    db.load_or_create_many(few, now(), |_| again += 1).unwrap();
-    assert_eq!(again, 3);
-    assert_eq!(db.names().unwrap().len(), 100);
-    let due = now() + chrono::Duration::hours(1);
-    db.set_next_due(&[(names[0].clone(), Some(due)), (names[1].clone(), None)]).unwrap();
-    let all = db.load_all().unwrap();
-    assert_eq!(all.len(), 100);
-    assert_eq!(all[0].next_due_at, Some(due));
-    assert_eq!(all[1].next_due_at, None);
-});
+on_both!(
+    a_fleet_is_adopted_in_one_pass_and_its_due_times_set,
+    |db: &StateDb| {
+        let names: Vec<String> = (0..100).map(|i| format!("fintoro/{i:03}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut seen = vec![];
+        db.load_or_create_many(&refs, now(), |r| seen.push(r.name))
+            .unwrap();
+        seen.sort();
+        assert_eq!(seen, names);
+        let few = &refs[..3];
+        let mut again = 0;
+        db.load_or_create_many(few, now(), |_| again += 1).unwrap();
+        assert_eq!(again, 3);
+        assert_eq!(db.names().unwrap().len(), 100);
+        let due = now() + chrono::Duration::hours(1);
+        db.set_next_due(&[(names[0].clone(), Some(due)), (names[1].clone(), None)])
+            .unwrap();
+        let all = db.load_all().unwrap();
+        assert_eq!(all.len(), 100);
+        assert_eq!(all[0].next_due_at, Some(due));
+        assert_eq!(all[1].next_due_at, None);
+    }
+);
 
 on_both!(evidence_and_failure_tallies_round_trip, |db: &StateDb| {
     use rekey::evidence::{Evidence, FailureCount, Failures};
@@ -258,7 +352,10 @@ async fn postgres_concurrent_first_starts_all_succeed_and_reopening_keeps_the_st
                 })
             })
             .collect();
-        openers.into_iter().filter_map(|h| h.join().unwrap()).collect()
+        openers
+            .into_iter()
+            .filter_map(|h| h.join().unwrap())
+            .collect()
     });
     assert!(errors.is_empty(), "{errors:#?}");
     let db = StateDb::open_at(Location::Postgres(&settings)).unwrap();
@@ -270,17 +367,33 @@ async fn postgres_concurrent_first_starts_all_succeed_and_reopening_keeps_the_st
 async fn postgres_read_only_open_creates_nothing_and_a_newer_schema_is_refused() {
     let pg = database().await;
     let settings = pg.settings();
-    assert!(StateDb::open_read_only_at(Location::Postgres(&settings)).unwrap().is_none());
-    assert_eq!(pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"), "0");
+    assert!(
+        StateDb::open_read_only_at(Location::Postgres(&settings))
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"),
+        "0"
+    );
     drop(StateDb::open_at(Location::Postgres(&settings)).unwrap());
-    let ro = StateDb::open_read_only_at(Location::Postgres(&settings)).unwrap().unwrap();
+    let ro = StateDb::open_read_only_at(Location::Postgres(&settings))
+        .unwrap()
+        .unwrap();
     assert!(ro.add_request("fintoro/801", now()).is_err(), "read only");
     pg.psql("UPDATE rekey_schema SET version = 7");
     for err in [
-        StateDb::open_at(Location::Postgres(&settings)).err().unwrap(),
-        StateDb::open_read_only_at(Location::Postgres(&settings)).err().unwrap(),
+        StateDb::open_at(Location::Postgres(&settings))
+            .err()
+            .unwrap(),
+        StateDb::open_read_only_at(Location::Postgres(&settings))
+            .err()
+            .unwrap(),
     ] {
-        assert!(matches!(err, StateError::PostgresSchema { found: 7, .. }), "{err}");
+        assert!(
+            matches!(err, StateError::PostgresSchema { found: 7, .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains(&settings.url), "{err}");
     }
 }
@@ -290,13 +403,22 @@ async fn postgres_a_wrong_password_or_unreachable_server_is_a_clear_error_withou
     let pg: TestDb = database().await;
     let mut settings = pg.settings();
     settings.password = Some("not-the-password-9d2".to_string().into());
-    let err = StateDb::open_at(Location::Postgres(&settings)).err().unwrap().to_string();
+    let err = StateDb::open_at(Location::Postgres(&settings))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("password authentication failed"), "{err}");
     assert!(!err.contains("not-the-password-9d2"), "{err}");
     let mut gone = pg.settings();
     gone.connect.port(crate::support::util::free_port());
     let started = std::time::Instant::now();
-    let err = StateDb::open_at(Location::Postgres(&gone)).err().unwrap().to_string();
-    assert!(err.contains("127.0.0.1") || err.contains("refused"), "{err}");
+    let err = StateDb::open_at(Location::Postgres(&gone))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("127.0.0.1") || err.contains("refused"),
+        "{err}"
+    );
     assert!(started.elapsed() < Duration::from_secs(10));
 }

@@ -94,10 +94,7 @@ impl TestDb {
     }
 
     pub fn settings_for(&self, cluster: &str, lease: Duration) -> PgSettings {
-        let connect = format!(
-            "postgres://{USER}@127.0.0.1:{}/{}",
-            self.port, self.name
-        );
+        let connect = format!("postgres://{USER}@127.0.0.1:{}/{}", self.port, self.name);
         PgSettings {
             url: connect.clone(),
             connect: connect.parse().unwrap(),
@@ -112,7 +109,9 @@ impl TestDb {
 
     /// Runs SQL in this database as the superuser; the output, unaligned.
     pub fn psql(&self, sql: &str) -> String {
-        server().psql(&self.name, sql).unwrap_or_else(|e| panic!("{e}"))
+        server()
+            .psql(&self.name, sql)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 }
 
@@ -149,7 +148,14 @@ fn server_user() -> Option<String> {
             .status()
             .is_ok_and(|s| s.success())
     };
-    Some(if exists("postgres") { "postgres" } else { "nobody" }.to_string())
+    Some(
+        if exists("postgres") {
+            "postgres"
+        } else {
+            "nobody"
+        }
+        .to_string(),
+    )
 }
 
 fn id_of(user: &str, flag: &str) -> u32 {
@@ -229,7 +235,10 @@ impl Server {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| format!("cannot start postgres: {e}"))?;
-        let lifeline = child.stdin.take().ok_or("no stdin for the server's shell")?;
+        let lifeline = child
+            .stdin
+            .take()
+            .ok_or("no stdin for the server's shell")?;
         let server = Server {
             dir,
             bindir,
