@@ -17,7 +17,8 @@ use crate::policy_timing::{self, CatchUp};
 use crate::rotation::Trigger;
 use crate::signals::Signals;
 use crate::state::{
-    Ask, HISTORY_PAGE, HistoryFilter, HistoryRow, Location, PG_SCHEMA_VERSION, PgSettings, StateDb,
+    Ask, HISTORY_PAGE, HistoryFilter, HistoryRow, Leadership, Location, PG_SCHEMA_VERSION,
+    PgSettings, StateDb,
 };
 use crate::status;
 
@@ -283,14 +284,42 @@ async fn run(path: &Path, once: bool, force: Vec<String>) -> u8 {
         }
     };
     if once {
+        if let Some(code) = lead_once(&db) {
+            return code;
+        }
         let jobs = force
             .iter()
             .map(|f| (f.clone(), Job::Start(Trigger::Forced)))
             .collect();
         crate::once::prune_history(&engine);
-        crate::once::run(&engine, &lock, signals, jobs, true).await
+        let code = crate::once::run(&engine, &lock, signals, jobs, true).await;
+        if let Some(Err(e)) = db.shared().map(|pg| pg.release()) {
+            eprintln!("rekey: cannot release the cluster lease (it runs out by itself): {e}");
+        }
+        code
     } else {
         crate::daemon::run(path, Arc::new(engine), db, force, signals, &lock).await
+    }
+}
+
+/// A one-shot pass on a shared state acts only as the cluster's leader: `None` when
+/// it took the lease, else the exit code (another instance leads: it does the work).
+fn lead_once(db: &StateDb) -> Option<u8> {
+    let pg = db.shared()?;
+    match pg.try_lead(&crate::daemon::holder_name()) {
+        Ok(Leadership::Leading { .. }) => None,
+        Ok(Leadership::Standby { leader }) => {
+            eprintln!(
+                "rekey: {} leads cluster `{}`: it does the work; nothing done here",
+                leader.holder,
+                pg.settings().cluster
+            );
+            Some(exit::TEMPFAIL)
+        }
+        Err(e) => {
+            eprintln!("rekey: {e}");
+            Some(exit::SOFTWARE)
+        }
     }
 }
 
@@ -334,6 +363,43 @@ fn wake_daemon(pid: u32) -> Result<(), String> {
     let raw = i32::try_from(pid).map_err(|_| format!("pid {pid} is out of range"))?;
     let target = Pid::from_raw(raw).ok_or(format!("pid {pid} is not a process id"))?;
     kill_process(target, Signal::USR1).map_err(|e| format!("cannot signal pid {pid}: {e}"))
+}
+
+/// With the state shared in PostgreSQL: records `ask` there for whichever instance
+/// leads the cluster (it looks every `renew_every`), from any host.
+fn hand_over_shared(config: &Config, what: &str, ask: Ask<'_>) -> u8 {
+    let db = match open_db(config) {
+        Ok(db) => db,
+        Err(code) => return code,
+    };
+    if let Err(e) = db.ask(ask, chrono::Utc::now(), || ()) {
+        eprintln!("rekey: {e}");
+        return exit::SOFTWARE;
+    }
+    let Some(pg) = db.shared() else {
+        return exit::SOFTWARE;
+    };
+    let cluster = &pg.settings().cluster;
+    match pg.leader() {
+        Ok(Some(l)) if l.live => {
+            println!(
+                "{what}: recorded in the shared state; {} leads cluster `{cluster}` and takes it within {}; follow it with `rekey status` and `rekey history`",
+                l.holder,
+                humantime::format_duration(pg.settings().renew_every)
+            );
+            exit::OK
+        }
+        Ok(_) => {
+            eprintln!(
+                "rekey: {what}: recorded in the shared state, but no instance leads cluster `{cluster}` now; the next to lead takes it"
+            );
+            exit::TEMPFAIL
+        }
+        Err(e) => {
+            eprintln!("rekey: {what}: recorded, but the cluster's leader cannot be read: {e}");
+            exit::TEMPFAIL
+        }
+    }
 }
 
 /// Records `ask` for the rekey holding the state directory and tells the operator
@@ -424,6 +490,9 @@ async fn here_or_hand_over(
     ask: Ask<'_>,
     jobs: BTreeMap<String, Job>,
 ) -> u8 {
+    if config.state.postgres.is_some() {
+        return hand_over_shared(config, what, ask);
+    }
     let signals = match install_signals() {
         Ok(s) => s,
         Err(code) => return code,

@@ -973,6 +973,9 @@ fn validate(
     let daemon = validate_daemon(&mut c, raw.daemon);
     let metrics_listen = validate_metrics(&mut c, raw.metrics);
     let state = validate_state(&mut c, raw.state, env);
+    if let Some(pg) = &state.postgres {
+        lease_covers_rotate_calls(&mut c, pg, &providers.valid);
+    }
 
     if !c.problems.is_empty() {
         return Err(ConfigError {
@@ -1824,6 +1827,29 @@ fn validate_postgres(
     })
 }
 
+/// A rotate call starts only while the cluster lease outlasts its timeout (it cannot
+/// be fenced like a write), so every provider's timeout must fit in a lease.
+fn lease_covers_rotate_calls(
+    c: &mut Checker,
+    pg: &PostgresSettings,
+    providers: &[ProviderSettings],
+) {
+    let usable = pg.lease - pg.lease / 10;
+    for p in providers {
+        if p.timeout + Duration::from_secs(1) > usable {
+            c.problem(
+                "state.lease",
+                format!(
+                    "{} leaves too little for provider `{}`'s timeout of {}: a rotate call starts only while the lease outlasts it (a tenth of the lease and 1s kept back); raise state.lease or lower that provider's timeout",
+                    humantime::format_duration(pg.lease),
+                    p.name,
+                    humantime::format_duration(p.timeout)
+                ),
+            );
+        }
+    }
+}
+
 /// `url` without its query string (where the TLS parameters are).
 fn strip_query(url: &str) -> String {
     url.split_once('?')
@@ -2370,8 +2396,12 @@ company = "550e8400-e29b-41d4-a716-446655440000"
     #[test]
     fn a_postgres_state_takes_its_password_from_a_file_or_the_environment_never_the_url() {
         let with = |v: &str| GOOD.to_string() + &format!("\n[state]\n{v}\n");
+        // The default lease (15s) cannot cover the default provider timeout (30s).
+        let err = load(&with("url = \"postgres://rekey@db.example:5432/rekey\"")).unwrap_err();
+        assert_eq!(err.problems[0].key, "state.lease", "{err}");
+        assert!(err.to_string().contains("timeout of 30s"), "{err}");
         let c = load(&with(
-            "url = \"postgres://rekey@db.example:5432/rekey?sslmode=verify-full\"",
+            "url = \"postgres://rekey@db.example:5432/rekey?sslmode=verify-full\"\nlease = \"40s\"",
         ))
         .unwrap();
         let pg = c.state.postgres.unwrap();
@@ -2379,7 +2409,7 @@ company = "550e8400-e29b-41d4-a716-446655440000"
         assert!(pg.tls && pg.password.is_none());
         assert_eq!(
             (pg.cluster.as_str(), pg.lease, pg.renew_every),
-            ("default", Duration::from_secs(15), Duration::from_secs(5))
+            ("default", Duration::from_secs(40), Duration::from_secs(5))
         );
         let env = BTreeMap::from([("PGPASSWORD".to_string(), "from-env".to_string())]);
         let dir = tempfile::tempdir().unwrap();
@@ -2388,7 +2418,7 @@ company = "550e8400-e29b-41d4-a716-446655440000"
         let p = dir.path().join("rekey.toml");
         std::fs::write(
             &p,
-            with("url = \"postgres://rekey@127.0.0.1/rekey?sslmode=disable\""),
+            with("url = \"postgres://rekey@127.0.0.1/rekey?sslmode=disable\"\nlease = \"1m\""),
         )
         .unwrap();
         let pg = Config::load_with(&p, &env, false)

@@ -101,6 +101,9 @@ pub enum Control {
     Reload(Arc<Engine>),
     /// SIGTERM/SIGINT: stop starting steps and drain. A second one stops waiting.
     Stop,
+    /// The cluster's lease is lost: drain as for `Stop`, but the process stays (a
+    /// standby), so systemd is not told it stops.
+    StepDown,
 }
 
 /// Why a subscription is being advanced.
@@ -309,6 +312,7 @@ impl Scheduler {
         let mut next = self.pass();
         notify(&[Notify::Ready]);
         tracing::info!(subscriptions = self.fleet.len(), "scheduler ready");
+        let mut stepping_down = false;
         loop {
             self.report_status(next);
             self.count_history();
@@ -340,16 +344,22 @@ impl Scheduler {
                         self.refresh_subscriptions(true).await;
                     }
                     Some(Control::Stop) | None => break,
+                    Some(Control::StepDown) => {
+                        stepping_down = true;
+                        break;
+                    }
                 },
             }
             self.refresh_subscriptions(false).await;
             next = self.pass();
         }
-        self.drain(&mut control).await;
+        self.drain(&mut control, stepping_down).await;
     }
-    async fn drain(&mut self, control: &mut mpsc::Receiver<Control>) {
+    async fn drain(&mut self, control: &mut mpsc::Receiver<Control>, stepping_down: bool) {
         self.stop.store(true, Ordering::SeqCst);
-        notify(&[Notify::Stopping]);
+        if !stepping_down {
+            notify(&[Notify::Stopping]);
+        }
         let timeout = self.engine.config().daemon.drain_timeout;
         tracing::info!(
             in_flight = self.running.len(),
@@ -367,7 +377,7 @@ impl Scheduler {
                     );
                     break;
                 }
-                msg = control.recv() => if matches!(msg, Some(Control::Stop)) {
+                msg = control.recv() => if matches!(msg, Some(Control::Stop | Control::StepDown)) {
                     tracing::warn!("second stop signal: exiting without waiting; every subscription resumes from its last saved state");
                     break;
                 },

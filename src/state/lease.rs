@@ -151,6 +151,20 @@ impl PgDb {
         }
     }
 
+    /// Renews the lease this instance holds now (before a provider call it cannot
+    /// take back), and says how long it may act on it: [`StateError::Deposed`]
+    /// when it holds none or lost it.
+    pub fn renew_now(&self) -> Result<Duration, StateError> {
+        let Some(f) = *lock(&self.fence) else {
+            return Err(self.deposed(0));
+        };
+        if f.deposed {
+            return Err(self.deposed(f.epoch));
+        }
+        self.renew(f.epoch)?;
+        self.lease_left().ok_or_else(|| self.deposed(f.epoch))
+    }
+
     /// Gives the lease up (a graceful stop), so a standby takes over at its next
     /// look instead of waiting for the lease to run out.
     pub fn release(&self) -> Result<(), StateError> {

@@ -832,6 +832,21 @@ impl PgDb {
             .collect())
     }
 
+    /// Whether an operator's request or decision waits: the leader looks every few
+    /// seconds, since a CLI on another host cannot signal it.
+    pub fn has_asks(&self) -> Result<bool, StateError> {
+        let sql = self.sql();
+        self.run(async |c| {
+            Ok(c.query_one(
+                "SELECT EXISTS (SELECT 1 FROM requests) OR EXISTS (SELECT 1 FROM operator_decisions)",
+                &[],
+            )
+            .await
+            .map_err(&sql)?
+            .get(0))
+        })
+    }
+
     pub fn saw_discovered(
         &self,
         name: &str,

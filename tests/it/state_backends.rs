@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rekey::rotation::{Phase, Transition};
 use rekey::secret::{ExposeSecret, Fingerprint, secret};
-use rekey::state::{Ask, HistoryFilter, Location, StateDb, StateError};
+use rekey::state::{Ask, HistoryFilter, Leadership, Location, StateDb, StateError};
 
 use crate::support::postgres::{TestDb, database};
 
@@ -421,4 +421,127 @@ async fn postgres_a_wrong_password_or_unreachable_server_is_a_clear_error_withou
         "{err}"
     );
     assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+/// Opens the PostgreSQL state of `pg` as one instance of `cluster`.
+fn instance(pg: &TestDb, cluster: &str, lease: Duration) -> StateDb {
+    StateDb::open_at(Location::Postgres(&pg.settings_for(cluster, lease))).unwrap()
+}
+
+fn lead(db: &StateDb, holder: &str) -> Leadership {
+    db.shared().unwrap().try_lead(holder).unwrap()
+}
+
+#[tokio::test]
+async fn lease_one_instance_leads_racers_and_each_cluster_has_its_own() {
+    let pg = database().await;
+    let racers: Vec<StateDb> = (0..6)
+        .map(|_| instance(&pg, "default", Duration::from_secs(15)))
+        .collect();
+    let start = std::sync::Barrier::new(racers.len());
+    let outcomes: Vec<Leadership> = std::thread::scope(|s| {
+        let handles: Vec<_> = (racers.iter().enumerate())
+            .map(|(i, db)| {
+                let start = &start;
+                s.spawn(move || {
+                    start.wait();
+                    lead(db, &format!("host:{i}"))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let leaders: Vec<_> = (outcomes.iter())
+        .filter(|o| matches!(o, Leadership::Leading { epoch: 1 }))
+        .collect();
+    assert_eq!(leaders.len(), 1, "{outcomes:?}");
+    let holder = match outcomes
+        .iter()
+        .find(|o| matches!(o, Leadership::Standby { .. }))
+    {
+        Some(Leadership::Standby { leader }) => leader.holder.clone(),
+        other => panic!("{other:?}"),
+    };
+    let i = outcomes
+        .iter()
+        .position(|o| matches!(o, Leadership::Leading { .. }))
+        .unwrap();
+    assert_eq!(holder, format!("host:{i}"), "standbys name the leader");
+    // A leader renews at its epoch; another cluster on the same database is apart.
+    assert_eq!(lead(&racers[i], "host:x"), Leadership::Leading { epoch: 1 });
+    let other = instance(&pg, "other", Duration::from_secs(15));
+    assert_eq!(lead(&other, "host:o"), Leadership::Leading { epoch: 1 });
+}
+
+#[tokio::test]
+async fn lease_a_deposed_leader_s_writes_are_refused_inside_their_transaction() {
+    let pg = database().await;
+    let a = instance(&pg, "default", Duration::from_secs(15));
+    let b = instance(&pg, "default", Duration::from_secs(15));
+    assert_eq!(lead(&a, "a"), Leadership::Leading { epoch: 1 });
+    let mut rec = a.load_or_create("fintoro/801", now()).unwrap();
+    rec.state.phase = Phase::Rotating;
+    a.save(&rec, None, now()).unwrap();
+    assert!(matches!(lead(&b, "b"), Leadership::Standby { .. }));
+    // `a` pauses past its lease (its expiry, on the database's clock, passes).
+    pg.psql("UPDATE rekey_lease SET expires_at = now() - interval '1 second'");
+    assert_eq!(lead(&b, "b"), Leadership::Leading { epoch: 2 });
+    rec.state.phase = Phase::Minted;
+    rec.state.pending_secret = Some(secret("whsec_from_the_deposed_leader"));
+    let t = Transition::note(Phase::Rotating, "test", "late".into());
+    for write in [
+        a.save(&rec, Some(&t), now()),
+        a.set_next_due(&[("fintoro/801".into(), Some(now()))]),
+        a.take_asks(|_| {}).map(|_| ()),
+        a.mark_vanished("x/1", now()),
+    ] {
+        assert!(
+            matches!(write, Err(StateError::Deposed { epoch: 1, .. })),
+            "{write:?}"
+        );
+    }
+    assert!(a.shared().unwrap().is_deposed());
+    assert_eq!(
+        b.load("fintoro/801").unwrap().unwrap().state.phase,
+        Phase::Rotating
+    );
+    assert!(
+        b.history(None).unwrap().is_empty(),
+        "nothing from the old epoch"
+    );
+    // The new leader writes; the old one, leading again only after a takeover of
+    // its own, would get a new epoch.
+    b.save(&rec, Some(&t), now()).unwrap();
+    assert!(matches!(lead(&a, "a"), Leadership::Standby { .. }));
+}
+
+#[tokio::test]
+async fn lease_a_leader_steps_down_by_its_own_clock_and_a_release_hands_over_at_once() {
+    let pg = database().await;
+    let lease = Duration::from_millis(600);
+    let a = instance(&pg, "default", lease);
+    let b = instance(&pg, "default", lease);
+    assert_eq!(lead(&a, "a"), Leadership::Leading { epoch: 1 });
+    let pa = a.shared().unwrap();
+    assert!(pa.lease_left().unwrap() <= lease - lease / 10);
+    // No renewal for a whole lease: `a` stops trusting it before anyone could take
+    // over, and refuses its own write without asking the database.
+    std::thread::sleep(lease);
+    assert!(pa.is_deposed());
+    let rec = a.load_or_create("fintoro/801", now());
+    assert!(matches!(rec, Err(StateError::Deposed { .. })), "{rec:?}");
+    assert_eq!(
+        lead(&a, "a"),
+        Leadership::Leading { epoch: 2 },
+        "takes it afresh"
+    );
+    pa.release().unwrap();
+    assert_eq!(
+        lead(&b, "b"),
+        Leadership::Leading { epoch: 3 },
+        "released: no wait"
+    );
+    let pb = b.shared().unwrap();
+    assert_eq!(pb.epoch(), Some(3));
+    assert!(pb.renew_now().unwrap() > Duration::from_millis(400));
 }
