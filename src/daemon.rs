@@ -170,7 +170,8 @@ impl Acting<'_> {
                     });
                 }
                 _ = &mut lease, if !deposed && !stopping => {
-                    tracing::error!("the cluster lease is lost: this instance stops acting (its writes are refused) and drains");
+                    let refused = self.db.shared().map_or(0, |pg| pg.refused_writes());
+                    tracing::error!(refused_writes = refused, "the cluster lease is lost: this instance stops acting (its writes are refused) and drains");
                     deposed = true;
                     let _ = tx.send(Control::StepDown).await;
                 }

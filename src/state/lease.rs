@@ -260,7 +260,14 @@ impl PgDb {
         Ok(())
     }
 
+    /// How many writes this instance had refused for want of the lease.
+    pub fn refused_writes(&self) -> u64 {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn mark_deposed(&self) {
+        self.refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(f) = lock(&self.fence).as_mut() {
             f.deposed = true;
         }

@@ -131,6 +131,8 @@ pub struct PgDb {
     commits: AtomicU64,
     synced: AtomicU64,
     pub(super) fence: super::lease::FenceCell,
+    /// Writes refused because the lease was lost (see [`super::lease`]).
+    pub(super) refused: AtomicU64,
 }
 
 impl Drop for PgDb {
@@ -196,6 +198,7 @@ impl PgDb {
             commits: AtomicU64::new(0),
             synced: AtomicU64::new(0),
             fence: Default::default(),
+            refused: AtomicU64::new(0),
         };
         db.run(async |_| Ok(()))?;
         Ok(db)

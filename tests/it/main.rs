@@ -16,6 +16,7 @@ mod mixed;
 mod monite;
 mod once;
 mod poll_writes;
+mod postgres_ha;
 mod postgres_state;
 mod provider_faults;
 mod rvault_smoke;

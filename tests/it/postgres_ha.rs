@@ -1,0 +1,240 @@
+//! Two real `rekey run` daemons sharing one PostgreSQL state (one cluster): exactly
+//! one leads; when it is killed at a crash point of a rotation, the standby takes
+//! over within the lease and finishes the rotation with the provider's live secret
+//! in Vault; a leader paused past its lease has its writes refused and stands by,
+//! and the provider is never asked to rotate twice for it.
+
+use std::time::{Duration, Instant};
+
+use rustix::process::Signal;
+
+use crate::postgres_state::use_postgres;
+use crate::support::daemon::{Daemon, until_state};
+use crate::support::postgres::{TestDb, database};
+use crate::support::rekey::Rekey;
+use crate::support::util::s;
+use crate::support::world::World;
+
+/// The lease the tests run with: short, so that failovers are quick, and still
+/// longer than the simulators' 2 s provider timeout plus a tenth and 1 s.
+const LEASE: Duration = Duration::from_secs(4);
+const RENEW: Duration = Duration::from_secs(1);
+/// How often a standby looks (`daemon::lead`), and slack for process scheduling on
+/// a busy 2-core machine.
+const STANDBY_LOOK: Duration = Duration::from_secs(1);
+const SLACK: Duration = Duration::from_millis(1500);
+
+/// For daemons whose sd-notify messages no test reads: a datagram socket nobody
+/// reads fills after a few messages and then blocks the sender, as systemd never
+/// would.
+const UNWATCHED: (&str, &str) = ("NOTIFY_SOCKET", "/nonexistent/rekey-test-notify");
+
+/// Points `rekey` at `pg` with the tests' lease.
+fn share(rekey: &Rekey, pg: &TestDb) {
+    use std::io::Write as _;
+    use_postgres(rekey, pg);
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&rekey.config)
+        .unwrap();
+    writeln!(
+        f,
+        "lease = \"{}s\"\nrenew_every = \"{}s\"",
+        LEASE.as_secs(),
+        RENEW.as_secs()
+    )
+    .unwrap();
+}
+
+/// A second host: the same config and credential files in a directory of its own
+/// (its own state directory and lock), the same database.
+fn second_host(first: &Rekey) -> Rekey {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(first.path()).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file() && !p.to_string_lossy().ends_with(".sock") {
+            std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let config = dir.path().join("rekey.toml");
+    Rekey {
+        dir,
+        config,
+        transcript: Default::default(),
+    }
+}
+
+/// The lease row: `(holder, epoch)`.
+fn lease_row(pg: &TestDb) -> (String, i64) {
+    let row = pg.psql("SELECT holder || '|' || epoch FROM rekey_lease");
+    let (holder, epoch) = row.split_once('|').unwrap_or_else(|| panic!("{row}"));
+    (holder.to_string(), epoch.parse().unwrap())
+}
+
+#[tokio::test]
+async fn two_daemons_racing_to_start_one_leads_and_a_graceful_stop_hands_over_within_a_second() {
+    let w = World::new().await;
+    let pg = database().await;
+    share(&w.rekey, &pg);
+    let other = second_host(&w.rekey);
+    let mut a = Daemon::start(&w.rekey, &[]).await;
+    let mut b = Daemon::start(&other, &[]).await;
+    let ready = [a.notified("READY=1").await, b.notified("READY=1").await];
+    let (holder, epoch) = lease_row(&pg);
+    assert_eq!(epoch, 1, "one takeover, no contention churn");
+    let (leader, standby, standby_ready) = if holder.ends_with(&format!(":{}", a.pid)) {
+        (&mut a, &mut b, &ready[1])
+    } else {
+        assert!(holder.ends_with(&format!(":{}", b.pid)), "{holder}");
+        (&mut b, &mut a, &ready[0])
+    };
+    leader.log_line(&["leading the cluster"]).await;
+    standby.log_line(&["standing by", &holder]).await;
+    assert!(
+        standby_ready.contains(&format!("STATUS=standby, leader is {holder}")),
+        "a standby is ready, and says who leads: {standby_ready}"
+    );
+    assert!(!standby.log().contains("leading the cluster"));
+
+    // `rekey status` from either host reads the one state; `rekey rotate` from the
+    // standby's host is taken by the leader through the database.
+    let out = other.run(&["rotate", &w.name]).await;
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        said.contains(&format!("{holder} leads cluster `default`")),
+        "{said}"
+    );
+    until_state(&w.rekey, &w.name, "confirming").await;
+    assert_eq!(w.sim.rotation_count(w.id), 1);
+
+    leader.signal(Signal::TERM);
+    let stopped = Instant::now();
+    assert_eq!(leader.exit(Duration::from_secs(30)).await.code(), Some(0));
+    standby.log_line(&["leading the cluster"]).await;
+    let handover = stopped.elapsed();
+    assert!(handover < STANDBY_LOOK + SLACK, "{handover:?}");
+    assert_eq!(lease_row(&pg).1, 2);
+    println!("graceful handover: {handover:?}");
+    w.until_evidence_counts().await;
+    assert!(w.sim.deliver(w.id, "clients.updated").await.success);
+    until_state(&w.rekey, &w.name, "idle").await;
+    assert_eq!(s(&w.entry().await, "current"), w.live());
+    assert_eq!(w.sim.rotation_count(w.id), 1);
+    standby.signal(Signal::TERM);
+    assert_eq!(standby.exit(Duration::from_secs(30)).await.code(), Some(0));
+    a.record(&w.rekey);
+    b.record(&w.rekey);
+    w.assert_no_leak(&[]);
+}
+
+/// Kills the leader at `point` of a forced rotation; the standby must take over
+/// within the lease and finish. Returns the takeover time and the rotations the
+/// provider made.
+async fn kill_the_leader_at(point: &'static str) -> (Duration, u32) {
+    let w = World::new().await;
+    let pg = database().await;
+    share(&w.rekey, &pg);
+    let other = second_host(&w.rekey);
+    let mut a = Daemon::start_with_env(
+        &w.rekey,
+        &["--force", &w.name],
+        &[("REKEY_FAILPOINT", point), UNWATCHED],
+    )
+    .await;
+    a.log_line(&["leading the cluster"]).await;
+    let mut b = Daemon::start_with_env(&other, &[], &[UNWATCHED]).await;
+    b.log_line(&["standing by"]).await;
+    a.log_line(&[rekey::failpoint::REACHED, point]).await;
+    a.signal(Signal::KILL);
+    let killed = Instant::now();
+    a.exit(Duration::from_secs(10)).await;
+    b.log_line(&["leading the cluster"]).await;
+    let takeover = killed.elapsed();
+    assert!(
+        takeover < LEASE + STANDBY_LOOK + SLACK,
+        "{point}: {takeover:?}"
+    );
+    // The standby resumes from the committed state as a restart would.
+    until_state(&w.rekey, &w.name, "confirming").await;
+    w.until_evidence_counts().await;
+    assert!(w.sim.deliver(w.id, "clients.updated").await.success);
+    until_state(&w.rekey, &w.name, "idle").await;
+    let entry = w.entry().await;
+    assert_eq!(s(&entry, "current"), w.live(), "{point}");
+    assert!(entry.get("previous").is_none(), "{point}: {entry}");
+    b.signal(Signal::TERM);
+    b.exit(Duration::from_secs(30)).await;
+    a.record(&w.rekey);
+    b.record(&w.rekey);
+    w.assert_no_leak(&[]);
+    (takeover, w.sim.rotation_count(w.id))
+}
+
+#[tokio::test]
+async fn the_standby_finishes_a_rotation_whose_leader_was_killed_at_a_crash_point() {
+    let points = [
+        ("after:rotate-sent", 1),
+        ("after:rotate-call", 2),
+        ("after:rotate-succeeded", 1),
+        ("after:publish-write", 1),
+        ("after:published", 1),
+    ];
+    let runs = points.map(|(point, _)| tokio::spawn(kill_the_leader_at(point)));
+    let mut takeovers = vec![];
+    for ((point, rotations), run) in points.into_iter().zip(runs) {
+        let (takeover, made) = run.await.unwrap_or_else(|e| panic!("{point}: {e}"));
+        assert_eq!(made, rotations, "{point}: rotations at the provider");
+        println!("failover after kill -9 at {point}: takeover {takeover:?}, {made} rotation(s)");
+        takeovers.push(takeover);
+    }
+    takeovers.sort();
+    println!(
+        "failover: takeover median {:?}, max {:?} (lease {LEASE:?}, renew {RENEW:?})",
+        takeovers[takeovers.len() / 2],
+        takeovers[takeovers.len() - 1]
+    );
+}
+
+#[tokio::test]
+async fn a_leader_paused_past_its_lease_is_refused_and_stands_by_with_no_second_rotate_call() {
+    let w = World::new().await;
+    let pg = database().await;
+    share(&w.rekey, &pg);
+    let other = second_host(&w.rekey);
+    let mut a = Daemon::start_with_env(&w.rekey, &["--force", &w.name], &[UNWATCHED]).await;
+    a.log_line(&["leading the cluster"]).await;
+    let mut b = Daemon::start_with_env(&other, &[], &[UNWATCHED]).await;
+    b.log_line(&["standing by"]).await;
+    until_state(&w.rekey, &w.name, "confirming").await;
+
+    a.signal(Signal::STOP);
+    let paused = Instant::now();
+    b.log_line(&["leading the cluster"]).await;
+    let takeover = paused.elapsed();
+    assert!(takeover < LEASE + STANDBY_LOOK + SLACK, "{takeover:?}");
+    assert_eq!(lease_row(&pg).1, 2);
+    a.signal(Signal::CONT);
+    let line = a.log_line(&["the cluster lease is lost"]).await;
+    a.log_line(&["standing by"]).await;
+    println!("deposed leader: {line}");
+
+    w.until_evidence_counts().await;
+    assert!(w.sim.deliver(w.id, "clients.updated").await.success);
+    until_state(&w.rekey, &w.name, "idle").await;
+    assert_eq!(s(&w.entry().await, "current"), w.live());
+    assert_eq!(w.sim.rotation_count(w.id), 1, "no second rotate call");
+    // Everything after the takeover was written at epoch 2 by `b`: the history has
+    // one publication and one retirement.
+    let events: Vec<String> = (w.rekey.history(&w.name).await.iter())
+        .map(|h| s(h, "event"))
+        .collect();
+    let count = |e: &str| events.iter().filter(|x| *x == e).count();
+    assert_eq!((count("published"), count("retired")), (1, 1), "{events:?}");
+    for d in [&mut a, &mut b] {
+        d.signal(Signal::TERM);
+        assert_eq!(d.exit(Duration::from_secs(30)).await.code(), Some(0));
+    }
+    a.record(&w.rekey);
+    b.record(&w.rekey);
+    w.assert_no_leak(&[]);
+}
