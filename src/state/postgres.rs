@@ -68,7 +68,8 @@ const PG_SCHEMA_1: &str = "
         to_phase TEXT NOT NULL,
         event TEXT NOT NULL,
         detail TEXT NOT NULL,
-        evidence TEXT
+        evidence TEXT,
+        epoch BIGINT
     );
     CREATE INDEX history_by_subscription ON history (subscription, seq);
     CREATE TABLE requests (
@@ -624,10 +625,11 @@ impl PgDb {
                     .evidence
                     .as_ref()
                     .and_then(|e| serde_json::to_string(e).ok());
+                let epoch = self.epoch();
                 tx.execute(
                     "INSERT INTO history (subscription, at, rotation_id, from_phase, to_phase,
-                        event, detail, evidence)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                        event, detail, evidence, epoch)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                     &[
                         &record.name,
                         &ts1(now),
@@ -637,6 +639,7 @@ impl PgDb {
                         &t.event,
                         &t.detail,
                         &evidence,
+                        &epoch,
                     ],
                 )
                 .await

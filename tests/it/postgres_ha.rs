@@ -15,8 +15,9 @@ use crate::support::rekey::Rekey;
 use crate::support::util::s;
 use crate::support::world::World;
 
-/// The lease the tests run with: short, so that failovers are quick, and still
-/// longer than the simulators' 2 s provider timeout plus a tenth and 1 s.
+/// The lease the tests run with (`use_postgres` writes it): short, so that failovers
+/// are quick, and still longer than the simulators' 2 s provider timeout plus a
+/// tenth and 1 s.
 const LEASE: Duration = Duration::from_secs(4);
 const RENEW: Duration = Duration::from_secs(1);
 /// How often a standby looks (`daemon::lead`), and slack for process scheduling on
@@ -29,21 +30,9 @@ const SLACK: Duration = Duration::from_millis(1500);
 /// would.
 const UNWATCHED: (&str, &str) = ("NOTIFY_SOCKET", "/nonexistent/rekey-test-notify");
 
-/// Points `rekey` at `pg` with the tests' lease.
+/// Points `rekey` at `pg`, with [`LEASE`] and [`RENEW`].
 fn share(rekey: &Rekey, pg: &TestDb) {
-    use std::io::Write as _;
     use_postgres(rekey, pg);
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&rekey.config)
-        .unwrap();
-    writeln!(
-        f,
-        "lease = \"{}s\"\nrenew_every = \"{}s\"",
-        LEASE.as_secs(),
-        RENEW.as_secs()
-    )
-    .unwrap();
 }
 
 /// A second host: the same config and credential files in a directory of its own
@@ -69,6 +58,24 @@ fn lease_row(pg: &TestDb) -> (String, i64) {
     let row = pg.psql("SELECT holder || '|' || epoch FROM rekey_lease");
     let (holder, epoch) = row.split_once('|').unwrap_or_else(|| panic!("{row}"));
     (holder.to_string(), epoch.parse().unwrap())
+}
+
+/// The fencing invariant, from the history (each row carries the epoch it was
+/// written under): once a row of a newer epoch is committed, no row of an older
+/// one follows it.
+fn assert_no_write_under_an_old_epoch(pg: &TestDb) {
+    let late = pg.psql(
+        "SELECT count(*) FROM history h WHERE EXISTS
+            (SELECT 1 FROM history n WHERE n.seq < h.seq AND n.epoch > h.epoch)",
+    );
+    assert_eq!(
+        late, "0",
+        "rows written under an old epoch after a newer one"
+    );
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM history WHERE epoch IS NULL"),
+        "0"
+    );
 }
 
 #[tokio::test]
@@ -122,6 +129,7 @@ async fn two_daemons_racing_to_start_one_leads_and_a_graceful_stop_hands_over_wi
     assert_eq!(w.sim.rotation_count(w.id), 1);
     standby.signal(Signal::TERM);
     assert_eq!(standby.exit(Duration::from_secs(30)).await.code(), Some(0));
+    assert_no_write_under_an_old_epoch(&pg);
     a.record(&w.rekey);
     b.record(&w.rekey);
     w.assert_no_leak(&[]);
@@ -164,6 +172,7 @@ async fn kill_the_leader_at(point: &'static str) -> (Duration, u32) {
     assert!(entry.get("previous").is_none(), "{point}: {entry}");
     b.signal(Signal::TERM);
     b.exit(Duration::from_secs(30)).await;
+    assert_no_write_under_an_old_epoch(&pg);
     a.record(&w.rekey);
     b.record(&w.rekey);
     w.assert_no_leak(&[]);
@@ -234,6 +243,8 @@ async fn a_leader_paused_past_its_lease_is_refused_and_stands_by_with_no_second_
         d.signal(Signal::TERM);
         assert_eq!(d.exit(Duration::from_secs(30)).await.code(), Some(0));
     }
+    assert_no_write_under_an_old_epoch(&pg);
+    assert_eq!(pg.psql("SELECT max(epoch) FROM history"), "2");
     a.record(&w.rekey);
     b.record(&w.rekey);
     w.assert_no_leak(&[]);

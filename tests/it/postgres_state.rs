@@ -14,7 +14,24 @@ pub fn use_postgres(rekey: &Rekey, pg: &TestDb) {
         .append(true)
         .open(&rekey.config)
         .unwrap();
-    write!(f, "\n{}", pg.state_section()).unwrap();
+    write!(
+        f,
+        "\n{}lease = \"4s\"\nrenew_every = \"1s\"\n",
+        pg.state_section()
+    )
+    .unwrap();
+}
+
+/// Waits (bounded) until the cluster lease a killed process held has run out.
+pub async fn until_lease_expires(pg: &TestDb) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while pg.psql("SELECT count(*) FROM rekey_lease WHERE expires_at > now()") != "0" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lease never ran out"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
@@ -42,6 +59,15 @@ async fn a_rotation_with_the_state_in_postgres_completes_and_leaves_no_secret_in
         pg.psql("SELECT count(*) FROM subscriptions WHERE pending_secret IS NOT NULL"),
         "1"
     );
+    // The killed run's lease still runs: a one-shot pass does not act beside it.
+    let refused = w.rekey.once(&[]).await;
+    assert_exit(&refused, 75);
+    assert!(
+        stderr(&refused).contains("leads cluster `default`"),
+        "{}",
+        stderr(&refused)
+    );
+    until_lease_expires(&pg).await;
     assert_exit(&w.rekey.once(&[]).await, 0);
     let entry = w.entry().await;
     assert_eq!(s(&entry, "current"), w.live());
