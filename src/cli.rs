@@ -615,7 +615,9 @@ fn status_cmd(path: &Path, json: bool) -> u8 {
     let printed = if json {
         print_json(&rows)
     } else {
-        print_out(&status::table(&rows, now))
+        let mut text = status::table(&rows, now);
+        text.push_str(&leader_line(db.as_ref()));
+        print_out(&text)
     };
     if let Err(code) = printed {
         return code;
@@ -627,6 +629,22 @@ fn status_cmd(path: &Path, json: bool) -> u8 {
         exit::FAILED
     } else {
         exit::OK
+    }
+}
+
+/// With a state shared by a cluster: which instance leads it, as a status line.
+fn leader_line(db: Option<&StateDb>) -> String {
+    let Some(pg) = db.and_then(StateDb::shared) else {
+        return String::new();
+    };
+    let cluster = &pg.settings().cluster;
+    match pg.leader() {
+        Ok(Some(l)) if l.live => format!(
+            "cluster `{cluster}`: led by {} (epoch {})\n",
+            l.holder, l.epoch
+        ),
+        Ok(_) => format!("cluster `{cluster}`: no instance leads now\n"),
+        Err(e) => format!("cluster `{cluster}`: leader unknown: {e}\n"),
     }
 }
 

@@ -53,6 +53,26 @@ fn second_host(first: &Rekey) -> Rekey {
     }
 }
 
+/// Adds `[metrics] listen` on a free port to `rekey`'s config; returns the port.
+fn listen_metrics(rekey: &Rekey) -> u16 {
+    use std::io::Write as _;
+    let port = crate::support::util::free_port();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&rekey.config)
+        .unwrap();
+    write!(f, "\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n").unwrap();
+    port
+}
+
+/// `GET /<path>` on a daemon's metrics listener: status and body.
+async fn get(port: u16, path: &str) -> (u16, String) {
+    let r = reqwest::get(format!("http://127.0.0.1:{port}/{path}"))
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
 /// The lease row: `(holder, epoch)`.
 fn lease_row(pg: &TestDb) -> (String, i64) {
     let row = pg.psql("SELECT holder || '|' || epoch FROM rekey_lease");
@@ -84,17 +104,19 @@ async fn two_daemons_racing_to_start_one_leads_and_a_graceful_stop_hands_over_wi
     let pg = database().await;
     share(&w.rekey, &pg);
     let other = second_host(&w.rekey);
+    let ports = [listen_metrics(&w.rekey), listen_metrics(&other)];
     let mut a = Daemon::start(&w.rekey, &[]).await;
     let mut b = Daemon::start(&other, &[]).await;
     let ready = [a.notified("READY=1").await, b.notified("READY=1").await];
     let (holder, epoch) = lease_row(&pg);
     assert_eq!(epoch, 1, "one takeover, no contention churn");
-    let (leader, standby, standby_ready) = if holder.ends_with(&format!(":{}", a.pid)) {
-        (&mut a, &mut b, &ready[1])
-    } else {
-        assert!(holder.ends_with(&format!(":{}", b.pid)), "{holder}");
-        (&mut b, &mut a, &ready[0])
-    };
+    let (leader, standby, standby_ready, [leader_port, standby_port]) =
+        if holder.ends_with(&format!(":{}", a.pid)) {
+            (&mut a, &mut b, &ready[1], ports)
+        } else {
+            assert!(holder.ends_with(&format!(":{}", b.pid)), "{holder}");
+            (&mut b, &mut a, &ready[0], [ports[1], ports[0]])
+        };
     leader.log_line(&["leading the cluster"]).await;
     standby.log_line(&["standing by", &holder]).await;
     assert!(
@@ -102,6 +124,27 @@ async fn two_daemons_racing_to_start_one_leads_and_a_graceful_stop_hands_over_wi
         "a standby is ready, and says who leads: {standby_ready}"
     );
     assert!(!standby.log().contains("leading the cluster"));
+    let (code, health) = get(standby_port, "healthz").await;
+    assert_eq!(
+        (code, health.as_str()),
+        (200, "ok, standby: another instance leads\n")
+    );
+    assert!(
+        get(standby_port, "metrics")
+            .await
+            .1
+            .contains("rekey_leader 0")
+    );
+    let metrics = get(leader_port, "metrics").await.1;
+    assert!(
+        metrics.contains("rekey_leader 1") && metrics.contains("rekey_lease_epoch 1"),
+        "{metrics}"
+    );
+    let status = String::from_utf8_lossy(&other.run(&["status"]).await.stdout).to_string();
+    assert!(
+        status.contains(&format!("cluster `default`: led by {holder} (epoch 1)")),
+        "{status}"
+    );
 
     // `rekey status` from either host reads the one state; `rekey rotate` from the
     // standby's host is taken by the leader through the database.
