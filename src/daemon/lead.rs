@@ -16,7 +16,7 @@ use crate::state::{Leadership, StateDb, StateError};
 
 /// How often a standby looks at the lease: a graceful stop releases it, so a
 /// standby takes over within this; a crash costs the lease's rest on top.
-const STANDBY_LOOK: Duration = Duration::from_secs(1);
+const STANDBY_LOOK: Duration = Duration::from_millis(500);
 
 /// How often a leader checks its own clock on the lease, between renewals.
 const TICK: Duration = Duration::from_millis(200);

@@ -22,7 +22,7 @@ const LEASE: Duration = Duration::from_secs(4);
 const RENEW: Duration = Duration::from_secs(1);
 /// How often a standby looks (`daemon::lead`), and slack for process scheduling on
 /// a busy 2-core machine.
-const STANDBY_LOOK: Duration = Duration::from_secs(1);
+const STANDBY_LOOK: Duration = Duration::from_millis(500);
 const SLACK: Duration = Duration::from_millis(1500);
 
 /// For daemons whose sd-notify messages no test reads: a datagram socket nobody
@@ -99,7 +99,8 @@ fn assert_no_write_under_an_old_epoch(pg: &TestDb) {
 }
 
 #[tokio::test]
-async fn two_daemons_racing_to_start_one_leads_and_a_graceful_stop_hands_over_within_a_second() {
+async fn two_daemons_racing_to_start_one_leads_and_a_graceful_stop_hands_over_without_waiting_out_the_lease()
+ {
     let w = World::new().await;
     let pg = database().await;
     share(&w.rekey, &pg);
@@ -201,10 +202,9 @@ async fn kill_the_leader_at(point: &'static str) -> (Duration, u32) {
     a.exit(Duration::from_secs(10)).await;
     b.log_line(&["leading the cluster"]).await;
     let takeover = killed.elapsed();
-    assert!(
-        takeover < LEASE + STANDBY_LOOK + SLACK,
-        "{point}: {takeover:?}"
-    );
+    // The promise: within the lease plus one renew interval (the standby looks
+    // twice as often as the leader renews).
+    assert!(takeover < LEASE + RENEW, "{point}: {takeover:?}");
     // The standby resumes from the committed state as a restart would.
     until_state(&w.rekey, &w.name, "confirming").await;
     w.until_evidence_counts().await;
@@ -263,7 +263,7 @@ async fn a_leader_paused_past_its_lease_is_refused_and_stands_by_with_no_second_
     let paused = Instant::now();
     b.log_line(&["leading the cluster"]).await;
     let takeover = paused.elapsed();
-    assert!(takeover < LEASE + STANDBY_LOOK + SLACK, "{takeover:?}");
+    assert!(takeover < LEASE + RENEW, "{takeover:?}");
     assert_eq!(lease_row(&pg).1, 2);
     a.signal(Signal::CONT);
     let line = a.log_line(&["the cluster lease is lost"]).await;
