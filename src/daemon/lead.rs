@@ -120,7 +120,21 @@ pub async fn keep_lease(db: Arc<StateDb>, holder: String, scheduler: mpsc::Sende
             continue;
         }
         last = Instant::now();
-        match try_lead(&db, &holder).await {
+        // A renewal that hangs (a database gone silent) must not hide the lease
+        // running out on this host's clock meanwhile.
+        let renewal = try_lead(&db, &holder);
+        tokio::pin!(renewal);
+        let renewed = loop {
+            tokio::select! {
+                r = &mut renewal => break r,
+                () = tokio::time::sleep(TICK) => {
+                    if db.shared().is_some_and(|pg| pg.is_deposed()) {
+                        return;
+                    }
+                }
+            }
+        };
+        match renewed {
             Ok(Leadership::Leading { .. }) => {}
             Ok(Leadership::Standby { .. }) | Err(StateError::Deposed { .. }) => return,
             Err(e) => {

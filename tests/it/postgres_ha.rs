@@ -10,10 +10,11 @@ use rustix::process::Signal;
 
 use crate::postgres_state::use_postgres;
 use crate::support::daemon::{Daemon, until_state};
-use crate::support::postgres::{TestDb, database};
+use crate::support::postgres::{Proxy, TestDb, database};
+use crate::support::rekey::LONGEST_DELIVERY;
 use crate::support::rekey::Rekey;
 use crate::support::util::s;
-use crate::support::world::World;
+use crate::support::world::{World, evidence_counts_for};
 
 /// The lease the tests run with (`use_postgres` writes it): short, so that failovers
 /// are quick, and still longer than the simulators' 2 s provider timeout plus a
@@ -288,6 +289,55 @@ async fn a_leader_paused_past_its_lease_is_refused_and_stands_by_with_no_second_
     }
     assert_no_write_under_an_old_epoch(&pg);
     assert_eq!(pg.psql("SELECT max(epoch) FROM history"), "2");
+    a.record(&w.rekey);
+    b.record(&w.rekey);
+    w.assert_no_leak(&[]);
+}
+
+#[tokio::test]
+async fn a_leader_cut_off_from_the_database_stops_acting_and_the_other_takes_over() {
+    let w = World::new().await;
+    let pg = database().await;
+    let proxy = Proxy::start(pg.port).await;
+    share(&w.rekey, &pg.through(&proxy));
+    let other = second_host(&w.rekey);
+    let config = std::fs::read_to_string(&other.config).unwrap();
+    let direct = config.replace(
+        &format!("127.0.0.1:{}/", proxy.port),
+        &format!("127.0.0.1:{}/", pg.port),
+    );
+    assert_ne!(config, direct);
+    std::fs::write(&other.config, direct).unwrap();
+    let mut a = Daemon::start_with_env(&w.rekey, &["--force", &w.name], &[UNWATCHED]).await;
+    a.log_line(&["leading the cluster"]).await;
+    let mut b = Daemon::start_with_env(&other, &[], &[UNWATCHED]).await;
+    b.log_line(&["standing by"]).await;
+    until_state(&other, &w.name, "confirming").await;
+
+    proxy.cut();
+    let cut = Instant::now();
+    a.log_line(&["the cluster lease is lost"]).await;
+    let stepped_down = cut.elapsed();
+    b.log_line(&["leading the cluster"]).await;
+    let takeover = cut.elapsed();
+    assert!(stepped_down < LEASE, "{stepped_down:?}");
+    assert!(takeover < LEASE + RENEW, "{takeover:?}");
+    println!(
+        "cut off from the database: stepped down after {stepped_down:?}, other took over after {takeover:?}"
+    );
+    a.log_line(&["standing by"]).await;
+
+    // Read from the host that still reaches the database.
+    evidence_counts_for(&other, &w.name, &w.sim, LONGEST_DELIVERY).await;
+    assert!(w.sim.deliver(w.id, "clients.updated").await.success);
+    until_state(&other, &w.name, "idle").await;
+    assert_eq!(s(&w.entry().await, "current"), w.live());
+    assert_eq!(w.sim.rotation_count(w.id), 1);
+    for d in [&mut a, &mut b] {
+        d.signal(Signal::TERM);
+        assert_eq!(d.exit(Duration::from_secs(30)).await.code(), Some(0));
+    }
+    assert_no_write_under_an_old_epoch(&pg);
     a.record(&w.rekey);
     b.record(&w.rekey);
     w.assert_no_leak(&[]);
