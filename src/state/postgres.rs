@@ -101,6 +101,10 @@ const PG_SCHEMA_1: &str = "
 /// connection, so the next call starts on a fresh one).
 const OP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Connection attempts beyond the first before a call gives up (see
+/// [`PgDb::reconnect`]).
+const CONNECT_RETRIES: usize = 4;
+
 /// How long a first connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -261,19 +265,27 @@ impl PgDb {
         Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
     }
 
-    /// A new connection, set up for durable writes.
-    async fn connect(&self) -> Result<Client, StateError> {
+    /// A new connection, set up for durable writes. The error says whether trying
+    /// again may help: the server was unreachable or not accepting connections yet
+    /// (a restart), rather than refusing us (a wrong password, no such database).
+    async fn connect(&self) -> Result<Client, (StateError, bool)> {
         let mut config = self.settings.connect.clone();
         if let Some(p) = &self.settings.password {
             config.password(p.expose_secret().as_bytes());
         }
         config.connect_timeout(CONNECT_TIMEOUT);
         config.application_name("rekey");
-        let rt = self.rt()?;
+        let rt = self.rt().map_err(|e| (e, false))?;
+        let transient = |e: tokio_postgres::Error| {
+            let retry = e
+                .as_db_error()
+                .is_none_or(|db| db.code() == &tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW);
+            (self.err(describe(&e)), retry)
+        };
         let client = if self.settings.tls {
             config.ssl_mode(tokio_postgres::config::SslMode::Require);
-            let tls = self.tls()?;
-            let (client, conn) = config.connect(tls).await.map_err(self.sql())?;
+            let tls = self.tls().map_err(|e| (e, false))?;
+            let (client, conn) = config.connect(tls).await.map_err(transient)?;
             rt.spawn(conn);
             client
         } else {
@@ -281,7 +293,7 @@ impl PgDb {
             let (client, conn) = config
                 .connect(tokio_postgres::NoTls)
                 .await
-                .map_err(self.sql())?;
+                .map_err(transient)?;
             rt.spawn(conn);
             client
         };
@@ -292,8 +304,27 @@ impl PgDb {
             // it is on disk: the mint step relies on it being there.
             "SET synchronous_commit = on"
         };
-        client.batch_execute(setup).await.map_err(self.sql())?;
+        client.batch_execute(setup).await.map_err(transient)?;
         Ok(client)
+    }
+
+    /// [`PgDb::connect`], tried again a few times over about 1.5 s: a server
+    /// restarting (or failing over) refuses connections for a moment, and nothing
+    /// was sent yet, so trying again is safe. Bounded by [`OP_TIMEOUT`] as well.
+    async fn reconnect(&self) -> Result<Client, StateError> {
+        let mut pause = Duration::from_millis(100);
+        for _ in 0..CONNECT_RETRIES {
+            match self.connect().await {
+                Ok(c) => return Ok(c),
+                Err((e, false)) => return Err(e),
+                Err((e, true)) => {
+                    tracing::debug!(error = %e, "cannot connect to the state database; trying again")
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+        }
+        self.connect().await.map_err(|(e, _)| e)
     }
 
     fn rt(&self) -> Result<&tokio::runtime::Runtime, StateError> {
@@ -316,7 +347,7 @@ impl PgDb {
         let _enter = rt.enter();
         let work = async {
             if slot.as_ref().is_none_or(Client::is_closed) {
-                *slot = Some(self.connect().await?);
+                *slot = Some(self.reconnect().await?);
             }
             match slot.as_mut() {
                 Some(client) => op(client).await,

@@ -36,7 +36,11 @@ struct Server {
 #[derive(Debug, Clone)]
 pub struct TestDb {
     pub name: String,
+    /// Where clients connect (the server, or a proxy in front of it).
     pub port: u16,
+    /// The server's own port and programs, for the tests' own SQL.
+    server_port: u16,
+    bindir: PathBuf,
     /// A file holding the password (mode 0600), for `[state] password_file`.
     pub password_file: PathBuf,
 }
@@ -61,14 +65,49 @@ pub async fn database() -> TestDb {
         );
         s.psql("postgres", &format!("CREATE DATABASE {name}"))
             .unwrap_or_else(|e| panic!("{e}"));
-        TestDb {
-            name,
-            port: s.port,
-            password_file: s.dir.join("password"),
-        }
+        s.database(name)
     })
     .await
     .unwrap()
+}
+
+/// A server of one's own, for a test that restarts it.
+pub struct Dedicated(Server);
+
+impl Dedicated {
+    pub async fn start() -> Dedicated {
+        let s = tokio::task::spawn_blocking(Server::start).await.unwrap();
+        Dedicated(s.unwrap_or_else(|e| panic!("cannot start a PostgreSQL server: {e}")))
+    }
+
+    pub fn database(&self) -> TestDb {
+        self.0
+            .psql("postgres", "CREATE DATABASE restarted")
+            .unwrap_or_else(|e| panic!("{e}"));
+        self.0.database("restarted".into())
+    }
+
+    /// Restarts the server (a fast shutdown: every session is cut), waiting until it
+    /// answers again.
+    pub async fn restart(&self) {
+        let s = &self.0;
+        let out = as_server_user(&server_user(), &s.bindir.join("pg_ctl"))
+            .arg("-D")
+            .arg(s.dir.join("data"))
+            .arg("-l")
+            .arg(s.dir.join("server.log"))
+            .args(["-m", "fast", "-w", "restart"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl restart: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 impl TestDb {
@@ -109,9 +148,7 @@ impl TestDb {
 
     /// Runs SQL in this database as the superuser; the output, unaligned.
     pub fn psql(&self, sql: &str) -> String {
-        server()
-            .psql(&self.name, sql)
-            .unwrap_or_else(|e| panic!("{e}"))
+        psql(&self.bindir, self.server_port, &self.name, sql).unwrap_or_else(|e| panic!("{e}"))
     }
 }
 
@@ -272,13 +309,29 @@ impl Server {
         }
     }
 
-    /// Runs SQL over TCP with the password, as the tests' clients do.
     fn psql(&self, db: &str, sql: &str) -> Result<String, String> {
-        let out = Command::new(self.bindir.join("psql"))
+        psql(&self.bindir, self.port, db, sql)
+    }
+
+    fn database(&self, name: String) -> TestDb {
+        TestDb {
+            name,
+            port: self.port,
+            server_port: self.port,
+            bindir: self.bindir.clone(),
+            password_file: self.dir.join("password"),
+        }
+    }
+}
+
+/// Runs SQL over TCP with the password, as the tests' clients do.
+fn psql(bindir: &Path, port: u16, db: &str, sql: &str) -> Result<String, String> {
+    {
+        let out = Command::new(bindir.join("psql"))
             .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
             .args(["-h", "127.0.0.1", "-U", USER, "-d", db])
             .arg("-p")
-            .arg(self.port.to_string())
+            .arg(port.to_string())
             .arg("-c")
             .arg(sql)
             .env("PGPASSWORD", PASSWORD)
