@@ -545,3 +545,36 @@ async fn lease_a_leader_steps_down_by_its_own_clock_and_a_release_hands_over_at_
     assert_eq!(pb.epoch(), Some(3));
     assert!(pb.renew_now().unwrap() > Duration::from_millis(400));
 }
+
+#[tokio::test]
+async fn postgres_tls_is_verified_against_the_given_ca_and_refused_without_it() {
+    let pg = database().await;
+    let mut settings = pg.settings();
+    settings.tls = true;
+    settings.root_cert = Some(pg.ca_file.clone());
+    for host in ["localhost", "127.0.0.1"] {
+        let mut s = settings.clone();
+        s.connect = format!(
+            "postgres://{}@{host}:{}/{}",
+            crate::support::postgres::USER,
+            pg.port,
+            pg.name
+        )
+        .parse()
+        .unwrap();
+        let db = StateDb::open_at(Location::Postgres(&s)).unwrap_or_else(|e| panic!("{host}: {e}"));
+        db.load_or_create("fintoro/801", now()).unwrap();
+        let encrypted = pg.psql(
+            "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.application_name = 'rekey'",
+        );
+        assert_eq!(encrypted, "t", "{host}: rekey's sessions are encrypted");
+    }
+    // The system's CAs do not know the test CA: the server is not trusted.
+    settings.root_cert = None;
+    let err = StateDb::open_at(Location::Postgres(&settings))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+}

@@ -41,6 +41,8 @@ pub struct TestDb {
     /// The server's own port and programs, for the tests' own SQL.
     server_port: u16,
     bindir: PathBuf,
+    /// The CA that signed the server's certificate (for `localhost` and 127.0.0.1).
+    pub ca_file: PathBuf,
     /// A file holding the password (mode 0600), for `[state] password_file`.
     pub password_file: PathBuf,
 }
@@ -171,6 +173,86 @@ fn bindir() -> Result<PathBuf, String> {
     Ok(PathBuf::from(dir))
 }
 
+/// A CA and a server certificate it signed (for `localhost` and 127.0.0.1), with
+/// the openssl command line: the server offers TLS, which a test verifies.
+fn make_certificates(dir: &Path, user: &Option<String>) -> Result<(), String> {
+    let openssl = |args: &[&str]| -> Result<(), String> {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run openssl: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    };
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+         keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .map_err(|e| e.to_string())?;
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "3",
+        "-subj",
+        "/CN=rekey test CA",
+    ])?;
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ])?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "3",
+        "-extfile",
+        "leaf.ext",
+    ])?;
+    let key = dir.join("server.key");
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| e.to_string())?;
+    if let Some(u) = user {
+        std::os::unix::fs::chown(&key, Some(id_of(u, "-u")), Some(id_of(u, "-g")))
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 /// The user to run the server as: this one, or when root, `postgres` or `nobody`.
 fn server_user() -> Option<String> {
     if !rustix::process::getuid().is_root() {
@@ -231,6 +313,7 @@ impl Server {
             std::os::unix::fs::chown(&pwfile, Some(id_of(u, "-u")), None)
                 .map_err(|e| e.to_string())?;
         }
+        make_certificates(&dir, &user)?;
         let data = dir.join("data");
         let out = as_server_user(&user, &bindir.join("initdb"))
             .arg("-D")
@@ -254,7 +337,9 @@ impl Server {
         // job of a shell ignores SIGINT, hence pg_ctl; nothing needs to survive.)
         let script = format!(
             "\"$0\" -D \"$1\" -p {port} -k \"$2\" -c listen_addresses=127.0.0.1 \
-             -c fsync=on -c max_connections=300 -c shared_buffers=16MB >>\"$3\" 2>&1 & pid=$!; \
+             -c fsync=on -c max_connections=300 -c shared_buffers=16MB \
+             -c ssl=on -c ssl_cert_file=\"$2/server.crt\" -c ssl_key_file=\"$2/server.key\" \
+             >>\"$3\" 2>&1 & pid=$!; \
              cat >/dev/null; \"$4\" -D \"$1\" -m immediate -w stop >/dev/null 2>&1 || kill -KILL $pid; \
              wait $pid; rm -rf \"$2\""
         );
@@ -319,6 +404,7 @@ impl Server {
             port: self.port,
             server_port: self.port,
             bindir: self.bindir.clone(),
+            ca_file: self.dir.join("ca.pem"),
             password_file: self.dir.join("password"),
         }
     }
