@@ -168,7 +168,11 @@ impl PgDb {
     /// Gives the lease up (a graceful stop), so a standby takes over at its next
     /// look instead of waiting for the lease to run out.
     pub fn release(&self) -> Result<(), StateError> {
-        let Some(f) = lock(&self.fence).take() else {
+        // Given up for good: any write after this is refused, as a deposed one is.
+        let Some(f) = lock(&self.fence).as_mut().map(|f| {
+            f.deposed = true;
+            *f
+        }) else {
             return Ok(());
         };
         let sql = self.sql();

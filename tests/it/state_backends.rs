@@ -536,6 +536,11 @@ async fn lease_a_leader_steps_down_by_its_own_clock_and_a_release_hands_over_at_
         "takes it afresh"
     );
     pa.release().unwrap();
+    let late = a.load_or_create("fintoro/802", now());
+    assert!(
+        matches!(late, Err(StateError::Deposed { .. })),
+        "released: no more writes: {late:?}"
+    );
     assert_eq!(
         lead(&b, "b"),
         Leadership::Leading { epoch: 3 },
