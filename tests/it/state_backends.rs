@@ -571,7 +571,7 @@ async fn postgres_tls_is_verified_against_the_given_ca_and_refused_without_it() 
         db.load_or_create("fintoro/801", now()).unwrap();
         let encrypted = pg.psql(
             "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
-             WHERE a.application_name = 'rekey'",
+             WHERE a.application_name = 'rekey' AND a.datname = current_database()",
         );
         assert_eq!(encrypted, "t", "{host}: rekey's sessions are encrypted");
     }
