@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{Config, StoreSettings};
+use crate::config::{Config, StoreSettings, WithoutSecrets};
 use crate::engine::Engine;
 use crate::exit;
 use crate::lock::{Holder, LockError, Role, StateLock};
@@ -102,7 +102,7 @@ pub enum Command {
         json: bool,
     },
     /// Validate the config and print the plan (each subscription's next start times),
-    /// touching nothing.
+    /// touching nothing. Reads the token files only with --preflight.
     CheckConfig {
         #[command(flatten)]
         config: ConfigArg,
@@ -186,10 +186,22 @@ async fn dispatch(cli: Cli) -> u8 {
 }
 
 fn load(path: &Path) -> Result<Config, u8> {
-    Config::load(path).map_err(|e| {
-        eprintln!("rekey: invalid config: {e}");
-        exit::CONFIG
-    })
+    Config::load(path).map_err(invalid_config)
+}
+
+/// For the commands that call no provider or Vault, or only sometimes: the secret
+/// files are read, by [`with_secrets`], only when the command does call out.
+fn load_without_secrets(path: &Path) -> Result<WithoutSecrets, u8> {
+    Config::load_without_secrets(path).map_err(invalid_config)
+}
+
+fn with_secrets(config: &WithoutSecrets) -> Result<Config, u8> {
+    config.with_secrets().map_err(invalid_config)
+}
+
+fn invalid_config(e: crate::config::ConfigError) -> u8 {
+    eprintln!("rekey: invalid config: {e}");
+    exit::CONFIG
 }
 
 /// The PostgreSQL state of `[state] url`, if set (else SQLite in `state_dir`).
@@ -465,8 +477,8 @@ fn hand_over(config: &Config, what: &str, ask: Ask<'_>) -> u8 {
 }
 
 async fn rotate_cmd(path: &Path, names: &[String]) -> u8 {
-    let config = match load(path) {
-        Ok(c) => Arc::new(c),
+    let config = match load_without_secrets(path) {
+        Ok(c) => c,
         Err(code) => return code,
     };
     logging::init(&config);
@@ -485,7 +497,7 @@ async fn rotate_cmd(path: &Path, names: &[String]) -> u8 {
 /// directory and this process does the work as a one-shot run, or the holder gets
 /// the ask.
 async fn here_or_hand_over(
-    config: &Arc<Config>,
+    config: &WithoutSecrets,
     what: &str,
     ask: Ask<'_>,
     jobs: BTreeMap<String, Job>,
@@ -505,11 +517,16 @@ async fn here_or_hand_over(
             return exit::SOFTWARE;
         }
     };
-    let db = match open_db(config) {
+    // Doing the work here, this process calls the providers and Vault itself.
+    let config = match with_secrets(config) {
+        Ok(c) => Arc::new(c),
+        Err(code) => return code,
+    };
+    let db = match open_db(&config) {
         Ok(db) => db,
         Err(code) => return code,
     };
-    let engine = match Engine::new(config.clone(), db).await {
+    let engine = match Engine::new(config, db).await {
         Ok(e) => e,
         Err(e) => {
             eprintln!("rekey: {e}");
@@ -535,8 +552,8 @@ fn confirm(question: &str) -> bool {
 async fn decide_cmd(path: &Path, name: &str, retire: bool, yes: bool) -> u8 {
     use std::io::IsTerminal;
     let verb = if retire { "retire" } else { "resume" };
-    let config = match load(path) {
-        Ok(c) => Arc::new(c),
+    let config = match load_without_secrets(path) {
+        Ok(c) => c,
         Err(code) => return code,
     };
     logging::init(&config);
@@ -593,7 +610,7 @@ async fn decide_cmd(path: &Path, name: &str, retire: bool, yes: bool) -> u8 {
 }
 
 fn status_cmd(path: &Path, json: bool) -> u8 {
-    let config = match load(path) {
+    let config = match load_without_secrets(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -711,7 +728,7 @@ fn parse_since(s: &str) -> Result<Since, String> {
 /// history never sits in memory, and a reader stalled by a pager holds no read
 /// snapshot that would keep the daemon from truncating its WAL.
 fn history_cmd(path: &Path, filter: &HistoryFilter<'_>, limit: Option<usize>, json: bool) -> u8 {
-    let config = match load(path) {
+    let config = match load_without_secrets(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -824,8 +841,13 @@ impl HistoryOut {
 }
 
 async fn check_config(path: &Path, preflight: bool) -> u8 {
-    let config = match load(path) {
+    let config = match load_without_secrets(path) {
         Ok(c) => c,
+        Err(code) => return code,
+    };
+    // Only --preflight uses the credentials; unreadable ones fail it before the plan.
+    let full = match preflight.then(|| with_secrets(&config)).transpose() {
+        Ok(full) => full,
         Err(code) => return code,
     };
     println!("{}: ok", path.display());
@@ -905,16 +927,16 @@ async fn check_config(path: &Path, preflight: bool) -> u8 {
             d.provider, d.vault_path_template, d.policy
         );
     }
-    if preflight {
-        let state = check_state(&config);
-        let credentials = check_credentials(&config).await;
-        return if state == exit::OK {
-            credentials
-        } else {
-            state
-        };
+    let Some(full) = full else {
+        return exit::OK;
+    };
+    let state = check_state(&full);
+    let credentials = check_credentials(&full).await;
+    if state == exit::OK {
+        credentials
+    } else {
+        state
     }
-    exit::OK
 }
 
 /// `check-config --preflight` on a PostgreSQL state: connects (TLS, password) and

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::Figment;
-use figment::providers::{Env, Format, Toml};
+use figment::providers::Env;
 use serde::Deserialize;
 
 use crate::policy_timing::{CatchUp, Schedule, StartRules, Window};
@@ -577,8 +577,12 @@ fn check_template(t: &str) -> Result<(), String> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
+    /// journald's native protocol under systemd, text elsewhere (the default).
+    Auto,
     Text,
     Json,
+    /// journald's native protocol, every event with its fields.
+    Journald,
 }
 
 #[derive(Debug, Clone)]
@@ -675,6 +679,13 @@ impl Config {
         Self::load_with(path, &ProcessEnv, true)
     }
 
+    /// As [`Config::load`], but reads no secret file: for the commands that only show
+    /// the state or hand a request to the rekey holding it ([`WithoutSecrets`]).
+    pub fn load_without_secrets(path: &Path) -> Result<WithoutSecrets, ConfigError> {
+        let (config, files) = load_checked(path, &ProcessEnv, true, Secrets::Defer)?;
+        Ok(WithoutSecrets { config, files })
+    }
+
     /// As [`Config::load`], with an explicit environment; `overlay` turns the
     /// `REKEY__…` overlay on (tests turn it off to stay hermetic).
     pub fn load_with(
@@ -682,25 +693,141 @@ impl Config {
         env: &dyn Environment,
         overlay: bool,
     ) -> Result<Config, ConfigError> {
-        let fail = |key: &str, message: String| ConfigError {
-            file: path.to_path_buf(),
-            problems: vec![Problem {
-                key: key.to_string(),
-                message,
-            }],
-        };
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| fail("", format!("cannot read config file: {e}")))?;
-        let mut fig = Figment::from(Toml::string(&text));
-        if overlay {
-            fig = fig.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        load_checked(path, env, overlay, Secrets::Read).map(|(config, _)| config)
+    }
+}
+
+/// Whether loading reads the secret files or only notes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Secrets {
+    Read,
+    Defer,
+}
+
+/// A secret file the config names, and where its secret goes.
+#[derive(Debug, Clone)]
+struct SecretFile {
+    key: String,
+    path: PathBuf,
+    slot: Slot,
+}
+
+#[derive(Debug, Clone)]
+enum Slot {
+    /// The named provider's `token`.
+    Provider(String),
+    /// `[vault] token_file`.
+    VaultToken,
+    /// `[vault.approle] secret_id_file`.
+    VaultSecretId,
+}
+
+/// A config validated in everything but its secret files, which are not read: its
+/// secrets are empty. Under systemd those files are credentials only the service
+/// can read, and `rekey status` must work for an operator without them. Only
+/// [`WithoutSecrets::with_secrets`] gives a [`Config`] to act with.
+#[derive(Debug, Clone)]
+pub struct WithoutSecrets {
+    config: Config,
+    files: Vec<SecretFile>,
+}
+
+impl std::ops::Deref for WithoutSecrets {
+    type Target = Config;
+
+    fn deref(&self) -> &Config {
+        &self.config
+    }
+}
+
+impl WithoutSecrets {
+    /// Reads the secret files now, with the errors [`Config::load`] gives for them.
+    pub fn with_secrets(&self) -> Result<Config, ConfigError> {
+        let mut c = Checker::new(self.config.source.parent(), Secrets::Read);
+        let mut config = self.config.clone();
+        for f in &self.files {
+            let Some(secret) = c.secret_file(&f.key, &f.path, f.slot.clone()) else {
+                continue;
+            };
+            config.put_secret(&f.slot, secret);
         }
-        let raw: RawConfig = fig.extract().map_err(|e| ConfigError {
-            file: path.to_path_buf(),
-            problems: e.into_iter().map(figment_problem).collect(),
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        validate(raw, path, base, env)
+        if !c.problems.is_empty() {
+            return Err(ConfigError {
+                file: config.source.clone(),
+                problems: c.problems,
+            });
+        }
+        Ok(config)
+    }
+}
+
+impl Config {
+    fn put_secret(&mut self, slot: &Slot, secret: SecretString) {
+        let auth = match &mut self.store {
+            StoreSettings::Vault(v) => Some(&mut v.auth),
+            StoreSettings::File { .. } => None,
+        };
+        match (slot, auth) {
+            (Slot::Provider(name), _) => {
+                if let Some(p) = self.providers.iter_mut().find(|p| &p.name == name) {
+                    p.token = secret;
+                }
+            }
+            (Slot::VaultToken, Some(auth @ VaultAuth::Token(_))) => {
+                *auth = VaultAuth::Token(secret)
+            }
+            (Slot::VaultSecretId, Some(VaultAuth::AppRole { secret_id, .. })) => {
+                *secret_id = secret
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Loads and validates `path`; with [`Secrets::Defer`], the secret files it names
+/// instead of their secrets.
+fn load_checked(
+    path: &Path,
+    env: &dyn Environment,
+    overlay: bool,
+    secrets: Secrets,
+) -> Result<(Config, Vec<SecretFile>), ConfigError> {
+    let fail = |key: &str, message: String| ConfigError {
+        file: path.to_path_buf(),
+        problems: vec![Problem {
+            key: key.to_string(),
+            message,
+        }],
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| fail("", format!("cannot read config file: {e}")))?;
+    let mut fig = Figment::from(TomlText(&text));
+    if overlay {
+        fig = fig.merge(Env::prefixed(ENV_PREFIX).split("__"));
+    }
+    let raw: RawConfig = fig.extract().map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        problems: e.into_iter().map(figment_problem).collect(),
+    })?;
+    validate(raw, path, Checker::new(path.parent(), secrets), env)
+}
+
+/// The config file's text as a figment source. Parsed by `toml`'s streaming parser
+/// straight into figment's values: figment's own TOML source builds a full
+/// `toml_edit` document first (about 2.3 KB per `[[subscriptions]]` table).
+struct TomlText<'a>(&'a str);
+
+impl figment::Provider for TomlText<'_> {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named("TOML source string")
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        let dict: figment::value::Dict =
+            toml::from_str(self.0).map_err(|e| figment::Error::from(e.to_string()))?;
+        Ok(figment::Profile::Default.collect(dict))
     }
 }
 
@@ -757,9 +884,22 @@ fn key_path(path: &[String]) -> String {
 struct Checker {
     problems: Vec<Problem>,
     base: PathBuf,
+    secrets: Secrets,
+    /// With [`Secrets::Defer`], the secret files seen.
+    secret_files: Vec<SecretFile>,
 }
 
 impl Checker {
+    /// `base`: the config file's folder, which relative paths start from.
+    fn new(base: Option<&Path>, secrets: Secrets) -> Checker {
+        Checker {
+            problems: vec![],
+            base: base.unwrap_or(Path::new(".")).to_path_buf(),
+            secrets,
+            secret_files: vec![],
+        }
+    }
+
     fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
         self.problems.push(Problem {
             key: key.into(),
@@ -796,8 +936,23 @@ impl Checker {
     }
 
     /// Reads a secret from a file: must exist, be readable, non-empty. A trailing
-    /// newline is dropped (files written with `echo` have one).
-    fn secret_file(&mut self, key: &str, p: &Path) -> Option<SecretString> {
+    /// newline is dropped (files written with `echo` have one). With
+    /// [`Secrets::Defer`], notes the file for `slot` and gives an empty secret.
+    fn secret_file(&mut self, key: &str, p: &Path, slot: Slot) -> Option<SecretString> {
+        if self.secrets == Secrets::Defer {
+            self.secret_files.push(SecretFile {
+                key: key.to_string(),
+                path: p.to_path_buf(),
+                slot,
+            });
+            return Some(secret(String::new()));
+        }
+        self.read_secret_file(key, p)
+    }
+
+    /// Reads a secret file now, whatever the mode: the state database's password,
+    /// which every command needs, `rekey status` included.
+    fn read_secret_file(&mut self, key: &str, p: &Path) -> Option<SecretString> {
         let path = self.resolve(p);
         match std::fs::read_to_string(&path) {
             Ok(s) => {
@@ -935,9 +1090,15 @@ fn reject_foreign_keys(c: &mut Checker, k: &str, kind: ProviderKind, p: &RawProv
     }
 }
 
-fn required_secret(c: &mut Checker, key: &str, file: Option<&Path>) -> Option<SecretString> {
+/// The secret of the provider named `name`, from the file `key` names.
+fn required_secret(
+    c: &mut Checker,
+    key: &str,
+    file: Option<&Path>,
+    name: &str,
+) -> Option<SecretString> {
     match file {
-        Some(f) => c.secret_file(key, f),
+        Some(f) => c.secret_file(key, f, Slot::Provider(name.to_string())),
         None => {
             c.problem(key, "is required");
             None
@@ -955,13 +1116,9 @@ fn is_api_version(v: &str) -> bool {
 fn validate(
     raw: RawConfig,
     file: &Path,
-    base: &Path,
+    mut c: Checker,
     env: &dyn Environment,
-) -> Result<Config, ConfigError> {
-    let mut c = Checker {
-        problems: vec![],
-        base: base.to_path_buf(),
-    };
+) -> Result<(Config, Vec<SecretFile>), ConfigError> {
     validate_version(&mut c, raw.version);
     let state_dir = validate_state_dir(&mut c, raw.state_dir);
     let store = validate_store(&mut c, raw.vault, raw.file_store, env);
@@ -992,7 +1149,7 @@ fn validate(
             }],
         });
     };
-    Ok(Config {
+    let config = Config {
         source: file.to_path_buf(),
         state_dir,
         store,
@@ -1004,7 +1161,8 @@ fn validate(
         daemon,
         metrics_listen,
         state,
-    })
+    };
+    Ok((config, c.secret_files))
 }
 
 fn validate_version(c: &mut Checker, version: Option<u32>) {
@@ -1142,11 +1300,16 @@ fn validate_provider(
     let (token, settings) = match kind {
         None => (None, None),
         Some(ProviderKind::Fintoro) => (
-            required_secret(c, &format!("{k}.token_file"), p.token_file.as_deref()),
+            required_secret(
+                c,
+                &format!("{k}.token_file"),
+                p.token_file.as_deref(),
+                &name,
+            ),
             Some(KindSettings::Fintoro),
         ),
-        Some(ProviderKind::Monite) => monite_settings(c, k, p),
-        Some(ProviderKind::Storno) => storno_settings(c, k, p),
+        Some(ProviderKind::Monite) => monite_settings(c, k, &name, p),
+        Some(ProviderKind::Storno) => storno_settings(c, k, &name, p),
     };
     let rate_limit = match p.rate_limit.as_deref() {
         None => kind.map(ProviderKind::default_rate_limit),
@@ -1237,12 +1400,14 @@ fn provider_base_url(
 fn monite_settings(
     c: &mut Checker,
     k: &str,
+    name: &str,
     p: &RawProvider,
 ) -> (Option<SecretString>, Option<KindSettings>) {
     let secret = required_secret(
         c,
         &format!("{k}.client_secret_file"),
         p.client_secret_file.as_deref(),
+        name,
     );
     let client_id = c.plain(&format!("{k}.client_id"), p.client_id.as_deref());
     let entity_id = c.plain(&format!("{k}.entity_id"), p.entity_id.as_deref());
@@ -1272,9 +1437,10 @@ fn monite_settings(
 fn storno_settings(
     c: &mut Checker,
     k: &str,
+    name: &str,
     p: &RawProvider,
 ) -> (Option<SecretString>, Option<KindSettings>) {
-    let token = required_secret(c, &format!("{k}.token_file"), p.token_file.as_deref());
+    let token = required_secret(c, &format!("{k}.token_file"), p.token_file.as_deref(), name);
     let company = c
         .plain(&format!("{k}.company"), p.company.as_deref())
         .map(|company| KindSettings::Storno { company });
@@ -1478,6 +1644,9 @@ struct Subscriptions {
     discovery_keys: Vec<String>,
     /// Each listed subscription's `vault_path`, to the subscription's name.
     paths: BTreeMap<String, String>,
+    /// The listed subscriptions' names: a fleet of ten thousand is not compared
+    /// pairwise.
+    names: HashSet<String>,
 }
 
 fn validate_subscriptions(
@@ -1491,6 +1660,7 @@ fn validate_subscriptions(
         discoveries: vec![],
         discovery_keys: vec![],
         paths: BTreeMap::new(),
+        names: HashSet::new(),
     };
     for (i, s) in raw.into_iter().enumerate() {
         let k = format!("subscriptions[{i}]");
@@ -1647,7 +1817,7 @@ impl Subscriptions {
         vault_path: String,
     ) {
         let name = format!("{provider}/{id}");
-        if self.listed.iter().any(|x| x.name == name) {
+        if self.names.contains(&name) {
             c.problem(
                 format!("{k}.id"),
                 format!("subscription `{name}` is listed twice"),
@@ -1663,6 +1833,7 @@ impl Subscriptions {
             );
             return;
         }
+        self.names.insert(name.clone());
         self.listed.push(Subscription {
             name,
             provider,
@@ -1676,19 +1847,21 @@ impl Subscriptions {
 fn validate_log(c: &mut Checker, log: Option<RawLog>) -> LogSettings {
     let Some(l) = log else {
         return LogSettings {
-            format: LogFormat::Text,
+            format: LogFormat::Auto,
             level: "info".into(),
         };
     };
     let format = match l.format.as_deref() {
-        None | Some("text") => LogFormat::Text,
+        None | Some("auto") => LogFormat::Auto,
+        Some("text") => LogFormat::Text,
         Some("json") => LogFormat::Json,
+        Some("journald") => LogFormat::Journald,
         Some(other) => {
             c.problem(
                 "log.format",
-                format!("`{other}` is not one of \"text\", \"json\""),
+                format!("`{other}` is not one of \"auto\", \"text\", \"json\", \"journald\""),
             );
-            LogFormat::Text
+            LogFormat::Auto
         }
     };
     let level = l.level.unwrap_or_else(|| "info".into());
@@ -1795,7 +1968,7 @@ fn validate_postgres(
     };
     let root_cert = root_cert.map(|p| c.resolve(&p));
     let password = match &raw.password_file {
-        Some(f) => c.secret_file("state.password_file", f),
+        Some(f) => c.read_secret_file("state.password_file", f),
         None => env.var("PGPASSWORD").map(secret),
     };
     let lease = c.duration("state.lease", raw.lease.as_deref(), Duration::from_secs(15));
@@ -1998,17 +2171,23 @@ fn vault_auth(
             );
             None
         }
-        (Some(f), None) => c.secret_file("vault.token_file", &f).map(VaultAuth::Token),
+        (Some(f), None) => c
+            .secret_file("vault.token_file", &f, Slot::VaultToken)
+            .map(VaultAuth::Token),
         (None, Some(a)) => {
             if a.role_id.trim().is_empty() {
                 c.problem("vault.approle.role_id", "must not be empty");
             }
-            c.secret_file("vault.approle.secret_id_file", &a.secret_id_file)
-                .map(|secret_id| VaultAuth::AppRole {
-                    mount: a.mount.unwrap_or_else(|| "approle".into()),
-                    role_id: a.role_id,
-                    secret_id,
-                })
+            c.secret_file(
+                "vault.approle.secret_id_file",
+                &a.secret_id_file,
+                Slot::VaultSecretId,
+            )
+            .map(|secret_id| VaultAuth::AppRole {
+                mount: a.mount.unwrap_or_else(|| "approle".into()),
+                role_id: a.role_id,
+                secret_id,
+            })
         }
         (None, None) => match env.var("VAULT_TOKEN") {
             Some(t) => Some(VaultAuth::Token(secret(t))),
@@ -2079,6 +2258,80 @@ vault_path = "webhooks/fintoro/801"
         assert_eq!(v.kv_version, KvVersion::V2);
         assert!(c.state_dir.ends_with("state") && c.state_dir.is_absolute());
         assert_eq!(c.policies[0].timing.confirm_poll, Duration::from_secs(300));
+    }
+
+    /// Loads `toml` from a fresh folder without its secret files, as the read-only
+    /// commands do, and returns the folder to put them in.
+    fn load_without_secrets(
+        toml: &str,
+    ) -> (tempfile::TempDir, Result<WithoutSecrets, ConfigError>) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("rekey.toml");
+        std::fs::write(&p, toml).unwrap();
+        let loaded = load_checked(&p, &BTreeMap::new(), false, Secrets::Defer)
+            .map(|(config, files)| WithoutSecrets { config, files });
+        (dir, loaded)
+    }
+
+    fn keys(e: &ConfigError) -> Vec<&str> {
+        e.problems.iter().map(|p| p.key.as_str()).collect()
+    }
+
+    #[test]
+    fn without_secrets_everything_else_is_checked_and_the_files_read_only_when_asked() {
+        let (dir, loaded) = load_without_secrets(GOOD);
+        let w = loaded.unwrap();
+        assert_eq!(w.subscriptions[0].name, "acme-fintoro/801");
+        assert_eq!(w.providers[0].token.expose_secret(), "");
+
+        let err = w.with_secrets().unwrap_err();
+        let full = Config::load_with(&w.source, &BTreeMap::new(), false).unwrap_err();
+        assert_eq!(err.problems, full.problems, "the errors Config::load gives");
+        assert_eq!(keys(&err), ["vault.token_file", "providers[0].token_file"]);
+        assert!(err.problems[1].message.contains("cannot read"), "{err}");
+
+        std::fs::write(dir.path().join("fintoro.token"), "tok\n").unwrap();
+        std::fs::write(dir.path().join("vault.token"), "hvs.x").unwrap();
+        let c = w.with_secrets().unwrap();
+        assert_eq!(c.providers[0].token.expose_secret(), "tok");
+        assert!(matches!(&c.store, StoreSettings::Vault(v)
+            if matches!(&v.auth, VaultAuth::Token(t) if t.expose_secret() == "hvs.x")));
+
+        let (_dir, loaded) =
+            load_without_secrets(&GOOD.replace("kv_version = 2", "kv_version = 3"));
+        assert_eq!(keys(&loaded.unwrap_err()), ["vault.kv_version"]);
+    }
+
+    #[test]
+    fn an_approle_secret_id_and_a_monite_client_secret_are_read_when_asked() {
+        let toml = GOOD
+            .replace("token_file = \"vault.token\"\n", "")
+            .replace(
+                "kv_version = 2\n",
+                "kv_version = 2\n[vault.approle]\nrole_id = \"r\"\nsecret_id_file = \"secret-id\"\n",
+            )
+            .replace(
+                "[[policies]]",
+                "[[providers]]\nname = \"m\"\nkind = \"monite\"\nbase_url = \"https://api.monite.com/v1\"\n\
+                 client_id = \"c\"\nclient_secret_file = \"monite.secret\"\nentity_id = \"e\"\n\n[[policies]]",
+            );
+        let (dir, loaded) = load_without_secrets(&toml);
+        let w = loaded.unwrap();
+        for (f, v) in [
+            ("fintoro.token", "tok"),
+            ("secret-id", "sid"),
+            ("monite.secret", "ms"),
+        ] {
+            std::fs::write(dir.path().join(f), v).unwrap();
+        }
+        let c = w.with_secrets().unwrap();
+        assert_eq!(c.providers[1].token.expose_secret(), "ms");
+        let StoreSettings::Vault(v) = &c.store else {
+            panic!("vault expected")
+        };
+        assert!(
+            matches!(&v.auth, VaultAuth::AppRole { secret_id, .. } if secret_id.expose_secret() == "sid")
+        );
     }
 
     #[test]

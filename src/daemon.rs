@@ -212,12 +212,11 @@ async fn reload(
 ) -> Option<(Config, Arc<Engine>)> {
     notify(&[Notify::Reloading]);
     tracing::info!(config = %path.display(), "reloading the config (SIGHUP)");
-    let refuse = |why: &str| {
+    // The scheduler owns STATUS= (it would not know to replace a line sent from here).
+    let refuse = async |why: &str| {
         tracing::error!("reload refused, the running config stays: {why}");
-        notify(&[
-            Notify::Status("reload refused; running the previous config"),
-            Notify::Ready,
-        ]);
+        let _ = tx.send(Control::ReloadRefused).await;
+        notify(&[Notify::Ready]);
         None
     };
     let config = match Config::load(path) {
@@ -226,7 +225,7 @@ async fn reload(
             for p in &e.problems {
                 tracing::error!(file = %e.file.display(), key = %p.key, "invalid config: {}", p.message);
             }
-            return refuse(&e.to_string());
+            return refuse(&e.to_string()).await;
         }
     };
     if config.state_dir != current.state_dir {
@@ -234,12 +233,13 @@ async fn reload(
             "state_dir changed from {} to {}; restart rekey to move its state",
             current.state_dir.display(),
             config.state_dir.display()
-        ));
+        ))
+        .await;
     }
     let shared =
         |c: &Config| (c.state.postgres.as_ref()).map(|pg| (pg.url.clone(), pg.cluster.clone()));
     if shared(&config) != shared(current) {
-        return refuse("[state] url or cluster changed; restart rekey to move its state");
+        return refuse("[state] url or cluster changed; restart rekey to move its state").await;
     }
     if config.log.format != current.log.format || config.log.level != current.log.level {
         tracing::warn!("[log] settings change at the next restart, not on reload");
@@ -249,7 +249,7 @@ async fn reload(
     }
     let engine = match Engine::new(Arc::new(config.clone()), db.clone()).await {
         Ok(e) => Arc::new(e),
-        Err(e) => return refuse(&e.to_string()),
+        Err(e) => return refuse(&e.to_string()).await,
     };
     // The scheduler swaps engines and sends READY=1 once the new one is in use.
     if tx.send(Control::Reload(engine.clone())).await.is_err() {

@@ -16,7 +16,7 @@ use crate::provider::{self, Provider, RotateError};
 use crate::rotation::{self, Action, Event, Phase, Trigger};
 use crate::secret::{ExposeSecret, Fingerprint};
 use crate::state::{Record, StateDb, StateError, Target};
-use crate::store::{Entry, Expect, FileStore, SecretStore, StoreError, VaultStore};
+use crate::store::{Entry, Expect, FileStore, SecretStore, StoreError, VaultStore, Versioned};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -95,6 +95,11 @@ pub struct Engine {
     account_sizes: std::sync::Mutex<HashMap<String, usize>>,
     /// Rotations under way whose subscription left the config.
     orphans: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// What the store held at each subscription's path just before its rotate call,
+    /// by rotation id: the publication then writes at once instead of reading first,
+    /// so the exposure window (provider response to store write) holds no store
+    /// round trip. A read from another rotation is never used.
+    store_reads: std::sync::Mutex<HashMap<String, (String, Option<Versioned>)>>,
 }
 
 /// The share of an account's rate limit that drift checks may use: a fleet too large
@@ -143,6 +148,7 @@ impl Engine {
             drift_next: Default::default(),
             account_sizes: Default::default(),
             orphans: Default::default(),
+            store_reads: Default::default(),
         }
     }
 
@@ -855,7 +861,7 @@ impl Engine {
                 },
             },
             Action::Rotate if !rec.state.rotate_in_flight => Event::RotateSent { now: self.now() },
-            Action::Rotate => self.rotate_call(sub).await,
+            Action::Rotate => self.rotate_call(sub, rec).await,
             Action::Publish => match self.publish(sub, rec).await {
                 Ok(previous) => {
                     failpoint::hit("after:publish-write");
@@ -894,13 +900,14 @@ impl Engine {
     }
 
     /// The provider's rotate call (its intent is saved), as the event its answer makes.
-    async fn rotate_call(&self, sub: &Subscription) -> Event {
+    async fn rotate_call(&self, sub: &Subscription, rec: &Record) -> Event {
         if let Err(why) = self.lease_covers_call(sub) {
             return Event::RotateRejected {
                 error: why,
                 now: self.now(),
             };
         }
+        self.read_before_rotating(sub, rec).await;
         failpoint::hit("before:rotate-call");
         let result = match self.client(sub) {
             Ok(p) => p.rotate(&sub.id).await,
@@ -913,6 +920,12 @@ impl Engine {
             )),
         };
         failpoint::hit("after:rotate-call");
+        if result.is_err() {
+            self.store_reads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&sub.name);
+        }
         match result {
             Ok(secret) => Event::RotateSucceeded {
                 secret,
@@ -948,6 +961,43 @@ impl Engine {
             ));
         }
         Ok(())
+    }
+
+    /// Reads the store's entry for `sub` before the rotate call, for [`Engine::publish`]
+    /// to use. A failed read is left to the publication to repeat: it must not stop
+    /// a rotation the preflight found ready.
+    async fn read_before_rotating(&self, sub: &Subscription, rec: &Record) {
+        let Some(rotation_id) = &rec.state.rotation_id else {
+            return;
+        };
+        self.store_reads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&sub.name);
+        if let Ok(read) = self.store.read(&sub.vault_path).await {
+            self.store_reads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(sub.name.clone(), (rotation_id.clone(), read));
+        }
+    }
+
+    /// The store's entry for `sub` as read before this rotation's rotate call, if this
+    /// process read it (taken: a retry of the publication reads again); else read now.
+    async fn read_for_publish(
+        &self,
+        sub: &Subscription,
+        rotation_id: &str,
+    ) -> Result<Option<Versioned>, StoreError> {
+        let before = self
+            .store_reads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&sub.name);
+        match before {
+            Some((id, read)) if id == rotation_id => Ok(read),
+            _ => self.store.read(&sub.vault_path).await,
+        }
     }
 
     /// One confirmation check: redelivers what failed in the exposure window, then
@@ -1174,7 +1224,7 @@ impl Engine {
             return Err(other("no minted secret in local state to publish"));
         };
         let new_fp = Fingerprint::of(new);
-        let read = self.store.read(&sub.vault_path).await?;
+        let read = self.read_for_publish(sub, rotation_id).await?;
         if let Some(v) = &read
             && v.entry.rotation_id == *rotation_id
             && Fingerprint::of(&v.entry.current) == new_fp
@@ -1398,5 +1448,133 @@ mod tests {
             .map(|k| k.name)
             .collect();
         assert_eq!(recorded, ["a/1", "b/2"]);
+    }
+
+    /// Logs each store and provider call in one sequence.
+    type Log = Arc<std::sync::Mutex<Vec<&'static str>>>;
+
+    struct LoggedStore(FileStore, Log, Arc<std::sync::Mutex<Vec<Entry>>>);
+
+    #[async_trait::async_trait]
+    impl SecretStore for LoggedStore {
+        fn describe(&self) -> String {
+            self.0.describe()
+        }
+        async fn preflight(&self, path: &str) -> Result<(), StoreError> {
+            self.0.preflight(path).await
+        }
+        async fn read(&self, path: &str) -> Result<Option<Versioned>, StoreError> {
+            self.1.lock().unwrap().push("read");
+            self.0.read(path).await
+        }
+        async fn write(&self, path: &str, entry: &Entry, expect: Expect) -> Result<(), StoreError> {
+            self.1.lock().unwrap().push("write");
+            self.2.lock().unwrap().push(entry.clone());
+            self.0.write(path, entry, expect).await
+        }
+    }
+
+    struct LoggedProvider(Log);
+
+    #[async_trait::async_trait]
+    impl Provider for LoggedProvider {
+        fn kind(&self) -> crate::config::ProviderKind {
+            crate::config::ProviderKind::Fintoro
+        }
+        async fn preflight(&self, _: &str) -> Result<(), crate::provider::ProviderError> {
+            Ok(())
+        }
+        async fn rotate(
+            &self,
+            _: &str,
+        ) -> Result<crate::secret::SecretString, crate::provider::RotateError> {
+            self.0.lock().unwrap().push("rotate");
+            Ok(crate::secret::secret(format!(
+                "whsec_{}",
+                uuid::Uuid::new_v4()
+            )))
+        }
+        async fn evidence(
+            &self,
+            _: &str,
+            _: DateTime<Utc>,
+        ) -> Result<crate::evidence::Finding, crate::provider::ProviderError> {
+            Ok(crate::evidence::Finding::Confirmed(
+                crate::evidence::Evidence::untimed("test", "a delivery succeeded".into()),
+            ))
+        }
+        fn clock_offset(&self) -> Option<crate::skew::Offset> {
+            None
+        }
+        async fn list(
+            &self,
+        ) -> Result<Vec<crate::provider::RemoteSubscription>, crate::provider::ProviderError>
+        {
+            Ok(vec![])
+        }
+    }
+
+    /// The exposure window runs from the provider's answer to the store's: the store
+    /// is read before the rotate call, so the publication is a single write, with the
+    /// secret from before the rotation as `previous`.
+    #[tokio::test]
+    async fn the_publication_after_a_rotate_call_writes_without_reading_first() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), "t").unwrap();
+        let toml = "version = 1\nstate_dir = \"state\"\n[file_store]\ndir = \"published\"\n\
+            [[providers]]\nname = \"b\"\nkind = \"fintoro\"\nbase_url = \"http://127.0.0.1:9\"\n\
+            token_file = \"token\"\n[[policies]]\nname = \"p\"\nevery = \"30d\"\n\
+            [[subscriptions]]\nprovider = \"b\"\nid = \"1\"\npolicy = \"p\"\nvault_path = \"w/1\"\n";
+        std::fs::write(dir.path().join("rekey.toml"), toml).unwrap();
+        let config = Config::load_with(
+            &dir.path().join("rekey.toml"),
+            &std::collections::BTreeMap::new(),
+            false,
+        )
+        .unwrap();
+        let sub = config.subscriptions[0].clone();
+        let db = Arc::new(StateDb::open(&config.state_dir).unwrap());
+        let log: Log = Default::default();
+        let files = FileStore::new(dir.path().join("published"));
+        let writes: Arc<std::sync::Mutex<Vec<Entry>>> = Default::default();
+        let store: Arc<dyn SecretStore> = Arc::new(LoggedStore(files, log.clone(), writes.clone()));
+        let provider: Arc<dyn Provider> = Arc::new(LoggedProvider(log.clone()));
+        let engine = Engine::with_parts(
+            Arc::new(config),
+            db.clone(),
+            store.clone(),
+            [("b".to_string(), provider)].into(),
+        );
+        for _ in 0..2 {
+            log.lock().unwrap().clear();
+            let (outcome, _) = engine
+                .advance(&sub, Some(Trigger::Forced), true)
+                .await
+                .unwrap();
+            assert!(matches!(outcome, Outcome::Rested(_)), "{outcome:?}");
+            let calls = log.lock().unwrap().clone();
+            let rotate = calls.iter().position(|c| *c == "rotate").expect("rotated");
+            assert_eq!(
+                calls[rotate - 1],
+                "read",
+                "read just before the rotate call: {calls:?}"
+            );
+            assert_eq!(
+                calls[rotate + 1],
+                "write",
+                "publication right after it: {calls:?}"
+            );
+        }
+        // The first publication (nothing to retire after it), the second, and the
+        // second's retirement.
+        let w = writes.lock().unwrap();
+        let fp = |s: &crate::secret::SecretString| Fingerprint::of(s);
+        assert_eq!(w.len(), 3);
+        assert!(w[0].previous.is_none(), "nothing before the first rotation");
+        assert_eq!(
+            w[1].previous.as_ref().map(fp),
+            Some(fp(&w[0].current)),
+            "the second publication kept the first rotation's secret as previous"
+        );
     }
 }

@@ -3,7 +3,8 @@
 //! Compiled in only with the `failpoints` feature, which only the test build turns on.
 //! When `REKEY_FAILPOINT` names the point being passed, the process announces it on
 //! stderr and freezes there, so the test can SIGKILL it at exactly that boundary — a real
-//! kill of a real process, not a simulated error return.
+//! kill of a real process, not a simulated error return (or, frozen in the scheduler
+//! loop, let systemd's watchdog kill it).
 
 /// The line a frozen process prints; tests wait for it.
 pub const REACHED: &str = "rekey failpoint reached:";
@@ -24,6 +25,10 @@ pub const ROTATION_POINTS: &[&str] = &[
     "after:retire-write",
     "after:retired",
 ];
+
+/// In the scheduler loop, on a wake (SIGUSR1): a frozen loop sends no more
+/// `WATCHDOG=1`, so the real-systemd test can watch systemd's watchdog act.
+pub const SCHEDULER_WOKEN: &str = "scheduler:woken";
 
 #[cfg(feature = "failpoints")]
 pub fn hit(name: &str) {

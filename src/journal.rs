@@ -1,7 +1,8 @@
 //! Logging when stderr is systemd's journal: no colours, no timestamps (the journal
 //! stamps each line itself), and each line prefixed with its syslog priority (`<3>`
 //! error … `<7>` debug), which journald strips and files as the entry's PRIORITY, so
-//! `journalctl -p warning -u rekey` shows exactly the warnings and errors.
+//! `journalctl -p warning -u rekey` shows exactly the warnings and errors. No level
+//! word either: the priority already says it.
 
 use std::fmt;
 use std::os::unix::fs::MetadataExt;
@@ -37,7 +38,27 @@ pub fn priority(level: &Level) -> u8 {
     }
 }
 
-/// Wraps a line format with the `<N>` priority prefix.
+/// A text line for the journal: `<N>`, then the event's fields, message first.
+pub struct Line;
+
+impl<S, N> FormatEvent<S, N> for Line
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        write!(writer, "<{}>", priority(event.metadata().level()))?;
+        ctx.format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
+    }
+}
+
+/// Wraps a line format (JSON) with the `<N>` priority prefix.
 pub struct Prioritized<F>(pub F);
 
 impl<S, N, F> FormatEvent<S, N> for Prioritized<F>
@@ -77,18 +98,13 @@ mod tests {
     }
 
     #[test]
-    fn journal_lines_carry_their_priority_and_no_colour_or_time() {
+    fn journal_lines_carry_their_priority_and_no_colour_time_level_or_leading_space() {
         let buf = Buffer::default();
         let out = buf.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(move || out.clone())
             .with_ansi(false)
-            .event_format(Prioritized(
-                tracing_subscriber::fmt::format()
-                    .without_time()
-                    .with_target(false)
-                    .with_ansi(false),
-            ))
+            .event_format(Line)
             .finish();
         tracing::subscriber::with_default(subscriber, || {
             tracing::warn!(subscription = "acme/801", "held");
@@ -96,10 +112,7 @@ mod tests {
         });
         let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(
-            lines[0], "<4> WARN held subscription=\"acme/801\"",
-            "{text}"
-        );
-        assert_eq!(lines[1], "<6> INFO scheduler ready", "{text}");
+        assert_eq!(lines[0], "<4>held subscription=\"acme/801\"", "{text}");
+        assert_eq!(lines[1], "<6>scheduler ready", "{text}");
     }
 }

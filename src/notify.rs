@@ -14,6 +14,8 @@ pub enum Notify<'a> {
     Reloading,
     Stopping,
     Watchdog,
+    /// Sent only by the scheduler ([`crate::scheduler`]): it re-sends its summary only
+    /// when the text changed, so a STATUS= from anywhere else would stick.
     Status(&'a str),
 }
 

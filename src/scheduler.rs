@@ -32,6 +32,7 @@ use tokio::task::JoinSet;
 
 use crate::config::{Config, Policy, Subscription};
 use crate::engine::{Engine, EngineError, Outcome};
+use crate::failpoint;
 use crate::metrics::Metrics;
 use crate::notify::{self, Notify, notify};
 use crate::policy_timing::{after, catch_up, retry_start, start_time};
@@ -99,6 +100,9 @@ pub enum Control {
     Wake,
     /// SIGHUP, after the new config validated and its engine was built.
     Reload(Arc<Engine>),
+    /// SIGHUP with a config that did not validate: the running one stays, and the
+    /// STATUS= line says so until a reload succeeds.
+    ReloadRefused,
     /// SIGTERM/SIGINT: stop starting steps and drain. A second one stops waiting.
     Stop,
     /// The cluster's lease is lost: drain as for `Stop`, but the process stays (a
@@ -138,7 +142,11 @@ pub struct Scheduler {
     /// Set on SIGTERM: tasks stop at the next saved step boundary.
     stop: Arc<AtomicBool>,
     watchdog: Option<Duration>,
+    /// The STATUS= text sent last. The scheduler is the only sender of STATUS=, so
+    /// this is what systemd shows.
     last_status: String,
+    /// A reload was refused since the config in use was loaded.
+    reload_refused: bool,
     metrics: Option<Arc<Metrics>>,
     /// The last history row the metrics counted.
     counted_seq: i64,
@@ -191,6 +199,7 @@ impl Scheduler {
             stop: Arc::new(AtomicBool::new(false)),
             watchdog: notify::watchdog_interval(),
             last_status: String::new(),
+            reload_refused: false,
             metrics: None,
             counted_seq: 0,
             cooldown: HashMap::new(),
@@ -310,6 +319,8 @@ impl Scheduler {
         self.catch_up_missed();
         self.take_requests();
         let mut next = self.pass();
+        // Loading the config and the records was the burst of the daemon's life.
+        crate::memory::release_freed();
         notify(&[Notify::Ready]);
         tracing::info!(subscriptions = self.fleet.len(), "scheduler ready");
         let mut stepping_down = false;
@@ -335,14 +346,17 @@ impl Scheduler {
                 }
                 msg = control.recv() => match msg {
                     Some(Control::Wake) => {
+                        failpoint::hit(failpoint::SCHEDULER_WOKEN);
                         tracing::info!("woken (SIGUSR1): taking requests and anything due");
                         self.refresh_subscriptions(true).await;
                         self.take_requests();
                     }
                     Some(Control::Reload(engine)) => {
+                        self.reload_refused = false;
                         self.reload(engine);
                         self.refresh_subscriptions(true).await;
                     }
+                    Some(Control::ReloadRefused) => self.reload_refused = true,
                     Some(Control::Stop) | None => break,
                     Some(Control::StepDown) => {
                         stepping_down = true;
@@ -467,6 +481,8 @@ impl Scheduler {
             discoveries = self.config().discoveries.len(),
             "config reloaded"
         );
+        // The old config and the new one's parse are freed by now.
+        crate::memory::release_freed();
         notify(&[Notify::Ready]);
     }
 
@@ -782,14 +798,18 @@ impl Scheduler {
         let count = |p: Phase| self.fleet.count(p);
         let confirming = count(Phase::Confirming) + count(Phase::Published);
         let n = self.fleet.len();
-        let mut status = format!(
+        let mut status = String::new();
+        if self.reload_refused {
+            status.push_str("reload refused; running the previous config; ");
+        }
+        status.push_str(&format!(
             "{n} subscription{}, {} active, {} confirming, {} held, {} failed",
             if n == 1 { "" } else { "s" },
             self.running.len(),
             confirming,
             count(Phase::Held),
             count(Phase::Failed)
-        );
+        ));
         if let Some(t) = next {
             status.push_str(&format!(", next step {}", t.format("%Y-%m-%d %H:%M:%SZ")));
         }

@@ -1081,23 +1081,23 @@ impl SqliteDb {
             .execute(rusqlite::params_from_iter(values))?;
         }
         if let Some(t) = transition {
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO history (subscription, at, rotation_id, from_phase, to_phase, event,
                     detail, evidence)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![
-                    record.name,
-                    ts1(now),
-                    record.state.rotation_id,
-                    t.from.as_str(),
-                    t.to.as_str(),
-                    t.event,
-                    t.detail,
-                    t.evidence
-                        .as_ref()
-                        .and_then(|e| serde_json::to_string(e).ok()),
-                ],
-            )?;
+            )?
+            .execute(params![
+                record.name,
+                ts1(now),
+                record.state.rotation_id,
+                t.from.as_str(),
+                t.to.as_str(),
+                t.event,
+                t.detail,
+                t.evidence
+                    .as_ref()
+                    .and_then(|e| serde_json::to_string(e).ok()),
+            ])?;
         }
         tx.commit()?;
         Ok(Some(wiped_secret))

@@ -235,6 +235,12 @@ impl Default for RetryPolicy {
 /// A token bucket shared by every call to one provider account, including
 /// confirmation polls. A 429 pauses the whole bucket until `Retry-After` passes, so
 /// the other calls to that account do not walk into the same wall.
+///
+/// The bucket holds a few tokens fewer than the limit allows ([`reserve`]); it refills
+/// at the full rate. A request reaches the provider a varying moment after its token
+/// was taken, so two sent one token apart can arrive closer than that; the provider's
+/// own bucket, kept that many tokens fuller than ours, absorbs it. The sustained rate
+/// is the limit; only the first burst is smaller.
 #[derive(Debug)]
 pub struct RateLimiter {
     limit: RateLimit,
@@ -253,7 +259,7 @@ impl RateLimiter {
         RateLimiter {
             limit,
             state: Mutex::new(Bucket {
-                tokens: f64::from(limit.count),
+                tokens: f64::from(capacity(limit)),
                 at: Instant::now(),
                 paused_until: None,
             }),
@@ -283,7 +289,7 @@ impl RateLimiter {
                 .or_else(|| {
                     let refill =
                         now.duration_since(b.at).as_secs_f64() / self.per_token().as_secs_f64();
-                    b.tokens = (b.tokens + refill).min(f64::from(self.limit.count));
+                    b.tokens = (b.tokens + refill).min(f64::from(capacity(self.limit)));
                     b.at = now;
                     if b.tokens >= 1.0 {
                         b.tokens -= 1.0;
@@ -308,6 +314,21 @@ impl RateLimiter {
         let until = Instant::now() + d;
         b.paused_until = Some(b.paused_until.map_or(until, |p| p.max(until)));
     }
+}
+
+/// Tokens of an account's limit kept unused: one in twenty, at least one (none for a
+/// limit of one).
+fn reserve(limit: RateLimit) -> u32 {
+    if limit.count > 1 {
+        (limit.count / 20).max(1)
+    } else {
+        0
+    }
+}
+
+/// The bucket's size: the limit less the [`reserve`].
+fn capacity(limit: RateLimit) -> u32 {
+    limit.count - reserve(limit)
 }
 
 /// The shortest wait for a token (tokio's timer resolution).
@@ -614,23 +635,63 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn rate_limiter_allows_a_burst_then_spaces_requests() {
         let l = RateLimiter::new(RateLimit {
-            count: 2,
+            count: 3,
             per: Duration::from_secs(1),
         });
         let t0 = Instant::now();
         l.acquire().await;
         l.acquire().await;
-        assert_eq!(Instant::now() - t0, Duration::ZERO);
+        assert_eq!(
+            Instant::now() - t0,
+            Duration::ZERO,
+            "a burst of 3 less 1 reserved"
+        );
         l.acquire().await;
         let waited = Instant::now() - t0;
         assert!(
-            waited >= Duration::from_millis(499) && waited <= Duration::from_millis(510),
+            waited >= Duration::from_millis(332) && waited <= Duration::from_millis(340),
             "{waited:?}"
         );
         l.pause_for(Duration::from_secs(5)).await;
         let t1 = Instant::now();
         l.acquire().await;
         assert!(Instant::now() - t1 >= Duration::from_secs(5));
+    }
+
+    /// Requests sent one token apart may arrive bunched: the provider's bucket (the
+    /// same limit, started full) must never be empty when one arrives, however the
+    /// delays between our send and its arrival vary within a token's time.
+    #[tokio::test(start_paused = true)]
+    async fn requests_arriving_bunched_never_find_the_providers_bucket_empty() {
+        for (count, per) in [(20, 1), (120, 60), (30, 1), (2, 1)] {
+            let limit = RateLimit {
+                count,
+                per: Duration::from_secs(per),
+            };
+            let per_token = limit.per / limit.count;
+            let l = RateLimiter::new(limit);
+            let t0 = Instant::now();
+            let mut sent = vec![];
+            for i in 0..(count * 5) {
+                l.acquire().await;
+                // In flight for up to one token's time: the worst bunching.
+                let delay = if i % 2 == 0 {
+                    per_token
+                } else {
+                    Duration::ZERO
+                };
+                sent.push((Instant::now() - t0 + delay).as_secs_f64());
+            }
+            sent.sort_by(f64::total_cmp);
+            // The provider's bucket, replayed over the arrivals.
+            let (mut tokens, mut at) = (f64::from(count), 0.0);
+            for t in sent {
+                tokens = (tokens + (t - at) / per_token.as_secs_f64()).min(f64::from(count));
+                at = t;
+                assert!(tokens >= 1.0 - 1e-9, "{count}/{per}s: empty at {t:.3}s");
+                tokens -= 1.0;
+            }
+        }
     }
 
     /// Answers every request with `status` and the given `Retry-After`, counting them.

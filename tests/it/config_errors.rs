@@ -1,5 +1,7 @@
 //! A bad config never starts rekey: `check-config` and `run` exit 78 with a message
-//! naming the file, the key and what is wrong.
+//! naming the file, the key and what is wrong. A token file is read only by the
+//! commands that use it (`check-config --preflight`, `run`), so its problems are
+//! checked through those.
 
 use crate::support::rekey::{Rekey, Setup, Store, assert_exit, stderr};
 
@@ -373,18 +375,24 @@ async fn every_bad_config_is_refused_with_file_key_and_reason() {
     let mut failures = vec![];
     for (what, edit, key, words) in cases() {
         std::fs::write(&r.config, edit(valid.clone())).unwrap();
-        let out = r.run(&["check-config"]).await;
-        let err = stderr(&out);
-        let file = r.config.display().to_string();
-        let good = out.status.code() == Some(78)
-            && err.contains(&file)
-            && err.contains(key)
-            && err.contains(words);
-        if !good {
-            failures.push(format!(
-                "{what}: exit {:?}, expected key `{key}` and `{words}` in:\n{err}",
-                out.status.code()
-            ));
+        let secret_file = key.ends_with("token_file") || key.ends_with("secret_file");
+        for args in [&["check-config", "--preflight"][..], &["check-config"]] {
+            if secret_file && args.len() == 1 {
+                continue;
+            }
+            let out = r.run(args).await;
+            let err = stderr(&out);
+            let file = r.config.display().to_string();
+            let good = out.status.code() == Some(78)
+                && err.contains(&file)
+                && err.contains(key)
+                && err.contains(words);
+            if !good {
+                failures.push(format!(
+                    "{what} ({args:?}): exit {:?}, expected key `{key}` and `{words}` in:\n{err}",
+                    out.status.code()
+                ));
+            }
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));

@@ -94,6 +94,45 @@ async fn the_daemon_reports_ready_keeps_its_config_on_a_bad_reload_applies_a_goo
     w.assert_no_leak(&[]);
 }
 
+/// systemd shows the last STATUS= it got: after a refused reload and then a valid one
+/// (which changes no subscription's state), it must be the scheduler's summary again,
+/// not the refusal.
+#[tokio::test]
+async fn a_valid_reload_after_a_refused_one_restores_the_status_summary() {
+    let w = World::new().await;
+    let mut d = Daemon::start(&w.rekey, &[]).await;
+    d.notified("READY=1").await;
+    d.notified("STATUS=1 subscription,").await;
+
+    rewrite_config(
+        &w.rekey,
+        "confirm_poll = \"1s\"",
+        "confirm_poll = \"often\"",
+    );
+    d.signal(Signal::HUP);
+    d.log_line(&["reload refused, the running config stays"])
+        .await;
+    let refused = d.notified("STATUS=reload refused").await;
+    assert!(refused.contains("running the previous config"), "{refused}");
+
+    rewrite_config(
+        &w.rekey,
+        "confirm_poll = \"often\"",
+        "confirm_poll = \"1s\"",
+    );
+    d.signal(Signal::HUP);
+    d.log_line(&["config reloaded"]).await;
+    let status = d.notified("STATUS=").await;
+    assert!(
+        status.starts_with("STATUS=1 subscription, 0 active,"),
+        "{status}"
+    );
+
+    d.signal(Signal::TERM);
+    let exit = d.exit(Duration::from_secs(10)).await;
+    assert_eq!(exit.code(), Some(0), "{}", d.log());
+}
+
 #[tokio::test]
 async fn rekey_rotate_wakes_the_running_daemon_which_rotates_and_confirms_on_its_own() {
     let w = World::new().await;

@@ -1,4 +1,5 @@
 pub mod daemon;
+pub mod nspawn;
 pub mod postgres;
 pub mod rekey;
 pub mod rvault;
