@@ -602,8 +602,11 @@ impl PgDb {
     /// A failure only delays the cleanup.
     fn vacuum_secret(&self, subscription: &str) {
         let sql = self.sql();
-        let result =
-            self.run(async |c| c.batch_execute("VACUUM subscriptions").await.map_err(&sql));
+        let result = self.run(async |c| {
+            c.batch_execute("VACUUM (SKIP_LOCKED) subscriptions")
+                .await
+                .map_err(&sql)
+        });
         if let Err(e) = result {
             tracing::warn!(subscription = %subscription, error = %e, "cannot vacuum the state's subscriptions table: the old row version that held the minted secret stays until autovacuum reclaims it");
         }
