@@ -793,6 +793,7 @@ impl PgDb {
         let at = ts1(now);
         self.run(async |c| {
             let tx = c.transaction().await.map_err(&sql)?;
+            tx.batch_execute(SYNCED).await.map_err(&sql)?;
             tx.batch_execute(LOCK_ASKS).await.map_err(&sql)?;
             match ask {
                 Ask::Rotate(names) => {
@@ -972,6 +973,9 @@ impl PgDb {
         let sql = self.sql();
         self.run(async |c| {
             let tx = c.transaction().await.map_err(&sql)?;
+            // Per transaction, not per session: behind a transaction pooler a
+            // session's settings do not follow the next transaction.
+            tx.batch_execute(SYNCED).await.map_err(&sql)?;
             self.check_fence(&tx).await?;
             let out = op(&tx).await?;
             tx.commit().await.map_err(&sql)?;
@@ -979,6 +983,10 @@ impl PgDb {
         })
     }
 }
+
+/// Every write transaction starts with this: its commit returns only once on disk
+/// (a routine save then relaxes it for itself alone).
+const SYNCED: &str = "SET LOCAL synchronous_commit = on";
 
 /// Both sides of an ask's hand-over take this lock first (it conflicts with itself
 /// and with plain inserts), so a recorder and a taker never interleave.
