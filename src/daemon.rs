@@ -158,7 +158,8 @@ impl Acting<'_> {
         loop {
             tokio::select! {
                 joined = &mut scheduler => {
-                    if deposed {
+                    // A stop asked for while stepping down is still a stop.
+                    if deposed && !stopping {
                         return Acted::Deposed(engine);
                     }
                     return Acted::Stopped(match joined {
