@@ -17,7 +17,12 @@ use crate::policy_timing::{self, CatchUp};
 use crate::rotation::Trigger;
 use crate::signals::Signals;
 use crate::state::{Ask, HISTORY_PAGE, HistoryFilter, HistoryRow, StateDb};
+
+mod shared_state;
 use crate::status;
+use shared_state::{
+    check_state, hand_over_shared, lead_once, leader_line, pg_settings, state_location,
+};
 
 const DEFAULT_CONFIG: &str = "/etc/rekey/rekey.toml";
 
@@ -202,16 +207,20 @@ fn invalid_config(e: crate::config::ConfigError) -> u8 {
 }
 
 fn open_db(config: &Config) -> Result<Arc<StateDb>, u8> {
-    StateDb::open(&config.state_dir).map(Arc::new).map_err(|e| {
-        eprintln!("rekey: {e}");
-        exit::SOFTWARE
-    })
+    let pg = pg_settings(config);
+    StateDb::open_at(state_location(config, &pg))
+        .map(Arc::new)
+        .map_err(|e| {
+            eprintln!("rekey: {e}");
+            exit::SOFTWARE
+        })
 }
 
 /// For the commands that only show the state: creates nothing, and `None` when
 /// nothing has run yet (or a first start is still creating the database).
 fn read_db(config: &Config) -> Result<Option<StateDb>, u8> {
-    StateDb::open_read_only(&config.state_dir).map_err(|e| {
+    let pg = pg_settings(config);
+    StateDb::open_read_only_at(state_location(config, &pg)).map_err(|e| {
         eprintln!("rekey: {e}");
         exit::SOFTWARE
     })
@@ -268,12 +277,19 @@ async fn run(path: &Path, once: bool, force: Vec<String>) -> u8 {
         }
     };
     if once {
+        if let Some(code) = lead_once(&db) {
+            return code;
+        }
         let jobs = force
             .iter()
             .map(|f| (f.clone(), Job::Start(Trigger::Forced)))
             .collect();
         crate::once::prune_history(&engine);
-        crate::once::run(&engine, &lock, signals, jobs, true).await
+        let code = crate::once::run(&engine, &lock, signals, jobs, true).await;
+        if let Some(Err(e)) = db.shared().map(|pg| pg.release()) {
+            eprintln!("rekey: cannot release the cluster lease (it runs out by itself): {e}");
+        }
+        code
     } else {
         crate::daemon::run(path, Arc::new(engine), db, force, signals, &lock).await
     }
@@ -293,9 +309,12 @@ fn known(config: &Config, names: &[String]) -> Result<(), u8> {
     let discovered: Vec<String> = if config.discoveries.is_empty() {
         vec![]
     } else {
-        StateDb::open_read_only(&config.state_dir)
-            .and_then(|db| db.map(|db| db.discovered()).transpose())
-            .map(|d| d.unwrap_or_default().into_iter().map(|d| d.name).collect())
+        let pg = pg_settings(config);
+        StateDb::open_read_only_at(state_location(config, &pg))
+            .ok()
+            .flatten()
+            .and_then(|db| db.discovered().ok())
+            .map(|d| d.into_iter().map(|d| d.name).collect())
             .unwrap_or_default()
     };
     for n in names {
@@ -406,6 +425,9 @@ async fn here_or_hand_over(
     ask: Ask<'_>,
     jobs: BTreeMap<String, Job>,
 ) -> u8 {
+    if config.state.postgres.is_some() {
+        return hand_over_shared(config, what, ask);
+    }
     let signals = match install_signals() {
         Ok(s) => s,
         Err(code) => return code,
@@ -533,7 +555,9 @@ fn status_cmd(path: &Path, json: bool) -> u8 {
     let printed = if json {
         print_json(&rows)
     } else {
-        print_out(&status::table(&rows, now))
+        let mut text = status::table(&rows, now);
+        text.push_str(&leader_line(db.as_ref()));
+        print_out(&text)
     };
     if let Err(code) = printed {
         return code;
@@ -757,6 +781,15 @@ async fn check_config(path: &Path, preflight: bool) -> u8 {
         "  state: history kept {}",
         humantime::format_duration(config.state.history_retention)
     );
+    if let Some(pg) = &config.state.postgres {
+        println!(
+            "  state: postgres {} (cluster {}, lease {}, renewed every {})",
+            pg.url,
+            pg.cluster,
+            humantime::format_duration(pg.lease),
+            humantime::format_duration(pg.renew_every)
+        );
+    }
     for p in &config.policies {
         let mut rules = p.schedule.describe();
         if let Some(w) = &p.start.window {
@@ -801,9 +834,15 @@ async fn check_config(path: &Path, preflight: bool) -> u8 {
             d.provider, d.vault_path_template, d.policy
         );
     }
-    match full {
-        Some(full) => check_credentials(&full).await,
-        None => exit::OK,
+    let Some(full) = full else {
+        return exit::OK;
+    };
+    let state = check_state(&full);
+    let credentials = check_credentials(&full).await;
+    if state == exit::OK {
+        credentials
+    } else {
+        state
     }
 }
 

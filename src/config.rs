@@ -50,6 +50,11 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawState {
     pub history_retention: Option<String>,
+    pub url: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub cluster: Option<String>,
+    pub lease: Option<String>,
+    pub renew_every: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -176,18 +181,42 @@ pub struct Config {
 }
 
 /// The state database's own settings (`[state]`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct StateSettings {
     /// History rows older than this are pruned (never those of a rotation under way).
     pub history_retention: Duration,
+    /// The shared PostgreSQL database (`url`); SQLite in `state_dir` when `None`.
+    pub postgres: Option<PostgresSettings>,
 }
 
 impl Default for StateSettings {
     fn default() -> Self {
         StateSettings {
             history_retention: Duration::from_secs(400 * 86_400),
+            postgres: None,
         }
     }
+}
+
+/// `[state] url = "postgres://…"`: the state in PostgreSQL, shared by a cluster of
+/// rekey instances of which one leads at a time.
+#[derive(Debug, Clone)]
+pub struct PostgresSettings {
+    /// The URL as written, less its TLS parameters; it holds no password.
+    pub url: String,
+    /// The URL parsed, without password or TLS settings.
+    pub connect: tokio_postgres::Config,
+    /// `sslmode=disable` (loopback hosts only): no TLS at all.
+    pub tls: bool,
+    /// `sslrootcert=<file>`: a CA for the server's certificate besides the system's.
+    pub root_cert: Option<PathBuf>,
+    /// From `password_file`, else `$PGPASSWORD`.
+    pub password: Option<SecretString>,
+    /// The lease's name: instances sharing one cluster name take turns leading.
+    pub cluster: String,
+    /// How long a lease lasts unrenewed, on the database's clock.
+    pub lease: Duration,
+    pub renew_every: Duration,
 }
 
 /// The long-running mode's own settings (`[daemon]`).
@@ -918,6 +947,12 @@ impl Checker {
             });
             return Some(secret(String::new()));
         }
+        self.read_secret_file(key, p)
+    }
+
+    /// Reads a secret file now, whatever the mode: the state database's password,
+    /// which every command needs, `rekey status` included.
+    fn read_secret_file(&mut self, key: &str, p: &Path) -> Option<SecretString> {
         let path = self.resolve(p);
         match std::fs::read_to_string(&path) {
             Ok(s) => {
@@ -1094,7 +1129,10 @@ fn validate(
     let log = validate_log(&mut c, raw.log);
     let daemon = validate_daemon(&mut c, raw.daemon);
     let metrics_listen = validate_metrics(&mut c, raw.metrics);
-    let state = validate_state(&mut c, raw.state);
+    let state = validate_state(&mut c, raw.state, env);
+    if let Some(pg) = &state.postgres {
+        lease_covers_rotate_calls(&mut c, pg, &providers.valid);
+    }
 
     if !c.problems.is_empty() {
         return Err(ConfigError {
@@ -1879,9 +1917,10 @@ fn validate_metrics(c: &mut Checker, raw: Option<RawMetrics>) -> Option<std::net
     }
 }
 
-fn validate_state(c: &mut Checker, raw: Option<RawState>) -> StateSettings {
+fn validate_state(c: &mut Checker, raw: Option<RawState>, env: &dyn Environment) -> StateSettings {
     let mut state = StateSettings::default();
     let Some(raw) = raw else { return state };
+    state.postgres = validate_postgres(c, &raw, env);
     state.history_retention = c.duration(
         "state.history_retention",
         raw.history_retention.as_deref(),
@@ -1895,6 +1934,161 @@ fn validate_state(c: &mut Checker, raw: Option<RawState>) -> StateSettings {
         );
     }
     state
+}
+
+/// The `[state]` keys of a PostgreSQL state: the URL (never with a password in it),
+/// the password from a file or `$PGPASSWORD`, and the lease timing.
+fn validate_postgres(
+    c: &mut Checker,
+    raw: &RawState,
+    env: &dyn Environment,
+) -> Option<PostgresSettings> {
+    let Some(url) = raw.url.as_deref() else {
+        for (key, given) in [
+            ("password_file", raw.password_file.is_some()),
+            ("cluster", raw.cluster.is_some()),
+            ("lease", raw.lease.is_some()),
+            ("renew_every", raw.renew_every.is_some()),
+        ] {
+            if given {
+                c.problem(
+                    format!("state.{key}"),
+                    "applies only to a PostgreSQL state: set state.url too, or remove it",
+                );
+            }
+        }
+        return None;
+    };
+    let (connect, tls, root_cert) = match parse_postgres_url(url) {
+        Ok(parts) => parts,
+        Err(why) => {
+            c.problem("state.url", why);
+            return None;
+        }
+    };
+    let root_cert = root_cert.map(|p| c.resolve(&p));
+    let password = match &raw.password_file {
+        Some(f) => c.read_secret_file("state.password_file", f),
+        None => env.var("PGPASSWORD").map(secret),
+    };
+    let lease = c.duration("state.lease", raw.lease.as_deref(), Duration::from_secs(15));
+    let renew_every = c.duration(
+        "state.renew_every",
+        raw.renew_every.as_deref(),
+        Duration::from_secs(5),
+    );
+    // Two renewals must fit in a lease, so that one slow round trip never costs it.
+    if renew_every.saturating_mul(2) > lease || lease < Duration::from_secs(2) {
+        c.problem(
+            "state.renew_every",
+            "must be at most half of state.lease, and the lease at least 2s (e.g. lease = \"15s\", renew_every = \"5s\")",
+        );
+    }
+    let cluster = raw.cluster.clone().unwrap_or_else(|| "default".into());
+    if cluster.is_empty() || cluster.len() > 200 {
+        c.problem("state.cluster", "must be a name of 1 to 200 characters");
+    }
+    Some(PostgresSettings {
+        url: strip_query(url),
+        connect,
+        tls,
+        root_cert,
+        password,
+        cluster,
+        lease,
+        renew_every,
+    })
+}
+
+/// A rotate call starts only while the cluster lease outlasts its timeout (it cannot
+/// be fenced like a write), so every provider's timeout must fit in a lease.
+fn lease_covers_rotate_calls(
+    c: &mut Checker,
+    pg: &PostgresSettings,
+    providers: &[ProviderSettings],
+) {
+    let usable = pg.lease - pg.lease / 10;
+    for p in providers {
+        if p.timeout + Duration::from_secs(1) > usable {
+            c.problem(
+                "state.lease",
+                format!(
+                    "{} leaves too little for provider `{}`'s timeout of {}: a rotate call starts only while the lease outlasts it (a tenth of the lease and 1s kept back); raise state.lease or lower that provider's timeout",
+                    humantime::format_duration(pg.lease),
+                    p.name,
+                    humantime::format_duration(p.timeout)
+                ),
+            );
+        }
+    }
+}
+
+/// `url` without its query string (where the TLS parameters are).
+fn strip_query(url: &str) -> String {
+    url.split_once('?')
+        .map_or(url, |(base, _)| base)
+        .to_string()
+}
+
+/// Splits a `postgres://` URL into what the driver reads and the TLS settings rekey
+/// handles itself (`sslmode`: `verify-full`, the default, or `disable` on loopback;
+/// `sslrootcert`). Refuses a password in the URL: config files get copied and shown.
+fn parse_postgres_url(
+    url: &str,
+) -> Result<(tokio_postgres::Config, bool, Option<PathBuf>), String> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err("must be a postgres:// URL, e.g. \"postgres://rekey@db.example:5432/rekey?sslmode=verify-full\"".into());
+    }
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut tls = true;
+    let mut root_cert = None;
+    let mut rest = vec![];
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("sslmode", "verify-full")) => tls = true,
+            Some(("sslmode", "disable")) => tls = false,
+            Some(("sslmode", other)) => {
+                return Err(format!(
+                    "sslmode={other} is not supported: rekey verifies the server's certificate and name (sslmode=verify-full, the default), or uses no TLS on a loopback host (sslmode=disable)"
+                ));
+            }
+            Some(("sslrootcert", path)) => root_cert = Some(PathBuf::from(path)),
+            Some(("password", _)) => return Err(password_in_url()),
+            _ => rest.push(pair),
+        }
+    }
+    let driver_url = if rest.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    let connect: tokio_postgres::Config = driver_url
+        .parse()
+        .map_err(|e| format!("is not a valid PostgreSQL URL: {e}"))?;
+    if connect.get_password().is_some() {
+        return Err(password_in_url());
+    }
+    if connect.get_user().is_none() {
+        return Err("names no user: write postgres://<user>@<host>/<database>".into());
+    }
+    let hosts = connect.get_hosts();
+    if hosts.is_empty() {
+        return Err("names no host: write postgres://<user>@<host>/<database>".into());
+    }
+    let loopback = hosts.iter().all(|h| match h {
+        tokio_postgres::config::Host::Tcp(name) => is_loopback(name),
+        tokio_postgres::config::Host::Unix(_) => true,
+    });
+    if !tls && !loopback {
+        return Err(
+            "sslmode=disable is allowed only for a loopback host or a unix socket: anything else goes over TLS with verification (sslmode=verify-full)".into(),
+        );
+    }
+    Ok((connect, tls, root_cert))
+}
+
+fn password_in_url() -> String {
+    "holds a password: config files get copied and shown; put the password in state.password_file or $PGPASSWORD instead".into()
 }
 
 fn validate_vault(c: &mut Checker, v: RawVault, env: &dyn Environment) -> Option<VaultSettings> {
@@ -2449,6 +2643,91 @@ company = "550e8400-e29b-41d4-a716-446655440000"
         ] {
             let c = load(&two_discoveries(a, b)).unwrap_or_else(|e| panic!("{a} / {b}: {e}"));
             assert_eq!(c.discoveries.len(), 2);
+        }
+    }
+
+    #[test]
+    fn a_postgres_state_takes_its_password_from_a_file_or_the_environment_never_the_url() {
+        let with = |v: &str| GOOD.to_string() + &format!("\n[state]\n{v}\n");
+        // The default lease (15s) cannot cover the default provider timeout (30s).
+        let err = load(&with("url = \"postgres://rekey@db.example:5432/rekey\"")).unwrap_err();
+        assert_eq!(err.problems[0].key, "state.lease", "{err}");
+        assert!(err.to_string().contains("timeout of 30s"), "{err}");
+        let c = load(&with(
+            "url = \"postgres://rekey@db.example:5432/rekey?sslmode=verify-full\"\nlease = \"40s\"",
+        ))
+        .unwrap();
+        let pg = c.state.postgres.unwrap();
+        assert_eq!(pg.url, "postgres://rekey@db.example:5432/rekey");
+        assert!(pg.tls && pg.password.is_none());
+        assert_eq!(
+            (pg.cluster.as_str(), pg.lease, pg.renew_every),
+            ("default", Duration::from_secs(40), Duration::from_secs(5))
+        );
+        let env = BTreeMap::from([("PGPASSWORD".to_string(), "from-env".to_string())]);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("fintoro.token"), "tok\n").unwrap();
+        std::fs::write(dir.path().join("vault.token"), "hvs.x").unwrap();
+        let p = dir.path().join("rekey.toml");
+        std::fs::write(
+            &p,
+            with("url = \"postgres://rekey@127.0.0.1/rekey?sslmode=disable\"\nlease = \"1m\""),
+        )
+        .unwrap();
+        let pg = Config::load_with(&p, &env, false)
+            .unwrap()
+            .state
+            .postgres
+            .unwrap();
+        assert!(!pg.tls);
+        assert_eq!(pg.password.unwrap().expose_secret(), "from-env");
+        for (bad, key, says) in [
+            (
+                "url = \"postgres://rekey:hunter2@db.example/rekey\"",
+                "state.url",
+                "password_file",
+            ),
+            (
+                "url = \"postgres://rekey@db.example/rekey?password=hunter2\"",
+                "state.url",
+                "password_file",
+            ),
+            (
+                "url = \"postgres://rekey@db.example/rekey?sslmode=disable\"",
+                "state.url",
+                "loopback",
+            ),
+            (
+                "url = \"postgres://rekey@db.example/rekey?sslmode=prefer\"",
+                "state.url",
+                "verify-full",
+            ),
+            (
+                "url = \"mysql://rekey@db.example/rekey\"",
+                "state.url",
+                "postgres://",
+            ),
+            (
+                "url = \"postgres://db.example/rekey\"",
+                "state.url",
+                "no user",
+            ),
+            ("cluster = \"a\"", "state.cluster", "state.url"),
+            (
+                "url = \"postgres://rekey@db.example/rekey\"\nlease = \"10s\"\nrenew_every = \"6s\"",
+                "state.renew_every",
+                "half",
+            ),
+            (
+                "url = \"postgres://rekey@db.example/rekey\"\npassword_file = \"missing\"",
+                "state.password_file",
+                "cannot read",
+            ),
+        ] {
+            let err = load(&with(bad)).unwrap_err();
+            assert_eq!(err.problems[0].key, key, "{bad}: {err}");
+            assert!(err.to_string().contains(says), "{bad}: {err}");
+            assert!(!err.to_string().contains("hunter2"), "{err}");
         }
     }
 

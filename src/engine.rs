@@ -108,6 +108,10 @@ pub struct Engine {
 /// is a new process: it always checks.)
 const DRIFT_SHARE_OF_RATE_LIMIT: f64 = 0.1;
 
+/// What a rotate call must leave of the cluster lease beyond its timeout: the
+/// answer's save and a round trip.
+const LEASE_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Engine {
     pub async fn new(config: Arc<Config>, db: Arc<StateDb>) -> Result<Engine, EngineError> {
         let store: Arc<dyn SecretStore> = match &config.store {
@@ -897,6 +901,12 @@ impl Engine {
 
     /// The provider's rotate call (its intent is saved), as the event its answer makes.
     async fn rotate_call(&self, sub: &Subscription, rec: &Record) -> Event {
+        if let Err(why) = self.lease_covers_call(sub) {
+            return Event::RotateRejected {
+                error: why,
+                now: self.now(),
+            };
+        }
         self.read_before_rotating(sub, rec).await;
         failpoint::hit("before:rotate-call");
         let result = match self.client(sub) {
@@ -930,6 +940,27 @@ impl Engine {
                 now: self.now(),
             },
         }
+    }
+
+    /// With a state shared by a cluster, a rotate call starts only while the lease
+    /// (renewed just now) outlasts the call's timeout: the call cannot be fenced like
+    /// a write, so no other instance may take over while it can still be answered.
+    fn lease_covers_call(&self, sub: &Subscription) -> Result<(), String> {
+        let Some(pg) = self.db.shared() else {
+            return Ok(());
+        };
+        let timeout = (self.config().provider(&sub.provider))
+            .map_or(std::time::Duration::from_secs(30), |p| p.timeout);
+        let left = pg.renew_now().map_err(|e| e.to_string())?;
+        if left < timeout + LEASE_MARGIN {
+            return Err(format!(
+                "not rotated: {}s left on the cluster lease, the rotate call may take {}s; \
+                 set [state] lease above the provider's timeout",
+                left.as_secs(),
+                timeout.as_secs()
+            ));
+        }
+        Ok(())
     }
 
     /// Reads the store's entry for `sub` before the rotate call, for [`Engine::publish`]

@@ -78,7 +78,13 @@ pub fn init(config: &Config) {
 
 fn filter(config: &Config) -> EnvFilter {
     let filter = std::env::var("REKEY_LOG").unwrap_or_else(|_| config.log.level.clone());
-    EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"))
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    // The PostgreSQL driver logs statement parameters at debug level, and a minted
+    // secret is one: never below info, whatever the level asked for.
+    match "tokio_postgres=info".parse() {
+        Ok(quiet) => filter.add_directive(quiet),
+        Err(_) => filter,
+    }
 }
 
 /// Colours only on a terminal; to the journal stream, lines suited to the journal

@@ -61,6 +61,10 @@ pub struct Metrics {
     last_success: Family<SubscriptionLabels, Gauge>,
     clock_offset: Family<OffsetLabels, FloatGauge>,
     heartbeat_gauge: Gauge,
+    leader: Gauge,
+    lease_epoch: Gauge,
+    /// A PostgreSQL cluster's standby: healthy while it waits for the lease.
+    standby: std::sync::atomic::AtomicBool,
     /// rotation id → when its secret was minted / published, until the next step of
     /// the same rotation is seen.
     minted_at: Mutex<HashMap<String, DateTime<Utc>>>,
@@ -133,8 +137,24 @@ impl Metrics {
             "When the daemon's scheduler loop last turned (Unix time); it turns at least every 15 minutes",
             heartbeat_gauge.clone(),
         );
+        let leader = Gauge::default();
+        leader.set(1);
+        registry.register(
+            "leader",
+            "1 while this instance acts (it leads its cluster, or has the state to itself), 0 while it stands by",
+            leader.clone(),
+        );
+        let lease_epoch = Gauge::default();
+        registry.register(
+            "lease_epoch",
+            "The epoch of the cluster lease this instance leads at (0 without a shared state or while standing by)",
+            lease_epoch.clone(),
+        );
         Metrics {
             registry,
+            leader,
+            lease_epoch,
+            standby: std::sync::atomic::AtomicBool::new(false),
             clock_offset,
             heartbeat_gauge,
             rotations,
@@ -155,7 +175,23 @@ impl Metrics {
     }
 
     pub fn healthy(&self, now: DateTime<Utc>) -> bool {
-        now.timestamp() - self.heartbeat.load(Ordering::Relaxed) < HEALTHY_WITHIN_SECS
+        self.is_standby()
+            || now.timestamp() - self.heartbeat.load(Ordering::Relaxed) < HEALTHY_WITHIN_SECS
+    }
+
+    /// Leading at `epoch` (`Some`), or standing by while another instance leads.
+    pub fn set_leadership(&self, epoch: Option<i64>) {
+        self.standby.store(epoch.is_none(), Ordering::Relaxed);
+        self.leader.set(i64::from(epoch.is_some()));
+        self.lease_epoch.set(epoch.unwrap_or(0));
+        if epoch.is_some() {
+            // A standby's scheduler loop did not turn: start its clock afresh.
+            self.beat(Utc::now());
+        }
+    }
+
+    pub fn is_standby(&self) -> bool {
+        self.standby.load(Ordering::Relaxed)
     }
 
     fn outcome(&self, row: &HistoryRow, outcome: &str) {
@@ -316,7 +352,9 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
             get(move || {
                 let m = metrics.clone();
                 async move {
-                    if m.healthy(Utc::now()) {
+                    if m.is_standby() {
+                        (StatusCode::OK, "ok, standby: another instance leads\n")
+                    } else if m.healthy(Utc::now()) {
                         (StatusCode::OK, "ok\n")
                     } else {
                         (

@@ -105,6 +105,9 @@ pub enum Control {
     ReloadRefused,
     /// SIGTERM/SIGINT: stop starting steps and drain. A second one stops waiting.
     Stop,
+    /// The cluster's lease is lost: drain as for `Stop`, but the process stays (a
+    /// standby), so systemd is not told it stops.
+    StepDown,
 }
 
 /// Why a subscription is being advanced.
@@ -320,6 +323,7 @@ impl Scheduler {
         crate::memory::release_freed();
         notify(&[Notify::Ready]);
         tracing::info!(subscriptions = self.fleet.len(), "scheduler ready");
+        let mut stepping_down = false;
         loop {
             self.report_status(next);
             self.count_history();
@@ -354,16 +358,22 @@ impl Scheduler {
                     }
                     Some(Control::ReloadRefused) => self.reload_refused = true,
                     Some(Control::Stop) | None => break,
+                    Some(Control::StepDown) => {
+                        stepping_down = true;
+                        break;
+                    }
                 },
             }
             self.refresh_subscriptions(false).await;
             next = self.pass();
         }
-        self.drain(&mut control).await;
+        self.drain(&mut control, stepping_down).await;
     }
-    async fn drain(&mut self, control: &mut mpsc::Receiver<Control>) {
+    async fn drain(&mut self, control: &mut mpsc::Receiver<Control>, stepping_down: bool) {
         self.stop.store(true, Ordering::SeqCst);
-        notify(&[Notify::Stopping]);
+        if !stepping_down {
+            notify(&[Notify::Stopping]);
+        }
         let timeout = self.engine.config().daemon.drain_timeout;
         tracing::info!(
             in_flight = self.running.len(),
@@ -381,7 +391,7 @@ impl Scheduler {
                     );
                     break;
                 }
-                msg = control.recv() => if matches!(msg, Some(Control::Stop)) {
+                msg = control.recv() => if matches!(msg, Some(Control::Stop | Control::StepDown)) {
                     tracing::warn!("second stop signal: exiting without waiting; every subscription resumes from its last saved state");
                     break;
                 },

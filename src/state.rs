@@ -7,6 +7,16 @@
 //! mint step relies on. The minted secret is the only secret ever stored here, and only
 //! until it is published; `secure_delete` zeroes the freed pages and a WAL checkpoint
 //! truncates the log, so no copy lingers in the file afterwards.
+//!
+//! With `[state] url`, the same tables live in PostgreSQL instead ([`postgres`]),
+//! shared by several rekey instances of which one leads at a time ([`lease`]).
+//! [`StateDb`] is the one face of both: callers never know which one they use.
+
+mod lease;
+mod postgres;
+
+pub use lease::{Leader, Leadership};
+pub use postgres::{PG_SCHEMA_VERSION, PgDb, PgSettings};
 
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -128,6 +138,18 @@ pub enum StateError {
     Outdated { path: PathBuf, found: i64 },
     #[error("state database: {0}")]
     Sql(#[from] rusqlite::Error),
+    #[error("state database {url}: {detail}")]
+    Postgres { url: String, detail: String },
+    #[error(
+        "state database {url} has schema version {found}, this rekey understands {PG_SCHEMA_VERSION}; \
+         use the rekey version that wrote it"
+    )]
+    PostgresSchema { url: String, found: i64 },
+    #[error(
+        "state write refused: another rekey instance took over cluster `{cluster}` \
+         (this one held epoch {epoch}); this instance stops acting and stands by"
+    )]
+    Deposed { cluster: String, epoch: i64 },
     #[error("state database: stored row for `{subscription}` is corrupt: {detail}")]
     Corrupt {
         subscription: String,
@@ -268,7 +290,295 @@ impl RawHistoryRow {
     }
 }
 
+/// The state, in SQLite or PostgreSQL (see the module's documentation).
 pub struct StateDb {
+    backend: Backend,
+}
+
+enum Backend {
+    Sqlite(SqliteDb),
+    Postgres(Box<postgres::PgDb>),
+}
+
+/// Where the state lives: SQLite in `state_dir`, or PostgreSQL.
+#[derive(Debug, Clone, Copy)]
+pub enum Location<'a> {
+    Dir(&'a Path),
+    Postgres(&'a PgSettings),
+}
+
+/// Calls the same method on whichever backend holds the state.
+macro_rules! each {
+    ($self:ident, $db:ident => $call:expr) => {
+        match &$self.backend {
+            Backend::Sqlite($db) => $call,
+            Backend::Postgres($db) => $call,
+        }
+    };
+}
+
+impl StateDb {
+    /// Opens (creating if needed) SQLite's database in `state_dir` (see
+    /// [`StateDb::open_at`] for either backend).
+    pub fn open(state_dir: &Path) -> Result<StateDb, StateError> {
+        StateDb::open_at(Location::Dir(state_dir))
+    }
+
+    /// Opens the state, creating or upgrading its schema.
+    pub fn open_at(at: Location<'_>) -> Result<StateDb, StateError> {
+        let backend = match at {
+            Location::Dir(dir) => Backend::Sqlite(SqliteDb::open(dir)?),
+            Location::Postgres(pg) => Backend::Postgres(Box::new(postgres::PgDb::open(pg)?)),
+        };
+        Ok(StateDb { backend })
+    }
+
+    /// For the commands that only show the state: creates nothing, and `None` while
+    /// there is no state yet.
+    pub fn open_read_only(state_dir: &Path) -> Result<Option<StateDb>, StateError> {
+        StateDb::open_read_only_at(Location::Dir(state_dir))
+    }
+
+    pub fn open_read_only_at(at: Location<'_>) -> Result<Option<StateDb>, StateError> {
+        Ok(match at {
+            Location::Dir(dir) => SqliteDb::open_read_only(dir)?.map(Backend::Sqlite),
+            Location::Postgres(pg) => {
+                postgres::PgDb::open_read_only(pg)?.map(|db| Backend::Postgres(Box::new(db)))
+            }
+        }
+        .map(|backend| StateDb { backend }))
+    }
+
+    /// Where the state is, for messages: the SQLite file or the PostgreSQL URL.
+    pub fn describe(&self) -> String {
+        match &self.backend {
+            Backend::Sqlite(db) => db.path().display().to_string(),
+            Backend::Postgres(db) => db.url().to_string(),
+        }
+    }
+
+    /// The PostgreSQL backend, for the lease: `None` on SQLite, where the state
+    /// directory's lock keeps a second instance out instead.
+    pub fn shared(&self) -> Option<&postgres::PgDb> {
+        match &self.backend {
+            Backend::Sqlite(_) => None,
+            Backend::Postgres(db) => Some(db),
+        }
+    }
+
+    pub fn save_counts(&self) -> SaveCounts {
+        each!(self, db => db.save_counts())
+    }
+
+    /// Whether a WAL truncation is still owed (SQLite; see [`StateDb::save`]).
+    pub fn checkpoint_owed(&self) -> bool {
+        match &self.backend {
+            Backend::Sqlite(db) => db.checkpoint_owed(),
+            Backend::Postgres(_) => false,
+        }
+    }
+
+    /// Returns the record, creating an idle one first seen `now` if there is none.
+    pub fn load_or_create(&self, name: &str, now: DateTime<Utc>) -> Result<Record, StateError> {
+        each!(self, db => db.load_or_create(name, now))
+    }
+
+    pub fn load(&self, name: &str) -> Result<Option<Record>, StateError> {
+        each!(self, db => db.load(name))
+    }
+
+    pub fn load_all(&self) -> Result<Vec<Record>, StateError> {
+        each!(self, db => db.load_all())
+    }
+
+    /// Hands `each` the record of every name in `names`, creating an idle one first
+    /// seen `now` for each that has none, all in one transaction. `each` runs while
+    /// the database is held, so it must not use it.
+    pub fn load_or_create_many(
+        &self,
+        names: &[&str],
+        now: DateTime<Utc>,
+        each: impl FnMut(Record),
+    ) -> Result<(), StateError> {
+        each!(self, db => db.load_or_create_many(names, now, each))
+    }
+
+    /// The name of every record.
+    pub fn names(&self) -> Result<Vec<String>, StateError> {
+        each!(self, db => db.names())
+    }
+
+    /// The names of the records with a rotation started (a rotation id set).
+    pub fn rotating_names(&self) -> Result<Vec<String>, StateError> {
+        each!(self, db => db.rotating_names())
+    }
+
+    /// Sets the next due time of each named record, in one transaction.
+    pub fn set_next_due(&self, dues: &[(String, Option<DateTime<Utc>>)]) -> Result<(), StateError> {
+        each!(self, db => db.set_next_due(dues))
+    }
+
+    /// Persists `record` and appends `transition` to the history, atomically and
+    /// durably. When this returns `Ok`, the state survives a crash or power loss.
+    pub fn save(
+        &self,
+        record: &Record,
+        transition: Option<&Transition>,
+        now: DateTime<Utc>,
+    ) -> Result<(), StateError> {
+        match &self.backend {
+            Backend::Sqlite(db) => db.save(record, transition, now),
+            Backend::Postgres(db) => db.save(record, transition, now, true),
+        }
+    }
+
+    /// Persists a routine step (a confirmation poll without news, waking from a wait):
+    /// no history row, and no wait for the disk. A record that did not change is not
+    /// written at all (see the SQLite backend's `save_routine` for why this is safe).
+    pub fn save_routine(&self, record: &Record, now: DateTime<Utc>) -> Result<(), StateError> {
+        match &self.backend {
+            Backend::Sqlite(db) => db.save_routine(record, now),
+            Backend::Postgres(db) => db.save(record, None, now, false),
+        }
+    }
+
+    /// The whole history of one subscription (or all, with `None`), oldest first. For
+    /// tests and the sandbox: anything facing a real fleet reads [`StateDb::history_page`].
+    pub fn history(&self, name: Option<&str>) -> Result<Vec<HistoryRow>, StateError> {
+        let filter = HistoryFilter {
+            subscription: name,
+            since: None,
+        };
+        let mut rows = Vec::new();
+        loop {
+            let after = rows.last().map_or(0, |r: &HistoryRow| r.seq);
+            let page = self.history_page(&filter, after, HISTORY_PAGE)?;
+            let more = page.len() == HISTORY_PAGE;
+            rows.extend(page);
+            if !more {
+                return Ok(rows);
+            }
+        }
+    }
+
+    /// At most `limit` history rows after `after_seq` that `filter` lets through,
+    /// oldest first; a caller walking a large table pages on with the last `seq`.
+    pub fn history_page(
+        &self,
+        filter: &HistoryFilter<'_>,
+        after_seq: i64,
+        limit: usize,
+    ) -> Result<Vec<HistoryRow>, StateError> {
+        each!(self, db => db.history_page(filter, after_seq, limit))
+    }
+
+    /// Where to start paging to read only the newest `newest` rows `filter` passes.
+    pub fn history_tail_start(
+        &self,
+        filter: &HistoryFilter<'_>,
+        newest: usize,
+    ) -> Result<i64, StateError> {
+        each!(self, db => db.history_tail_start(filter, newest))
+    }
+
+    /// At most `limit` history rows after `seq` (all subscriptions), oldest first.
+    pub fn history_after(&self, seq: i64, limit: usize) -> Result<Vec<HistoryRow>, StateError> {
+        self.history_page(&HistoryFilter::default(), seq, limit)
+    }
+
+    /// Deletes up to `batch` of the oldest history rows recorded before `before`
+    /// (never those of a rotation under way); returns how many went.
+    pub fn prune_history(&self, before: DateTime<Utc>, batch: usize) -> Result<usize, StateError> {
+        each!(self, db => db.prune_history(before, batch))
+    }
+
+    /// The newest history row's sequence number (0 when empty).
+    pub fn last_seq(&self) -> Result<i64, StateError> {
+        each!(self, db => db.last_seq())
+    }
+
+    /// Records an operator's request to rotate `name` as soon as possible.
+    pub fn add_request(&self, name: &str, now: DateTime<Utc>) -> Result<(), StateError> {
+        self.ask(Ask::Rotate(&[name.to_string()]), now, || ())
+    }
+
+    pub fn take_requests(&self) -> Result<Vec<String>, StateError> {
+        each!(self, db => db.take_requests())
+    }
+
+    /// Records what an operator asks of the running rekey and, before committing,
+    /// calls `then` (which reads who holds the state directory): ordered against
+    /// [`StateDb::take_asks`], so either the ask is among those taken, or `then`
+    /// runs after the taker's `then` (which says it takes no more).
+    pub fn ask<T>(
+        &self,
+        ask: Ask<'_>,
+        now: DateTime<Utc>,
+        then: impl FnOnce() -> T,
+    ) -> Result<T, StateError> {
+        each!(self, db => db.ask(ask, now, then))
+    }
+
+    /// Takes every recorded request and decision at once; `then` sees them before
+    /// the commit (see [`StateDb::ask`] for why).
+    pub fn take_asks(&self, then: impl FnOnce(&Asks)) -> Result<Asks, StateError> {
+        each!(self, db => db.take_asks(then))
+    }
+
+    /// Records that the provider lists `name` now. Returns true when it is new or
+    /// came back after vanishing (worth a history row).
+    pub fn saw_discovered(
+        &self,
+        name: &str,
+        provider: &str,
+        id: &str,
+        vault_path: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StateError> {
+        each!(self, db => db.saw_discovered(name, provider, id, vault_path, now))
+    }
+
+    /// Marks a discovered subscription as no longer listed.
+    pub fn mark_vanished(&self, name: &str, now: DateTime<Utc>) -> Result<(), StateError> {
+        each!(self, db => db.mark_vanished(name, now))
+    }
+
+    /// Every discovered subscription, vanished or not.
+    pub fn discovered(&self) -> Result<Vec<Discovered>, StateError> {
+        each!(self, db => db.discovered())
+    }
+
+    /// Records an operator's decision on a held subscription (`retire` or resume) for
+    /// the running daemon to apply; a later decision replaces an earlier one.
+    pub fn add_decision(
+        &self,
+        name: &str,
+        retire: bool,
+        now: DateTime<Utc>,
+    ) -> Result<(), StateError> {
+        self.ask(Ask::Decide { name, retire }, now, || ())
+    }
+
+    /// Takes every recorded decision: `(subscription, retire)`, oldest first.
+    pub fn take_decisions(&self) -> Result<Vec<(String, bool)>, StateError> {
+        each!(self, db => db.take_decisions())
+    }
+
+    #[cfg(test)]
+    fn sqlite(&self) -> &SqliteDb {
+        match &self.backend {
+            Backend::Sqlite(db) => db,
+            Backend::Postgres(_) => panic!("an SQLite test on PostgreSQL"),
+        }
+    }
+
+    #[cfg(test)]
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.sqlite().conn()
+    }
+}
+
+pub(crate) struct SqliteDb {
     conn: Mutex<Connection>,
     path: PathBuf,
     /// A WAL truncation that readers kept busy, retried at the next save: until it
@@ -345,11 +655,11 @@ fn damaged(path: &Path, e: StateError) -> StateError {
     }
 }
 
-impl StateDb {
+impl SqliteDb {
     /// Opens (creating if needed) the database in `state_dir`. The directory is created
     /// with mode 0700 and the file with 0600. Any number of rekey processes may open a
     /// fresh directory at once: one creates the schema, the others wait for it.
-    pub fn open(state_dir: &Path) -> Result<StateDb, StateError> {
+    pub fn open(state_dir: &Path) -> Result<SqliteDb, StateError> {
         let path = state_dir.join(DB_FILE);
         let open_err = |detail: String| StateError::Open {
             path: path.clone(),
@@ -374,7 +684,7 @@ impl StateDb {
             Err(e) => return Err(open_err(format!("cannot create: {e}"))),
         }
         let conn = Connection::open(&path).map_err(|e| open_err(e.to_string()))?;
-        let db = StateDb::with(conn, path.clone());
+        let db = SqliteDb::with(conn, path.clone());
         db.init().map_err(|e| damaged(&path, e))?;
         Ok(db)
     }
@@ -382,7 +692,7 @@ impl StateDb {
     /// Opens the database for reading only, creating nothing: `None` while there is
     /// no state yet (no file, or a first start still creating the schema). For the
     /// commands that only show the state.
-    pub fn open_read_only(state_dir: &Path) -> Result<Option<StateDb>, StateError> {
+    pub fn open_read_only(state_dir: &Path) -> Result<Option<SqliteDb>, StateError> {
         let path = state_dir.join(DB_FILE);
         if !path.exists() {
             return Ok(None);
@@ -392,13 +702,13 @@ impl StateDb {
             path: path.clone(),
             detail: e.to_string(),
         })?;
-        let db = StateDb::with(conn, path.clone());
+        let db = SqliteDb::with(conn, path.clone());
         let has_schema = db.check_read_only().map_err(|e| damaged(&path, e))?;
         Ok(has_schema.then_some(db))
     }
 
-    fn with(conn: Connection, path: PathBuf) -> StateDb {
-        StateDb {
+    fn with(conn: Connection, path: PathBuf) -> SqliteDb {
+        SqliteDb {
             conn: Mutex::new(conn),
             path,
             checkpoint_owed: AtomicBool::new(false),
@@ -835,25 +1145,6 @@ impl StateDb {
         }
     }
 
-    /// The whole history of one subscription (or all, with `None`), oldest first. For
-    /// tests and the sandbox: anything facing a real fleet reads [`StateDb::history_page`].
-    pub fn history(&self, name: Option<&str>) -> Result<Vec<HistoryRow>, StateError> {
-        let filter = HistoryFilter {
-            subscription: name,
-            since: None,
-        };
-        let mut rows = Vec::new();
-        loop {
-            let after = rows.last().map_or(0, |r: &HistoryRow| r.seq);
-            let page = self.history_page(&filter, after, HISTORY_PAGE)?;
-            let more = page.len() == HISTORY_PAGE;
-            rows.extend(page);
-            if !more {
-                return Ok(rows);
-            }
-        }
-    }
-
     /// At most `limit` history rows after `after_seq` that `filter` lets through,
     /// oldest first. One short read: a caller walking a large table pages on
     /// with the last row's `seq`, so neither its memory nor the time it holds a read
@@ -904,12 +1195,6 @@ impl StateDb {
         Ok(nth.map_or(0, |seq| seq - 1))
     }
 
-    /// At most `limit` history rows after `seq` (all subscriptions), oldest first: what
-    /// the daemon's metrics have not counted yet. Callers page on with the last `seq`.
-    pub fn history_after(&self, seq: i64, limit: usize) -> Result<Vec<HistoryRow>, StateError> {
-        self.history_page(&HistoryFilter::default(), seq, limit)
-    }
-
     /// Deletes up to `batch` of the oldest history rows recorded before `before`, in
     /// one short transaction; returns how many went (fewer than `batch`: nothing
     /// older is left). The rows of a rotation still under way (its subscription holds
@@ -953,11 +1238,6 @@ impl StateDb {
             .query_row("SELECT coalesce(max(seq), 0) FROM history", [], |r| {
                 r.get(0)
             })?)
-    }
-
-    /// Records an operator's request to rotate `name` as soon as possible.
-    pub fn add_request(&self, name: &str, now: DateTime<Utc>) -> Result<(), StateError> {
-        insert_request(&self.conn(), name, now)
     }
 
     pub fn take_requests(&self) -> Result<Vec<String>, StateError> {
@@ -1089,7 +1369,7 @@ pub struct Discovered {
     pub vanished_at: Option<DateTime<Utc>>,
 }
 
-impl StateDb {
+impl SqliteDb {
     /// Records that the provider lists `name` now. Returns true when it is new or
     /// came back after vanishing (worth a history row).
     pub fn saw_discovered(
@@ -1163,18 +1443,7 @@ impl StateDb {
     }
 }
 
-impl StateDb {
-    /// Records an operator's decision on a held subscription (`retire` or resume) for
-    /// the running daemon to apply; a later decision replaces an earlier one.
-    pub fn add_decision(
-        &self,
-        name: &str,
-        retire: bool,
-        now: DateTime<Utc>,
-    ) -> Result<(), StateError> {
-        insert_decision(&self.conn(), name, retire, now)
-    }
-
+impl SqliteDb {
     /// Takes every recorded decision: `(subscription, retire)`, oldest first.
     pub fn take_decisions(&self) -> Result<Vec<(String, bool)>, StateError> {
         let mut conn = self.conn();

@@ -1,5 +1,6 @@
 pub mod daemon;
 pub mod nspawn;
+pub mod postgres;
 pub mod rekey;
 pub mod rvault;
 pub mod util;
