@@ -1129,8 +1129,12 @@ fn validate(
     let log = validate_log(&mut c, raw.log);
     let daemon = validate_daemon(&mut c, raw.daemon);
     let metrics_listen = validate_metrics(&mut c, raw.metrics);
-    let state = validate_state(&mut c, raw.state, env);
-    if let Some(pg) = &state.postgres {
+    let lease_given = raw.state.as_ref().is_some_and(|s| s.lease.is_some());
+    let mut state = validate_state(&mut c, raw.state, env);
+    if let Some(pg) = &mut state.postgres {
+        if !lease_given {
+            pg.lease = pg.lease.max(lease_covering(&providers.valid));
+        }
         lease_covers_rotate_calls(&mut c, pg, &providers.valid);
     }
 
@@ -2000,6 +2004,23 @@ fn validate_postgres(
     })
 }
 
+/// The shortest lease, in whole seconds, that covers every provider's rotate call
+/// ([`lease_covers_rotate_calls`]): the default lease grows to it, so that `[state]
+/// url` alone is a working setup (35s for the default 30s timeout). A lease the
+/// operator sets is taken as given, and refused if too short.
+fn lease_covering(providers: &[ProviderSettings]) -> Duration {
+    let longest = providers
+        .iter()
+        .map(|p| p.timeout)
+        .max()
+        .unwrap_or_default();
+    let mut lease = Duration::from_secs(longest.as_secs() + 2);
+    while lease - lease / 10 < longest + Duration::from_secs(1) {
+        lease += Duration::from_secs(1);
+    }
+    lease
+}
+
 /// A rotate call starts only while the cluster lease outlasts its timeout (it cannot
 /// be fenced like a write), so every provider's timeout must fit in a lease.
 fn lease_covers_rotate_calls(
@@ -2649,8 +2670,14 @@ company = "550e8400-e29b-41d4-a716-446655440000"
     #[test]
     fn a_postgres_state_takes_its_password_from_a_file_or_the_environment_never_the_url() {
         let with = |v: &str| GOOD.to_string() + &format!("\n[state]\n{v}\n");
-        // The default lease (15s) cannot cover the default provider timeout (30s).
-        let err = load(&with("url = \"postgres://rekey@db.example:5432/rekey\"")).unwrap_err();
+        // The default lease (15s) grows to cover the default provider timeout (30s);
+        // a lease the operator sets too short is refused.
+        let c = load(&with("url = \"postgres://rekey@db.example:5432/rekey\"")).unwrap();
+        assert_eq!(c.state.postgres.unwrap().lease, Duration::from_secs(35));
+        let err = load(&with(
+            "url = \"postgres://rekey@db.example:5432/rekey\"\nlease = \"15s\"",
+        ))
+        .unwrap_err();
         assert_eq!(err.problems[0].key, "state.lease", "{err}");
         assert!(err.to_string().contains("timeout of 30s"), "{err}");
         let c = load(&with(
