@@ -1633,43 +1633,6 @@ mod tests {
             .with_timezone(&Utc)
     }
 
-    #[test]
-    fn evidence_and_failure_tallies_round_trip() {
-        use crate::evidence::{Evidence, FailureCount, Failures};
-        let dir = tempfile::tempdir().unwrap();
-        let db = StateDb::open(&dir.path().join("state")).unwrap();
-        let mut r = db.load_or_create("fintoro/801", now()).unwrap();
-        r.state.phase = Phase::Confirming;
-        r.state.delivery_failures.add(
-            &Failures {
-                seen: vec![FailureCount::Newest("d1".into()), FailureCount::Listed(2)],
-                detail: "status 401".into(),
-            },
-            now(),
-        );
-        let ev = Evidence {
-            source: "lastSuccessAt".into(),
-            stamp: Some(now()),
-            counted_after: Some(now() - chrono::Duration::seconds(11)),
-            offset: Some(crate::skew::UNMEASURED),
-            detail: "Fintoro lastSuccessAt".into(),
-        };
-        let t = Transition {
-            from: Phase::Confirming,
-            to: Phase::Retiring,
-            event: "checked",
-            detail: format!("evidence: {ev}"),
-            quiet: false,
-            evidence: Some(ev.clone()),
-        };
-        db.save(&r, Some(&t), now()).unwrap();
-        let back = db.load("fintoro/801").unwrap().unwrap();
-        assert_eq!(back.state.delivery_failures, r.state.delivery_failures);
-        assert_eq!(back.state.delivery_failures.count(), 2);
-        let rows = db.history(Some("fintoro/801")).unwrap();
-        assert_eq!(rows.last().unwrap().evidence.as_ref(), Some(&ev));
-    }
-
     /// Appends a history row for `name` recorded at `at`, the record carrying
     /// `rotation_id` (which marks a rotation under way while it stays there).
     fn row_at(db: &StateDb, name: &str, rotation_id: Option<&str>, at: DateTime<Utc>) -> i64 {

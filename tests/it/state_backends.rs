@@ -330,6 +330,7 @@ on_both!(evidence_and_failure_tallies_round_trip, |db: &StateDb| {
     db.save(&r, Some(&t), now()).unwrap();
     let back = db.load("fintoro/801").unwrap().unwrap();
     assert_eq!(back.state.delivery_failures, r.state.delivery_failures);
+    assert_eq!(back.state.delivery_failures.count(), 2);
     let rows = db.history(Some("fintoro/801")).unwrap();
     assert_eq!(rows.last().unwrap().evidence.as_ref(), Some(&ev));
 });
