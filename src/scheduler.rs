@@ -168,16 +168,20 @@ pub struct Scheduler {
 /// How often the daemon lists providers for `id = "*"` entries.
 const DISCOVERY_INTERVAL: Duration = Duration::from_secs(300);
 
-/// How long a subscription the engine refused as not due waits before the next try;
-/// also the first wait after a failed step, doubling with each failure in a row.
+/// How long a subscription the engine refused as not due waits before the next try.
 const COOLDOWN: Duration = Duration::from_secs(60);
+
+/// The first wait after a failed step (an engine error, a panic), doubling with each
+/// failure in a row: short, because most such faults pass (a database restarting, a
+/// disk briefly full), and growing, so one that persists never spins the loop.
+const FIRST_FAILURE_COOLDOWN: Duration = Duration::from_secs(5);
 
 /// The longest wait between retries of a step that keeps failing.
 const MAX_FAILURE_COOLDOWN: Duration = Duration::from_secs(15 * 60);
 
 /// The wait after the `n`th failed step in a row (n ≥ 1).
 fn failure_cooldown(n: u32) -> Duration {
-    COOLDOWN
+    FIRST_FAILURE_COOLDOWN
         .saturating_mul(1 << n.saturating_sub(1).min(16))
         .min(MAX_FAILURE_COOLDOWN)
 }
@@ -1054,15 +1058,22 @@ mod tests {
         gauge.lock().unwrap().panic_preflights = 200;
         let (tx, rx) = mpsc::channel(4);
         let sched = tokio::spawn(Scheduler::new(engine, &[]).run(rx));
-        // 1, 2, 4, 8 minutes apart, then 15 at most: attempts at 0, 1, 3, 7, 15,
-        // 30, 45 and 60 minutes.
-        tokio::time::sleep(Duration::from_secs(60 * 60 + 30)).await;
+        let hour = Duration::from_secs(3600);
+        tokio::time::sleep(hour + Duration::from_secs(30)).await;
+        // 5 s, doubling, 15 minutes at most: attempts at 0, 5, 15, 35, 75 s, … —
+        // eleven in the first hour.
+        let (mut at, mut expected) = (Duration::ZERO, 0);
+        while at <= hour {
+            expected += 1;
+            at += failure_cooldown(expected);
+        }
+        assert_eq!(expected, 11);
         let tries = gauge.lock().unwrap().preflights;
         let n = config.subscriptions.len();
         assert_eq!(
             tries,
-            8 * n,
-            "attempts in the first hour, 8 for each of {n}"
+            expected as usize * n,
+            "attempts in the first hour, for each of {n}"
         );
         tx.send(Control::Stop).await.unwrap();
         sched.await.unwrap();
@@ -1080,7 +1091,7 @@ mod tests {
                 s.name
             );
         }
-        assert_eq!(failure_cooldown(1), COOLDOWN);
+        assert_eq!(failure_cooldown(1), FIRST_FAILURE_COOLDOWN);
         assert_eq!(failure_cooldown(40), MAX_FAILURE_COOLDOWN);
     }
 
