@@ -122,6 +122,17 @@ const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// stall the rotation for the sake of a cleanup the next save retries anyway.
 const CHECKPOINT_PATIENCE: std::time::Duration = std::time::Duration::from_millis(250);
 
+/// Those of `names` not among the `existing` records' names: the records a fleet's
+/// adoption creates (either backend).
+fn absent<'a>(names: &[&'a str], existing: Vec<String>) -> Vec<&'a str> {
+    let existing: std::collections::HashSet<String> = existing.into_iter().collect();
+    names
+        .iter()
+        .copied()
+        .filter(|n| !existing.contains(*n))
+        .collect()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("state database {path}: {detail}")]
@@ -881,10 +892,7 @@ impl SqliteDb {
         now: DateTime<Utc>,
         mut each: impl FnMut(Record),
     ) -> Result<(), StateError> {
-        let existing: std::collections::HashSet<String> = self.names()?.into_iter().collect();
-        let missing: Vec<&str> = (names.iter().copied())
-            .filter(|n| !existing.contains(*n))
-            .collect();
+        let missing = absent(names, self.names()?);
         if !missing.is_empty() {
             let mut conn = self.conn();
             let tx = conn.transaction()?;

@@ -524,10 +524,7 @@ impl PgDb {
         now: DateTime<Utc>,
         mut each: impl FnMut(Record),
     ) -> Result<(), StateError> {
-        let existing: std::collections::HashSet<String> = self.names()?.into_iter().collect();
-        let missing: Vec<&str> = (names.iter().copied())
-            .filter(|n| !existing.contains(*n))
-            .collect();
+        let missing = super::absent(names, self.names()?);
         if !missing.is_empty() {
             self.insert_idle(&missing, now)?;
         }
