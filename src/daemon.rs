@@ -25,7 +25,7 @@ use crate::scheduler::{Control, Scheduler};
 use crate::signals::Signals;
 use crate::state::{PRUNE_BATCH, StateDb};
 
-mod lead;
+pub mod lead;
 
 pub use lead::holder_name;
 
@@ -56,7 +56,13 @@ pub async fn run(
     loop {
         if db.shared().is_some() {
             let Signals { term, int, .. } = &mut signals;
-            if lead::await_lease(&db, &holder, term, int, metrics.as_deref())
+            let stop = async {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            };
+            if lead::await_lease(&db, &holder, stop, metrics.as_deref())
                 .await
                 .is_none()
             {
@@ -171,7 +177,7 @@ impl Acting<'_> {
                     });
                 }
                 _ = &mut lease, if !deposed && !stopping => {
-                    let refused = self.db.shared().map_or(0, |pg| pg.refused_writes());
+                    let refused = self.db.shared().map_or(0, |pg| pg.keeper().refused_writes());
                     tracing::error!(refused_writes = refused, "the cluster lease is lost: this instance stops acting (its writes are refused) and drains");
                     deposed = true;
                     let _ = tx.send(Control::StepDown).await;

@@ -108,10 +108,6 @@ pub struct Engine {
 /// is a new process: it always checks.)
 const DRIFT_SHARE_OF_RATE_LIMIT: f64 = 0.1;
 
-/// What a rotate call must leave of the cluster lease beyond its timeout: the
-/// answer's save and a round trip.
-const LEASE_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);
-
 impl Engine {
     pub async fn new(config: Arc<Config>, db: Arc<StateDb>) -> Result<Engine, EngineError> {
         let store: Arc<dyn SecretStore> = match &config.store {
@@ -951,16 +947,8 @@ impl Engine {
         };
         let timeout = (self.config().provider(&sub.provider))
             .map_or(std::time::Duration::from_secs(30), |p| p.timeout);
-        let left = pg.renew_now().map_err(|e| e.to_string())?;
-        if left < timeout + LEASE_MARGIN {
-            return Err(format!(
-                "not rotated: {}s left on the cluster lease, the rotate call may take {}s; \
-                 set [state] lease above the provider's timeout",
-                left.as_secs(),
-                timeout.as_secs()
-            ));
-        }
-        Ok(())
+        let left = crate::state::off_worker(|| pg.renew_now()).map_err(|e| e.to_string())?;
+        crate::state::lease::covers_call(left, timeout)
     }
 
     /// Reads the store's entry for `sub` before the rotate call, for [`Engine::publish`]

@@ -30,6 +30,10 @@ pub const ROTATION_POINTS: &[&str] = &[
 /// `WATCHDOG=1`, so the real-systemd test can watch systemd's watchdog act.
 pub const SCHEDULER_WOKEN: &str = "scheduler:woken";
 
+/// Inside a fenced write's transaction on PostgreSQL, after the lease row is locked:
+/// a process frozen here holds the lock, as one paused or cut off mid-write does.
+pub const IN_FENCED_WRITE: &str = "state:in-fenced-write";
+
 #[cfg(feature = "failpoints")]
 pub fn hit(name: &str) {
     if std::env::var("REKEY_FAILPOINT").is_ok_and(|v| v == name) {

@@ -12,10 +12,10 @@
 //! shared by several rekey instances of which one leads at a time ([`lease`]).
 //! [`StateDb`] is the one face of both: callers never know which one they use.
 
-mod lease;
+pub mod lease;
 mod postgres;
 
-pub use lease::{Leader, Leadership};
+pub use lease::{Keeper, Leader, Leadership, LeaseTable};
 pub use postgres::{PG_SCHEMA_VERSION, PgDb, PgSettings};
 
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -323,9 +323,23 @@ macro_rules! each {
     ($self:ident, $db:ident => $call:expr) => {
         match &$self.backend {
             Backend::Sqlite($db) => $call,
-            Backend::Postgres($db) => $call,
+            Backend::Postgres($db) => off_worker(|| $call),
         }
     };
+}
+
+/// Runs a PostgreSQL call, which waits on the network (up to its timeout), so that
+/// on a daemon's async worker it first hands the worker's other tasks to another
+/// thread: with the database cut off, saves waiting out their timeouts must not
+/// stall the lease's step-down, the signals or the metrics. SQLite's calls take
+/// microseconds and stay where they are.
+pub fn off_worker<R>(call: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(call)
+        }
+        _ => call(),
+    }
 }
 
 impl StateDb {
@@ -439,7 +453,7 @@ impl StateDb {
     ) -> Result<(), StateError> {
         match &self.backend {
             Backend::Sqlite(db) => db.save(record, transition, now),
-            Backend::Postgres(db) => db.save(record, transition, now, true),
+            Backend::Postgres(db) => off_worker(|| db.save(record, transition, now, true)),
         }
     }
 
@@ -449,7 +463,7 @@ impl StateDb {
     pub fn save_routine(&self, record: &Record, now: DateTime<Utc>) -> Result<(), StateError> {
         match &self.backend {
             Backend::Sqlite(db) => db.save_routine(record, now),
-            Backend::Postgres(db) => db.save(record, None, now, false),
+            Backend::Postgres(db) => off_worker(|| db.save(record, None, now, false)),
         }
     }
 

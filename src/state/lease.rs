@@ -1,35 +1,61 @@
-//! One active instance per cluster: a lease row in PostgreSQL whose epoch fences
-//! every state write.
+//! One active instance per cluster: a lease whose epoch fences every state write.
 //!
-//! `rekey_lease` has one row per cluster: who holds it, its epoch (rising on every
-//! takeover) and when it expires, on the database's clock (`now()`), so hosts' clocks
-//! never decide who leads. An instance takes the lease only once it has expired (or
-//! was released), and renews it every `renew_every`. Every write of the holder runs
-//! in a transaction that first locks the row *at its epoch* (`FOR SHARE`): after a
-//! takeover that row is gone, so a paused or partitioned former leader's write is
-//! refused ([`StateError::Deposed`]) instead of committed, and a takeover waits for
-//! a write already under way to finish. The holder also gives up by its own
-//! monotonic clock a tenth of a lease before the database could let anyone else
-//! take over, so it never acts on a lease it may have lost. No advisory locks: they
+//! The lease is a row in the shared database ([`LeaseTable`]; `rekey_lease` in
+//! PostgreSQL) that says who holds it, its epoch (rising on every takeover) and when
+//! it expires, on the database's clock, so hosts' clocks never decide who leads. An
+//! instance takes the lease only once it has expired (or was released), and renews
+//! it every `renew_every`. Every write of the holder runs in a transaction that
+//! first locks the row *at its epoch* (PostgreSQL's `FOR SHARE`): after a takeover
+//! that row is gone, so a paused or partitioned former leader's write is refused
+//! ([`StateError::Deposed`]) instead of committed, and a takeover waits for a write
+//! already under way to finish. A write transaction whose client falls silent
+//! (paused, cut off) is ended by the server after [`idle_in_transaction`], so its
+//! lock cannot hold a takeover back. The holder also gives up by its own monotonic
+//! clock a tenth of a lease before the database could let anyone else take over, so
+//! it never acts on a lease it may have lost ([`Keeper`]). No advisory locks: they
 //! break behind transaction poolers and carry no token.
+//!
+//! The instance's side ([`Keeper`]) is the same code whatever the table is: the
+//! deterministic simulation (`tests/it/sim/lease.rs`) runs it against a model of the
+//! table with partitions, pauses and clocks that run at different rates.
 
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::StateError;
-use super::postgres::PgDb;
 
-/// The lease this instance holds, as far as it knows.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Fence {
-    epoch: i64,
-    /// When this instance stops trusting the lease, by its own monotonic clock.
-    valid_until: Instant,
-    /// Whether a write was refused or the lease ran out: the instance must stop.
-    deposed: bool,
+/// What a rotate call must leave of the lease beyond its timeout: the answer's save
+/// and a round trip.
+pub const CALL_MARGIN: Duration = Duration::from_secs(1);
+
+/// The database's side of the lease. All expiry is judged on the database's clock.
+pub trait LeaseTable {
+    /// Takes the lease for `holder` for `lease` if nobody holds a live one: the new
+    /// epoch, or `None` while another instance holds it.
+    fn take(
+        &self,
+        holder: &str,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Option<i64>, StateError>> + Send;
+
+    /// Extends the lease held at `epoch` by `lease` from now: false if the lease is
+    /// no longer at that epoch (another instance took over).
+    fn extend(
+        &self,
+        epoch: i64,
+        lease: Duration,
+    ) -> impl Future<Output = Result<bool, StateError>> + Send;
+
+    /// Lets the lease held at `epoch` run out now (a graceful stop).
+    fn expire(&self, epoch: i64) -> impl Future<Output = Result<(), StateError>> + Send;
+
+    /// Who holds the lease; `None` if nobody ever did.
+    fn leader(&self) -> impl Future<Output = Result<Option<Leader>, StateError>> + Send;
 }
-
-pub(crate) type FenceCell = Mutex<Option<Fence>>;
 
 /// Who leads a cluster, as the database says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,7 +66,7 @@ pub struct Leader {
     pub live: bool,
 }
 
-/// The outcome of [`PgDb::try_lead`].
+/// The outcome of [`Keeper::try_lead`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Leadership {
     /// This instance leads, at this epoch.
@@ -49,231 +75,374 @@ pub enum Leadership {
     Standby { leader: Leader },
 }
 
-fn lock(cell: &FenceCell) -> std::sync::MutexGuard<'_, Option<Fence>> {
-    cell.lock().unwrap_or_else(|p| p.into_inner())
+/// How long the server lets a write transaction sit idle (its client paused or cut
+/// off) before it ends it, releasing the lease row it locked: well inside the lease,
+/// so a silent former leader never holds a takeover back.
+pub fn idle_in_transaction(lease: Duration) -> Duration {
+    (lease / 2).max(Duration::from_millis(500))
 }
 
-impl PgDb {
-    /// How long before the database's expiry this instance stops trusting a lease
-    /// (clock rates differ a little; a round trip takes a little).
-    fn trusted(&self, sent: Instant) -> Instant {
-        let lease = self.settings().lease;
-        sent + lease - lease / 10
+/// Whether a rotate call with `timeout` may start with `left` of the lease: the call
+/// cannot be fenced like a write, so no other instance may take over while it can
+/// still be answered.
+pub fn covers_call(left: Duration, timeout: Duration) -> Result<(), String> {
+    if left < timeout + CALL_MARGIN {
+        return Err(format!(
+            "not rotated: {}s left on the cluster lease, the rotate call may take {}s; \
+             set [state] lease above the provider's timeout",
+            left.as_secs(),
+            timeout.as_secs()
+        ));
+    }
+    Ok(())
+}
+
+/// The lease this instance holds, as far as it knows.
+#[derive(Debug, Clone, Copy)]
+struct Fence {
+    epoch: i64,
+    /// When this instance stops trusting the lease, by its own monotonic clock.
+    valid_until: Instant,
+    /// Whether a write was refused or the lease was given up: the instance must stop.
+    deposed: bool,
+}
+
+/// This instance's monotonic clock (tokio's, so a paused runtime controls it).
+pub type MonotonicClock = Arc<dyn Fn() -> Instant + Send + Sync>;
+
+/// The instance's side of the lease: what it holds, until when it trusts it, and
+/// the local half of every write's fence.
+pub struct Keeper {
+    cluster: String,
+    lease: Duration,
+    clock: MonotonicClock,
+    fence: Mutex<Option<Fence>>,
+    /// Writes refused because the lease was lost.
+    refused: AtomicU64,
+}
+
+impl Keeper {
+    /// A keeper for `cluster` holding leases of `lease`, on tokio's monotonic clock.
+    pub fn new(cluster: &str, lease: Duration) -> Keeper {
+        Keeper::with_clock(cluster, lease, Arc::new(Instant::now))
     }
 
-    fn lease_interval(&self) -> String {
-        format!("{} milliseconds", self.settings().lease.as_millis())
+    /// A keeper on another monotonic clock (the simulation's, running fast or slow).
+    pub fn with_clock(cluster: &str, lease: Duration, clock: MonotonicClock) -> Keeper {
+        Keeper {
+            cluster: cluster.to_string(),
+            lease,
+            clock,
+            fence: Mutex::new(None),
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Fence>> {
+        self.fence.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn now(&self) -> Instant {
+        (self.clock)()
+    }
+
+    /// How long before the database's expiry this instance stops trusting a lease
+    /// asked for at `sent` (clock rates differ a little; a round trip takes a little).
+    fn trusted(&self, sent: Instant) -> Instant {
+        sent + self.lease - self.lease / 10
     }
 
     /// Takes the cluster's lease if nobody holds a live one (a new epoch), or renews
     /// it if this instance holds it. `holder` names this instance (host and pid).
-    pub fn try_lead(&self, holder: &str) -> Result<Leadership, StateError> {
-        let current = *lock(&self.fence);
+    pub async fn try_lead(
+        &self,
+        table: &impl LeaseTable,
+        holder: &str,
+    ) -> Result<Leadership, StateError> {
+        let sent = self.now();
+        let current = *self.lock();
         if let Some(f) = current
             && !f.deposed
         {
-            return self
-                .renew(f.epoch)
-                .map(|()| Leadership::Leading { epoch: f.epoch });
-        }
-        let sent = Instant::now();
-        let sql = self.sql();
-        let cluster = self.settings().cluster.clone();
-        let interval = self.lease_interval();
-        let taken = self.run(async |c| {
-            c.query_opt(
-                "INSERT INTO rekey_lease (cluster, holder, epoch, expires_at)
-                 VALUES ($1, $2, 1, now() + $3::text::interval)
-                 ON CONFLICT (cluster) DO UPDATE
-                    SET holder = $2, epoch = rekey_lease.epoch + 1,
-                        expires_at = now() + $3::text::interval
-                    WHERE rekey_lease.expires_at <= now()
-                 RETURNING epoch",
-                &[&cluster, &holder, &interval],
-            )
-            .await
-            .map_err(&sql)
-        })?;
-        match taken {
-            Some(row) => {
-                let epoch: i64 = row.get(0);
-                *lock(&self.fence) = Some(Fence {
-                    epoch,
-                    valid_until: self.trusted(sent),
-                    deposed: false,
-                });
-                Ok(Leadership::Leading { epoch })
+            if sent < f.valid_until {
+                return self
+                    .renew(table, f.epoch)
+                    .await
+                    .map(|()| Leadership::Leading { epoch: f.epoch });
             }
-            None => match self.leader()? {
-                Some(leader) => Ok(Leadership::Standby { leader }),
-                // Released between the two statements: the next try takes it.
-                None => Ok(Leadership::Standby {
-                    leader: Leader {
-                        holder: String::new(),
-                        epoch: 0,
-                        live: false,
-                    },
-                }),
-            },
+            // Run out on this clock (a pause, a renewal that failed): extending it
+            // now would only keep a standby waiting for a lease this instance gave
+            // up, and so would a renewal of it that the network delivered late.
+            // It gives the lease back and takes a new one like anyone else.
+            if let Some(f) = self.lock().as_mut().filter(|g| g.epoch == f.epoch) {
+                f.deposed = true;
+            }
+            self.give_back(table, f.epoch).await;
         }
+        if let Some(epoch) = table.take(holder, self.lease).await? {
+            let valid_until = self.trusted(sent);
+            let late = self.now() >= valid_until;
+            *self.lock() = Some(Fence {
+                epoch,
+                valid_until,
+                deposed: late,
+            });
+            if !late {
+                return Ok(Leadership::Leading { epoch });
+            }
+            // The answer came back after the lease could have run out (a request
+            // held up on the network): of no use to this instance, and holding it
+            // would keep every other instance waiting a whole lease.
+            self.give_back(table, epoch).await;
+            return Ok(Leadership::Standby {
+                leader: Leader {
+                    holder: holder.to_string(),
+                    epoch,
+                    live: false,
+                },
+            });
+        }
+        let leader = table.leader().await?.unwrap_or(Leader {
+            // Released between the two statements: the next try takes it.
+            holder: String::new(),
+            epoch: 0,
+            live: false,
+        });
+        Ok(Leadership::Standby { leader })
     }
 
     /// Extends the lease held at `epoch`; [`StateError::Deposed`] if it is no
-    /// longer this instance's.
-    fn renew(&self, epoch: i64) -> Result<(), StateError> {
-        let sent = Instant::now();
-        let sql = self.sql();
-        let cluster = self.settings().cluster.clone();
-        let interval = self.lease_interval();
-        let renewed = self.run(async |c| {
-            c.execute(
-                "UPDATE rekey_lease SET expires_at = now() + $3::text::interval
-                 WHERE cluster = $1 AND epoch = $2",
-                &[&cluster, &epoch, &interval],
-            )
-            .await
-            .map_err(&sql)
-        });
-        let mut fence = lock(&self.fence);
-        let Some(f) = fence.as_mut().filter(|f| f.epoch == epoch) else {
-            return Err(self.deposed(epoch));
-        };
-        match renewed {
-            Ok(1) if Instant::now() < f.valid_until => {
+    /// longer this instance's (or ran out on this instance's clock meanwhile).
+    async fn renew(&self, table: &impl LeaseTable, epoch: i64) -> Result<(), StateError> {
+        let sent = self.now();
+        let extended = table.extend(epoch, self.lease).await?;
+        let now = self.now();
+        let trusted = {
+            let mut fence = self.lock();
+            let Some(f) = fence.as_mut().filter(|f| f.epoch == epoch) else {
+                return Err(self.deposed(epoch));
+            };
+            let trusted = extended && now < f.valid_until && !f.deposed;
+            if trusted {
                 f.valid_until = self.trusted(sent);
-                Ok(())
-            }
-            Ok(_) => {
+            } else {
                 f.deposed = true;
-                Err(self.deposed(epoch))
             }
-            Err(e) => Err(e),
+            trusted
+        };
+        if trusted {
+            return Ok(());
+        }
+        if extended {
+            // Extended, but answered too late to be trusted: give it back.
+            self.give_back(table, epoch).await;
+        }
+        Err(self.deposed(epoch))
+    }
+
+    /// Lets a lease this instance cannot use run out now, so that another takes
+    /// over at its next look; if this fails, the lease runs out by itself.
+    async fn give_back(&self, table: &impl LeaseTable, epoch: i64) {
+        if let Err(e) = table.expire(epoch).await {
+            tracing::debug!(error = %e, epoch, "cannot give back a lease answered too late");
         }
     }
 
     /// Renews the lease this instance holds now (before a provider call it cannot
     /// take back), and says how long it may act on it: [`StateError::Deposed`]
     /// when it holds none or lost it.
-    pub fn renew_now(&self) -> Result<Duration, StateError> {
-        let Some(f) = *lock(&self.fence) else {
+    pub async fn renew_now(&self, table: &impl LeaseTable) -> Result<Duration, StateError> {
+        let Some(f) = *self.lock() else {
             return Err(self.deposed(0));
         };
         if f.deposed {
             return Err(self.deposed(f.epoch));
         }
-        self.renew(f.epoch)?;
+        self.renew(table, f.epoch).await?;
         self.lease_left().ok_or_else(|| self.deposed(f.epoch))
     }
 
     /// Gives the lease up (a graceful stop), so a standby takes over at its next
     /// look instead of waiting for the lease to run out.
-    pub fn release(&self) -> Result<(), StateError> {
+    pub async fn release(&self, table: &impl LeaseTable) -> Result<(), StateError> {
         // Given up for good: any write after this is refused, as a deposed one is.
-        let Some(f) = lock(&self.fence).as_mut().map(|f| {
+        let Some(f) = self.lock().as_mut().map(|f| {
             f.deposed = true;
             *f
         }) else {
             return Ok(());
         };
-        let sql = self.sql();
-        let cluster = self.settings().cluster.clone();
-        self.run(async |c| {
-            c.execute(
-                "UPDATE rekey_lease SET expires_at = now() - interval '1 second'
-                 WHERE cluster = $1 AND epoch = $2",
-                &[&cluster, &f.epoch],
-            )
-            .await
-            .map_err(&sql)
-            .map(|_| ())
-        })
-    }
-
-    /// Who leads the cluster; `None` if nobody ever did.
-    pub fn leader(&self) -> Result<Option<Leader>, StateError> {
-        let sql = self.sql();
-        let cluster = self.settings().cluster.clone();
-        let row = self.run(async |c| {
-            c.query_opt(
-                "SELECT holder, epoch, expires_at > now() FROM rekey_lease WHERE cluster = $1",
-                &[&cluster],
-            )
-            .await
-            .map_err(&sql)
-        })?;
-        Ok(row.map(|r| Leader {
-            holder: r.get(0),
-            epoch: r.get(1),
-            live: r.get(2),
-        }))
+        table.expire(f.epoch).await
     }
 
     /// The epoch this instance leads at, while it trusts its lease.
     pub fn epoch(&self) -> Option<i64> {
-        lock(&self.fence)
-            .filter(|f| !f.deposed && Instant::now() < f.valid_until)
+        let now = self.now();
+        self.lock()
+            .filter(|f| !f.deposed && now < f.valid_until)
             .map(|f| f.epoch)
     }
 
     /// How long this instance may still act on its lease without renewing it:
     /// `None` when it holds none (or lost it).
     pub fn lease_left(&self) -> Option<Duration> {
-        lock(&self.fence)
+        let now = self.now();
+        self.lock()
             .filter(|f| !f.deposed)
-            .map(|f| f.valid_until.saturating_duration_since(Instant::now()))
+            .map(|f| f.valid_until.saturating_duration_since(now))
     }
 
     /// Whether a write was refused because another instance took over (or the lease
-    /// ran out on this host's clock).
+    /// ran out on this host's clock, or was given up).
     pub fn is_deposed(&self) -> bool {
-        lock(&self.fence).is_some_and(|f| f.deposed || Instant::now() >= f.valid_until)
+        let now = self.now();
+        self.lock()
+            .is_some_and(|f| f.deposed || now >= f.valid_until)
     }
 
-    fn deposed(&self, epoch: i64) -> StateError {
-        StateError::Deposed {
-            cluster: self.settings().cluster.clone(),
-            epoch,
-        }
-    }
-
-    /// Inside a write's transaction: refuses it unless this instance's lease (if it
-    /// took one) is still the cluster's, holding the lease row until the commit.
-    pub(super) async fn check_fence(
-        &self,
-        tx: &tokio_postgres::Transaction<'_>,
-    ) -> Result<(), StateError> {
-        let Some(f) = *lock(&self.fence) else {
-            return Ok(());
+    /// The local half of a write's fence: the epoch the write's transaction must
+    /// find the lease row at (`None`: this instance never took a lease, as the
+    /// CLI's commands do not), or [`StateError::Deposed`] without asking the
+    /// database once the lease is lost.
+    pub fn admit(&self) -> Result<Option<i64>, StateError> {
+        let Some(f) = *self.lock() else {
+            return Ok(None);
         };
-        if f.deposed || Instant::now() >= f.valid_until {
-            self.mark_deposed();
+        if f.deposed || self.now() >= f.valid_until {
+            self.refuse();
             return Err(self.deposed(f.epoch));
         }
-        let cluster = self.settings().cluster.clone();
-        let row = tx
-            .query_opt(
-                "SELECT 1 FROM rekey_lease WHERE cluster = $1 AND epoch = $2 FOR SHARE",
-                &[&cluster, &f.epoch],
-            )
-            .await
-            .map_err(self.sql())?;
-        if row.is_none() {
-            self.mark_deposed();
-            return Err(self.deposed(f.epoch));
+        Ok(Some(f.epoch))
+    }
+
+    /// The database found the lease row at another epoch: the write is refused and
+    /// this instance must stop.
+    pub fn refuse(&self) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        if let Some(f) = self.lock().as_mut() {
+            f.deposed = true;
         }
-        Ok(())
     }
 
     /// How many writes this instance had refused for want of the lease.
     pub fn refused_writes(&self) -> u64 {
-        self.refused.load(std::sync::atomic::Ordering::Relaxed)
+        self.refused.load(Ordering::Relaxed)
     }
 
-    fn mark_deposed(&self) {
-        self.refused
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Some(f) = lock(&self.fence).as_mut() {
-            f.deposed = true;
+    pub fn deposed(&self, epoch: i64) -> StateError {
+        StateError::Deposed {
+            cluster: self.cluster.clone(),
+            epoch,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lease row in memory whose answers take `delay` to come back.
+    #[derive(Default)]
+    struct Row {
+        state: Mutex<Option<(i64, bool)>>,
+        delay: Mutex<Duration>,
+        expired: Mutex<Vec<i64>>,
+    }
+
+    impl LeaseTable for Row {
+        async fn take(&self, _: &str, _: Duration) -> Result<Option<i64>, StateError> {
+            let epoch = {
+                let mut st = self.state.lock().unwrap();
+                let epoch = st.map_or(1, |(e, _)| e + 1);
+                *st = Some((epoch, true));
+                epoch
+            };
+            let delay = *self.delay.lock().unwrap();
+            tokio::time::sleep(delay).await;
+            Ok(Some(epoch))
+        }
+
+        async fn extend(&self, epoch: i64, _: Duration) -> Result<bool, StateError> {
+            let delay = *self.delay.lock().unwrap();
+            tokio::time::sleep(delay).await;
+            Ok(self.state.lock().unwrap().is_some_and(|(e, _)| e == epoch))
+        }
+
+        async fn expire(&self, epoch: i64) -> Result<(), StateError> {
+            self.expired.lock().unwrap().push(epoch);
+            Ok(())
+        }
+
+        async fn leader(&self) -> Result<Option<Leader>, StateError> {
+            Ok(None)
+        }
+    }
+
+    const LEASE: Duration = Duration::from_secs(10);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_is_trusted_for_nine_tenths_of_it_from_when_it_was_asked_for() {
+        let (row, keeper) = (Row::default(), Keeper::new("c", LEASE));
+        *row.delay.lock().unwrap() = Duration::from_secs(1);
+        let led = keeper.try_lead(&row, "me").await.unwrap();
+        assert_eq!(led, Leadership::Leading { epoch: 1 });
+        // Asked at 0, answered at 1: trusted until 9, by this clock.
+        assert_eq!(keeper.lease_left(), Some(Duration::from_secs(8)));
+        assert_eq!(keeper.admit().unwrap(), Some(1));
+        tokio::time::advance(Duration::from_secs(8)).await;
+        assert!(keeper.is_deposed());
+        assert!(
+            keeper.admit().is_err(),
+            "a write after the window is refused"
+        );
+        assert_eq!(keeper.refused_writes(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_answered_after_it_could_have_run_out_is_given_back_at_once() {
+        let (row, keeper) = (Row::default(), Keeper::new("c", LEASE));
+        *row.delay.lock().unwrap() = Duration::from_secs(9);
+        let led = keeper.try_lead(&row, "me").await.unwrap();
+        assert!(matches!(led, Leadership::Standby { .. }), "{led:?}");
+        assert_eq!(keeper.epoch(), None);
+        assert_eq!(*row.expired.lock().unwrap(), vec![1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_run_out_on_this_clock_is_given_back_not_extended() {
+        let (row, keeper) = (Row::default(), Keeper::new("c", LEASE));
+        keeper.try_lead(&row, "me").await.unwrap();
+        // Paused past its window: its next look must not extend the old lease.
+        tokio::time::advance(Duration::from_secs(9)).await;
+        let led = keeper.try_lead(&row, "me").await.unwrap();
+        assert_eq!(*row.expired.lock().unwrap(), vec![1]);
+        assert_eq!(
+            led,
+            Leadership::Leading { epoch: 2 },
+            "a new epoch, not the old one"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_answered_too_late_gives_the_lease_back_and_deposes() {
+        let (row, keeper) = (Row::default(), Keeper::new("c", LEASE));
+        keeper.try_lead(&row, "me").await.unwrap();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        *row.delay.lock().unwrap() = Duration::from_secs(5);
+        assert!(matches!(
+            keeper.renew_now(&row).await,
+            Err(StateError::Deposed { epoch: 1, .. })
+        ));
+        assert!(keeper.is_deposed());
+        assert_eq!(*row.expired.lock().unwrap(), vec![1]);
+    }
+
+    #[test]
+    fn a_rotate_call_needs_its_timeout_and_a_margin_left_on_the_lease() {
+        let t = Duration::from_secs(30);
+        assert!(covers_call(t + CALL_MARGIN, t).is_ok());
+        let refused = covers_call(t, t).unwrap_err();
+        assert!(refused.contains("30s left"), "{refused}");
+        assert!(idle_in_transaction(Duration::from_secs(15)) < Duration::from_secs(15));
     }
 }

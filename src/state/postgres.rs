@@ -20,6 +20,7 @@ use rusqlite::types::Value;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row};
 
+use super::lease::{Keeper, Leader, Leadership, LeaseTable, idle_in_transaction};
 use super::{
     Ask, Asks, Discovered, HistoryFilter, HistoryRow, RECORD_COLUMNS, RawHistoryRow, RawRow,
     Record, SECRET_COLUMN, SaveCounts, StateError, forget_secret, parse_ts, record_values, ts, ts1,
@@ -135,9 +136,8 @@ pub struct PgDb {
     read_only: bool,
     commits: AtomicU64,
     synced: AtomicU64,
-    pub(super) fence: super::lease::FenceCell,
-    /// Writes refused because the lease was lost (see [`super::lease`]).
-    pub(super) refused: AtomicU64,
+    /// This instance's side of the cluster's lease (see [`super::lease`]).
+    keeper: Keeper,
 }
 
 impl Drop for PgDb {
@@ -202,8 +202,7 @@ impl PgDb {
             read_only,
             commits: AtomicU64::new(0),
             synced: AtomicU64::new(0),
-            fence: Default::default(),
-            refused: AtomicU64::new(0),
+            keeper: Keeper::new(&settings.cluster, settings.lease),
         };
         db.run(async |_| Ok(()))?;
         Ok(db)
@@ -656,7 +655,7 @@ impl PgDb {
                     .evidence
                     .as_ref()
                     .and_then(|e| serde_json::to_string(e).ok());
-                let epoch = self.epoch();
+                let epoch = self.keeper.epoch();
                 tx.execute(
                     "INSERT INTO history (subscription, at, rotation_id, from_phase, to_phase,
                         event, detail, evidence, epoch)
@@ -968,16 +967,155 @@ impl PgDb {
         op: impl AsyncFnOnce(&tokio_postgres::Transaction<'_>) -> Result<R, StateError>,
     ) -> Result<R, StateError> {
         let sql = self.sql();
+        let idle = format!(
+            "SET LOCAL idle_in_transaction_session_timeout = {}",
+            idle_in_transaction(self.settings.lease).as_millis()
+        );
         self.run(async |c| {
             let tx = c.transaction().await.map_err(&sql)?;
             // Per transaction, not per session: behind a transaction pooler a
-            // session's settings do not follow the next transaction.
+            // session's settings do not follow the next transaction. A client gone
+            // silent mid-transaction (paused, cut off) must not keep the lease row
+            // locked past the lease: a standby's takeover waits on that lock.
             tx.batch_execute(SYNCED).await.map_err(&sql)?;
+            tx.batch_execute(&idle).await.map_err(&sql)?;
             self.check_fence(&tx).await?;
+            crate::failpoint::hit(crate::failpoint::IN_FENCED_WRITE);
             let out = op(&tx).await?;
             tx.commit().await.map_err(&sql)?;
             Ok(out)
         })
+    }
+
+    /// Inside a write's transaction: refuses it unless this instance's lease (if it
+    /// took one) is still the cluster's, holding the lease row until the commit.
+    async fn check_fence(&self, tx: &tokio_postgres::Transaction<'_>) -> Result<(), StateError> {
+        let Some(epoch) = self.keeper.admit()? else {
+            return Ok(());
+        };
+        let row = tx
+            .query_opt(
+                "SELECT 1 FROM rekey_lease WHERE cluster = $1 AND epoch = $2 FOR SHARE",
+                &[&self.settings.cluster, &epoch],
+            )
+            .await
+            .map_err(self.sql())?;
+        if row.is_none() {
+            self.keeper.refuse();
+            return Err(self.keeper.deposed(epoch));
+        }
+        Ok(())
+    }
+
+    /// Takes the cluster's lease if nobody holds a live one (a new epoch), or renews
+    /// it if this instance holds it. `holder` names this instance (host and pid).
+    pub fn try_lead(&self, holder: &str) -> Result<Leadership, StateError> {
+        self.run(async |c| self.keeper.try_lead(&self.lease_table(c), holder).await)
+    }
+
+    /// Renews the lease this instance holds now (before a provider call it cannot
+    /// take back), and says how long it may act on it.
+    pub fn renew_now(&self) -> Result<Duration, StateError> {
+        self.run(async |c| self.keeper.renew_now(&self.lease_table(c)).await)
+    }
+
+    /// Gives the lease up (a graceful stop), so a standby takes over at its next
+    /// look instead of waiting for the lease to run out.
+    pub fn release(&self) -> Result<(), StateError> {
+        self.run(async |c| self.keeper.release(&self.lease_table(c)).await)
+    }
+
+    /// Who leads the cluster; `None` if nobody ever did.
+    pub fn leader(&self) -> Result<Option<Leader>, StateError> {
+        self.run(async |c| self.lease_table(c).leader().await)
+    }
+
+    /// This instance's side of the lease: its epoch, what is left of it, whether it
+    /// was deposed, how many writes were refused.
+    pub fn keeper(&self) -> &Keeper {
+        &self.keeper
+    }
+
+    fn lease_table<'a>(&'a self, client: &'a Client) -> PgLease<'a> {
+        PgLease { db: self, client }
+    }
+}
+
+/// The `rekey_lease` row of this instance's cluster, on one connection.
+struct PgLease<'a> {
+    db: &'a PgDb,
+    client: &'a Client,
+}
+
+impl PgLease<'_> {
+    fn cluster(&self) -> &str {
+        &self.db.settings.cluster
+    }
+}
+
+/// A lease's length as PostgreSQL reads it (`$n::text::interval`).
+fn interval(lease: Duration) -> String {
+    format!("{} milliseconds", lease.as_millis())
+}
+
+impl LeaseTable for PgLease<'_> {
+    async fn take(&self, holder: &str, lease: Duration) -> Result<Option<i64>, StateError> {
+        let row = self
+            .client
+            .query_opt(
+                "INSERT INTO rekey_lease (cluster, holder, epoch, expires_at)
+                 VALUES ($1, $2, 1, now() + $3::text::interval)
+                 ON CONFLICT (cluster) DO UPDATE
+                    SET holder = $2, epoch = rekey_lease.epoch + 1,
+                        expires_at = now() + $3::text::interval
+                    WHERE rekey_lease.expires_at <= now()
+                 RETURNING epoch",
+                &[&self.cluster(), &holder, &interval(lease)],
+            )
+            .await
+            .map_err(self.db.sql())?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn extend(&self, epoch: i64, lease: Duration) -> Result<bool, StateError> {
+        let rows = self
+            .client
+            .execute(
+                "UPDATE rekey_lease SET expires_at = now() + $3::text::interval
+                 WHERE cluster = $1 AND epoch = $2",
+                &[&self.cluster(), &epoch, &interval(lease)],
+            )
+            .await
+            .map_err(self.db.sql())?;
+        Ok(rows == 1)
+    }
+
+    async fn expire(&self, epoch: i64) -> Result<(), StateError> {
+        self.client
+            .execute(
+                "UPDATE rekey_lease SET expires_at = now() - interval '1 second'
+                 WHERE cluster = $1 AND epoch = $2",
+                &[&self.cluster(), &epoch],
+            )
+            .await
+            .map_err(self.db.sql())?;
+        Ok(())
+    }
+
+    async fn leader(&self) -> Result<Option<Leader>, StateError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT holder, epoch, expires_at > now() FROM rekey_lease WHERE cluster = $1",
+                &[&self.cluster()],
+            )
+            .await
+            .map_err(self.db.sql())?;
+        Ok(row.map(|r| Leader {
+            holder: r.get(0),
+            epoch: r.get(1),
+            live: r.get(2),
+        }))
     }
 }
 

@@ -501,7 +501,7 @@ async fn lease_a_deposed_leader_s_writes_are_refused_inside_their_transaction() 
             "{write:?}"
         );
     }
-    assert!(a.shared().unwrap().is_deposed());
+    assert!(a.shared().unwrap().keeper().is_deposed());
     assert_eq!(
         b.load("fintoro/801").unwrap().unwrap().state.phase,
         Phase::Rotating
@@ -524,11 +524,11 @@ async fn lease_a_leader_steps_down_by_its_own_clock_and_a_release_hands_over_at_
     let b = instance(&pg, "default", lease);
     assert_eq!(lead(&a, "a"), Leadership::Leading { epoch: 1 });
     let pa = a.shared().unwrap();
-    assert!(pa.lease_left().unwrap() <= lease - lease / 10);
+    assert!(pa.keeper().lease_left().unwrap() <= lease - lease / 10);
     // No renewal for a whole lease: `a` stops trusting it before anyone could take
     // over, and refuses its own write without asking the database.
     std::thread::sleep(lease);
-    assert!(pa.is_deposed());
+    assert!(pa.keeper().is_deposed());
     let rec = a.load_or_create("fintoro/801", now());
     assert!(matches!(rec, Err(StateError::Deposed { .. })), "{rec:?}");
     assert_eq!(
@@ -548,7 +548,7 @@ async fn lease_a_leader_steps_down_by_its_own_clock_and_a_release_hands_over_at_
         "released: no wait"
     );
     let pb = b.shared().unwrap();
-    assert_eq!(pb.epoch(), Some(3));
+    assert_eq!(pb.keeper().epoch(), Some(3));
     assert!(pb.renew_now().unwrap() > Duration::from_millis(400));
 }
 
