@@ -27,6 +27,7 @@
 //! `REKEY_SIM_SEED=S` replays one, `REKEY_SIM_DAYS=D` changes the simulated span.
 
 mod check;
+pub mod lease;
 mod scenario;
 mod world;
 
