@@ -6,9 +6,9 @@
 //! instance takes the lease only once it has expired (or was released), and renews
 //! it every `renew_every`. Every write of the holder runs in a transaction that
 //! first locks the row *at its epoch* (PostgreSQL's `FOR SHARE`): after a takeover
-//! that row is gone, so a paused or partitioned former leader's write is refused
-//! ([`StateError::Deposed`]) instead of committed, and a takeover waits for a write
-//! already under way to finish. A write transaction whose client falls silent
+//! that row is gone (or has run out), so a paused or partitioned former leader's
+//! write is refused ([`StateError::Deposed`]) instead of committed, and a takeover
+//! waits for a write already under way to finish. A write transaction whose client falls silent
 //! (paused, cut off) is ended by the server after [`idle_in_transaction`], so its
 //! lock cannot hold a takeover back. The holder also gives up by its own monotonic
 //! clock a tenth of a lease before the database could let anyone else take over, so
@@ -76,10 +76,19 @@ pub enum Leadership {
 }
 
 /// How long the server lets a write transaction sit idle (its client paused or cut
-/// off) before it ends it, releasing the lease row it locked: well inside the lease,
-/// so a silent former leader never holds a takeover back.
-pub fn idle_in_transaction(lease: Duration) -> Duration {
-    (lease / 2).max(Duration::from_millis(500))
+/// off) before it ends it, releasing the lease row it locked: one renew interval
+/// (at most half the lease), so a silent former leader holds a takeover back by
+/// no more than that. A healthy client is idle mid-transaction for a round trip.
+pub fn idle_in_transaction(renew_every: Duration) -> Duration {
+    renew_every.max(Duration::from_secs(1))
+}
+
+/// How long a request to the database may go unacknowledged before the client's
+/// kernel resets the connection (TCP user timeout): a request held up by a network
+/// cut must not reach the server long after it was sent, where a late renewal
+/// would keep the lease from the standbys for a whole lease more.
+pub fn unacknowledged_limit(renew_every: Duration) -> Duration {
+    renew_every.max(Duration::from_secs(1))
 }
 
 /// Whether a rotate call with `timeout` may start with `left` of the lease: the call
@@ -105,6 +114,8 @@ struct Fence {
     valid_until: Instant,
     /// Whether a write was refused or the lease was given up: the instance must stop.
     deposed: bool,
+    /// Whether the database was told this instance gave it up.
+    given_back: bool,
 }
 
 /// This instance's monotonic clock (tokio's, so a paused runtime controls it).
@@ -161,23 +172,24 @@ impl Keeper {
     ) -> Result<Leadership, StateError> {
         let sent = self.now();
         let current = *self.lock();
-        if let Some(f) = current
-            && !f.deposed
-        {
-            if sent < f.valid_until {
+        if let Some(f) = current {
+            if !f.deposed && sent < f.valid_until {
                 return self
                     .renew(table, f.epoch)
                     .await
                     .map(|()| Leadership::Leading { epoch: f.epoch });
             }
-            // Run out on this clock (a pause, a renewal that failed): extending it
-            // now would only keep a standby waiting for a lease this instance gave
-            // up, and so would a renewal of it that the network delivered late.
-            // It gives the lease back and takes a new one like anyone else.
-            if let Some(f) = self.lock().as_mut().filter(|g| g.epoch == f.epoch) {
-                f.deposed = true;
+            // Run out on this clock (a pause, a renewal that failed) or refused:
+            // extending it now would only keep a standby waiting for a lease this
+            // instance gave up, and so would a renewal of it that the network
+            // delivered late. It gives the lease back (a no-op if another instance
+            // took over) and takes a new one like anyone else.
+            if !f.given_back {
+                if let Some(g) = self.lock().as_mut().filter(|g| g.epoch == f.epoch) {
+                    g.deposed = true;
+                }
+                self.give_back(table, f.epoch).await;
             }
-            self.give_back(table, f.epoch).await;
         }
         if let Some(epoch) = table.take(holder, self.lease).await? {
             let valid_until = self.trusted(sent);
@@ -186,6 +198,7 @@ impl Keeper {
                 epoch,
                 valid_until,
                 deposed: late,
+                given_back: false,
             });
             if !late {
                 return Ok(Leadership::Leading { epoch });
@@ -208,6 +221,12 @@ impl Keeper {
             epoch: 0,
             live: false,
         });
+        let mine = self.lock().map(|f| f.epoch);
+        if leader.live && leader.holder == holder && mine != Some(leader.epoch) {
+            // Taken for this instance by a request whose answer was lost: it never
+            // learnt the epoch, so it cannot use the lease; others can.
+            self.give_back(table, leader.epoch).await;
+        }
         Ok(Leadership::Standby { leader })
     }
 
@@ -241,10 +260,16 @@ impl Keeper {
     }
 
     /// Lets a lease this instance cannot use run out now, so that another takes
-    /// over at its next look; if this fails, the lease runs out by itself.
+    /// over at its next look; if this fails, the next look tries again, and the
+    /// lease runs out by itself meanwhile.
     async fn give_back(&self, table: &impl LeaseTable, epoch: i64) {
-        if let Err(e) = table.expire(epoch).await {
-            tracing::debug!(error = %e, epoch, "cannot give back a lease answered too late");
+        match table.expire(epoch).await {
+            Ok(()) => {
+                if let Some(f) = self.lock().as_mut().filter(|f| f.epoch == epoch) {
+                    f.given_back = true;
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, epoch, "cannot give back a lease"),
         }
     }
 
@@ -272,7 +297,11 @@ impl Keeper {
         }) else {
             return Ok(());
         };
-        table.expire(f.epoch).await
+        table.expire(f.epoch).await?;
+        if let Some(g) = self.lock().as_mut().filter(|g| g.epoch == f.epoch) {
+            g.given_back = true;
+        }
+        Ok(())
     }
 
     /// The epoch this instance leads at, while it trusts its lease.
@@ -443,6 +472,9 @@ mod tests {
         assert!(covers_call(t + CALL_MARGIN, t).is_ok());
         let refused = covers_call(t, t).unwrap_err();
         assert!(refused.contains("30s left"), "{refused}");
-        assert!(idle_in_transaction(Duration::from_secs(15)) < Duration::from_secs(15));
+        assert_eq!(
+            idle_in_transaction(Duration::from_secs(5)),
+            Duration::from_secs(5)
+        );
     }
 }

@@ -20,7 +20,9 @@ use rusqlite::types::Value;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row};
 
-use super::lease::{Keeper, Leader, Leadership, LeaseTable, idle_in_transaction};
+use super::lease::{
+    Keeper, Leader, Leadership, LeaseTable, idle_in_transaction, unacknowledged_limit,
+};
 use super::{
     Ask, Asks, Discovered, HistoryFilter, HistoryRow, RECORD_COLUMNS, RawHistoryRow, RawRow,
     Record, SECRET_COLUMN, SaveCounts, StateError, forget_secret, parse_ts, record_values, ts, ts1,
@@ -273,6 +275,7 @@ impl PgDb {
             config.password(p.expose_secret().as_bytes());
         }
         config.connect_timeout(CONNECT_TIMEOUT);
+        config.tcp_user_timeout(unacknowledged_limit(self.settings.renew_every));
         config.application_name("rekey");
         let rt = self.rt().map_err(|e| (e, false))?;
         let transient = |e: tokio_postgres::Error| {
@@ -969,7 +972,7 @@ impl PgDb {
         let sql = self.sql();
         let idle = format!(
             "SET LOCAL idle_in_transaction_session_timeout = {}",
-            idle_in_transaction(self.settings.lease).as_millis()
+            idle_in_transaction(self.settings.renew_every).as_millis()
         );
         self.run(async |c| {
             let tx = c.transaction().await.map_err(&sql)?;
@@ -995,7 +998,8 @@ impl PgDb {
         };
         let row = tx
             .query_opt(
-                "SELECT 1 FROM rekey_lease WHERE cluster = $1 AND epoch = $2 FOR SHARE",
+                "SELECT 1 FROM rekey_lease
+                 WHERE cluster = $1 AND epoch = $2 AND expires_at > now() FOR SHARE",
                 &[&self.settings.cluster, &epoch],
             )
             .await

@@ -13,7 +13,8 @@
 //! transaction ended by the server once its client was silent for the idle limit
 //! or its connection was seen to close. Between each instance and the database
 //! lies a network that can be cut for a while (requests and answers wait, as TCP
-//! retransmits, or die with the connection when the client gives up); each
+//! retransmits, a request no longer than the connection's TCP user timeout
+//! ([`lease::unacknowledged_limit`]), or die with the connection); each
 //! instance can be paused (SIGSTOP: none of its code runs, its messages in flight
 //! still travel), anywhere or on purpose in the middle of a write's transaction.
 //!
@@ -27,7 +28,8 @@
 //! - rotate calls: none reaches the provider after a newer epoch took over;
 //! - progress: while some instance is running and connected, the cluster is not
 //!   without an acting leader for longer than lease + renew interval + a standby's
-//!   look + [`SLACK`] after the lease was last granted.
+//!   look + [`SLACK`] after the database last granted the lease (taken or
+//!   extended, whether or not the answer reached the instance).
 //!
 //! Three controls break one mechanism each (no row lock, no idle limit, a clock
 //! slower than the trust window allows) and must be caught, so the checks are known
@@ -137,6 +139,9 @@ struct Db {
     /// Commits in order: (when, epoch, instance).
     commits: Vec<(Instant, i64, usize)>,
     takeovers: u64,
+    /// When the lease was last taken or extended: until it runs out from then,
+    /// no other instance can lead, whether or not the answer reached its holder.
+    granted: Option<Instant>,
     violations: Vec<String>,
 }
 
@@ -253,9 +258,6 @@ struct World {
     /// Rotate calls that reached the provider: (when, epoch, instance).
     calls: Mutex<Vec<(Instant, i64, usize)>>,
     start: Instant,
-    /// When an instance last took or renewed the lease and trusted it: a
-    /// leaderless spell counts from here at the earliest.
-    granted: Mutex<Instant>,
     /// What happened, for a replay (`REKEY_SIM_LEASE_SEED`).
     trace: Mutex<Vec<String>>,
 }
@@ -275,7 +277,23 @@ impl World {
         cut.filter(|&t| t > Instant::now())
     }
 
-    /// One leg across instance `i`'s network: waits out a cut, as TCP retransmits.
+    /// A request's leg to the database: waits out a cut, as TCP retransmits, but
+    /// only until the connection's TCP user timeout after it was sent (false: the
+    /// client's kernel gave up and reset the connection).
+    async fn send_leg(&self, i: usize, sent: Instant) -> bool {
+        sleep(self.latency()).await;
+        let limit = sent + lease::unacknowledged_limit(self.plan.renew);
+        while let Some(until) = self.cut_until(i) {
+            if until > limit {
+                sleep_until(limit).await;
+                return false;
+            }
+            sleep_until(until).await;
+        }
+        true
+    }
+
+    /// An answer's leg back (the server's retransmissions are not limited).
     async fn travel(&self, i: usize) {
         sleep(self.latency()).await;
         while let Some(until) = self.cut_until(i) {
@@ -294,8 +312,12 @@ impl World {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let world = self.clone();
         let conn = self.instances[i].conn_id.load(Ordering::SeqCst);
+        let sent = Instant::now();
         tokio::spawn(async move {
-            world.travel(i).await;
+            if !world.send_leg(i, sent).await {
+                world.drop_connection(i, conn);
+                return;
+            }
             if world.instances[i].conn_id.load(Ordering::SeqCst) != conn {
                 return;
             }
@@ -319,8 +341,14 @@ impl World {
 
     /// Instance `i` dropped its connection (a call timed out): the server ends its
     /// open transaction once the close reaches it.
-    fn drop_connection(self: &Arc<Self>, i: usize) {
-        let conn = self.instances[i].conn_id.fetch_add(1, Ordering::SeqCst);
+    fn drop_connection(self: &Arc<Self>, i: usize, conn: u64) {
+        let ids = &self.instances[i].conn_id;
+        if ids
+            .compare_exchange(conn, conn + 1, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return;
+        }
         let world = self.clone();
         tokio::spawn(async move {
             world.travel(i).await;
@@ -372,6 +400,7 @@ impl LeaseTable for Table {
                     expires_at: now + lease,
                 });
                 db.takeovers += 1;
+                db.granted = Some(Instant::now());
                 Some(Some(epoch))
             })
             .await
@@ -394,6 +423,7 @@ impl LeaseTable for Table {
                 match db.row.as_mut() {
                     Some(r) if r.epoch == epoch => {
                         r.expires_at = now + lease;
+                        db.granted = Some(Instant::now());
                         Some(true)
                     }
                     _ => Some(false),
@@ -452,10 +482,11 @@ impl SimCluster {
     ) -> Result<R, StateError> {
         let _conn = self.me().conn.lock().await;
         let table = self.table();
+        let conn = self.me().conn_id.load(Ordering::SeqCst);
         match tokio::time::timeout(OP_TIMEOUT, op(&table)).await {
             Ok(r) => r,
             Err(_) => {
-                self.world.drop_connection(self.i);
+                self.world.drop_connection(self.i, conn);
                 Err(lost())
             }
         }
@@ -469,7 +500,7 @@ impl SimCluster {
         let i = self.i;
         let lock_row = world.plan.broken != Broken::NoRowLock;
         let idle_limit = (!matches!(world.plan.broken, Broken::NoIdleLimit | Broken::NoRowLock))
-            .then(|| lease::idle_in_transaction(world.plan.lease));
+            .then(|| lease::idle_in_transaction(world.plan.renew));
         let conn = me.conn_id.load(Ordering::SeqCst);
         let outcome = self
             .on_connection(async |_| {
@@ -478,12 +509,15 @@ impl SimCluster {
                 };
                 me.in_tx.store(true, Ordering::SeqCst);
                 let opened = world
-                    .request(i, move |db, _| {
+                    .request(i, move |db, now| {
                         // `FOR SHARE` queues behind an `UPDATE` already waiting.
                         if lock_row && db.updates_waiting > 0 {
                             return None;
                         }
-                        if db.epoch() != epoch {
+                        // The lease row at this epoch and not run out (`now()`
+                        // being the transaction's start).
+                        let live = db.row.as_ref().is_some_and(|r| r.expires_at > now);
+                        if db.epoch() != epoch || !live {
                             return Some(None);
                         }
                         let id = db.next_tx;
@@ -536,9 +570,6 @@ impl Cluster for SimCluster {
             self.world
                 .note(format!("instance {} try_lead: {r:?}", self.i));
         }
-        if matches!(r, Ok(Leadership::Leading { .. })) && me.keeper.epoch().is_some() {
-            *self.world.granted.lock().unwrap() = Instant::now();
-        }
         r
     }
 
@@ -583,10 +614,19 @@ async fn live(c: SimCluster) {
         let (wake, _woken) = tokio::sync::mpsc::channel(4);
         c.world.note(format!("instance {} leads", c.i));
         c.me().working.store(true, Ordering::SeqCst);
+        let stop = Arc::new(AtomicBool::new(false));
+        let working = work(c.clone(), stop.clone());
+        tokio::pin!(working);
         tokio::select! {
             biased;
-            () = lead::keep_lease(c.clone(), holder.clone(), wake) => {}
-            () = work(c.clone()) => {}
+            () = lead::keep_lease(c.clone(), holder.clone(), wake) => {
+                // As the daemon steps down: no new step, and the one under way
+                // finishes (its writes meet the fence).
+                c.me().working.store(false, Ordering::SeqCst);
+                stop.store(true, Ordering::SeqCst);
+                working.await;
+            }
+            () = &mut working => {}
         }
         c.me().working.store(false, Ordering::SeqCst);
         c.world.note(format!("instance {} stands by", c.i));
@@ -594,8 +634,8 @@ async fn live(c: SimCluster) {
 }
 
 /// The engine's side while leading: writes, and now and then a rotate call.
-async fn work(c: SimCluster) {
-    loop {
+async fn work(c: SimCluster, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::SeqCst) {
         let (gap, rotate, statements) = {
             let mut rng = c.world.rng.lock().unwrap();
             (
@@ -605,6 +645,9 @@ async fn work(c: SimCluster) {
             )
         };
         sleep(gap).await;
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
         if rotate {
             rotate_call(&c).await;
         } else {
@@ -786,7 +829,7 @@ async fn watch(world: Arc<World>, end: Instant, report: Arc<Mutex<Report>>) {
             }
         }
         if healthy && !acting {
-            let granted = *world.granted.lock().unwrap();
+            let granted = world.db.lock().unwrap().granted.unwrap_or(world.start);
             let since = (*leaderless_since.get_or_insert(now)).max(granted);
             let long = now - since;
             let mut r = report.lock().unwrap();
@@ -869,7 +912,6 @@ async fn play(seed: u64, plan: Plan) -> Report {
         instances,
         calls: Mutex::default(),
         start,
-        granted: Mutex::new(start),
         trace: Mutex::default(),
     });
     let report = Arc::new(Mutex::new(Report {
