@@ -157,6 +157,9 @@ pub struct Scheduler {
     /// growing cooldown after each: a fault that persists (a full disk, a bug) must not
     /// spin the loop, and one that clears is retried soon.
     failures: HashMap<String, u32>,
+    /// The operator's asks read from the database whose job is pending or running,
+    /// by subscription (removed from the database once it ran).
+    asks: HashMap<String, Vec<crate::state::PendingAsk>>,
     /// The subscriptions managed now (the configured ones plus those discovery found
     /// with `id = "*"`, refreshed every [`DISCOVERY_INTERVAL`] and on SIGUSR1 or
     /// reload), what their records say, and when each next wakes.
@@ -208,6 +211,7 @@ impl Scheduler {
             counted_seq: 0,
             cooldown: HashMap::new(),
             failures: HashMap::new(),
+            asks: HashMap::new(),
             fleet: Fleet::default(),
             listed_at: None,
         }
@@ -449,30 +453,52 @@ impl Scheduler {
         }
     }
 
-    /// Moves manual requests and operator decisions from the database into `pending`.
+    /// Puts the operator's requests and decisions waiting in the database into
+    /// `pending`, each once. They stay in the database until their job has run
+    /// ([`Scheduler::asks_done`]): a crash, or a failover to another instance, in
+    /// between leaves them for the next one to take.
     fn take_requests(&mut self) {
-        let db = self.engine.db();
-        match db.take_requests() {
-            Ok(names) => {
-                for n in names {
-                    tracing::info!(subscription = %n, "rotation requested");
-                    self.pending.insert(n, Job::Start(Trigger::Requested));
-                }
+        let asks = match self.engine.db().pending_asks() {
+            Ok(asks) => asks,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read rotation requests and operator decisions");
+                return;
             }
-            Err(e) => tracing::error!(error = %e, "cannot read rotation requests"),
-        }
-        match db.take_decisions() {
-            Ok(decisions) => {
-                for (n, retire) in decisions {
+        };
+        for ask in asks {
+            let taken = self.asks.entry(ask.name.clone()).or_default();
+            if taken.contains(&ask) {
+                continue;
+            }
+            let job = match ask.retire {
+                None => {
+                    tracing::info!(subscription = %ask.name, "rotation requested");
+                    Job::Start(Trigger::Requested)
+                }
+                Some(retire) => {
                     tracing::info!(
-                        subscription = %n,
+                        subscription = %ask.name,
                         decision = if retire { "retire" } else { "resume" },
                         "operator decision received"
                     );
-                    self.pending.insert(n, Job::Operator { retire });
+                    Job::Operator { retire }
                 }
+            };
+            self.pending.insert(ask.name.clone(), job);
+            taken.push(ask);
+        }
+    }
+
+    /// The job the operator asked for on `name` has run (or cannot run): its asks
+    /// leave the database. One that cannot be removed is taken again later.
+    fn asks_done(&mut self, name: &str) {
+        let Some(asks) = self.asks.remove(name) else {
+            return;
+        };
+        for ask in &asks {
+            if let Err(e) = self.engine.db().clear_ask(ask) {
+                tracing::warn!(subscription = %name, error = %e, "cannot mark the operator's ask as done; it may be acted on again");
             }
-            Err(e) => tracing::error!(error = %e, "cannot read operator decisions"),
         }
     }
 
@@ -564,6 +590,7 @@ impl Scheduler {
             let Some(sub) = self.fleet.get(&name).cloned() else {
                 tracing::warn!(subscription = %name, "request for a subscription neither configured nor discovered; dropped");
                 self.pending.remove(&name);
+                self.asks_done(&name);
                 continue;
             };
             // When the caps are full it stays pending; a finished task wakes the loop
@@ -682,6 +709,8 @@ impl Scheduler {
                 // A panicked step: the saved state is intact, so the subscription is
                 // simply free to be advanced again from it.
                 let name = self.task_names.remove(&e.id()).unwrap_or_default();
+                // Taken again at the next look, to run from the saved state.
+                self.asks.remove(&name);
                 let wait = self.failed(&name);
                 tracing::error!(subscription = %name, error = %e, "a rotation task failed; the subscription resumes from its saved state in {}", humantime::format_duration(wait));
                 self.running.remove(&name);
@@ -690,6 +719,12 @@ impl Scheduler {
             }
         };
         self.running.remove(&done.name);
+        if matches!(
+            done.job,
+            Job::Start(Trigger::Requested) | Job::Operator { .. }
+        ) {
+            self.asks_done(&done.name);
+        }
         let name = &done.name;
         match done.result {
             Ok((outcome, rec)) => {

@@ -527,8 +527,17 @@ impl StateDb {
         self.ask(Ask::Rotate(&[name.to_string()]), now, || ())
     }
 
-    pub fn take_requests(&self) -> Result<Vec<String>, StateError> {
-        each!(self, db => db.take_requests())
+    /// The operator's requests and decisions waiting, oldest first. Each stays in
+    /// the state until [`StateDb::clear_ask`] once the job it started has finished,
+    /// so an ask outlives a crash, or a failover to another instance, between being
+    /// read and being acted on.
+    pub fn pending_asks(&self) -> Result<Vec<PendingAsk>, StateError> {
+        each!(self, db => db.pending_asks())
+    }
+
+    /// Removes `ask`, unless it was asked again since it was read (a newer stamp).
+    pub fn clear_ask(&self, ask: &PendingAsk) -> Result<(), StateError> {
+        each!(self, db => db.clear_ask(ask))
     }
 
     /// Records what an operator asks of the running rekey and, before committing,
@@ -585,9 +594,6 @@ impl StateDb {
     }
 
     /// Takes every recorded decision: `(subscription, retire)`, oldest first.
-    pub fn take_decisions(&self) -> Result<Vec<(String, bool)>, StateError> {
-        each!(self, db => db.take_decisions())
-    }
 
     #[cfg(test)]
     fn sqlite(&self) -> &SqliteDb {
@@ -1262,12 +1268,49 @@ impl SqliteDb {
             })?)
     }
 
-    pub fn take_requests(&self) -> Result<Vec<String>, StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let names = drain_requests(&tx)?;
-        tx.commit()?;
-        Ok(names)
+    pub fn pending_asks(&self) -> Result<Vec<PendingAsk>, StateError> {
+        let conn = self.conn();
+        let mut asks = {
+            let mut stmt = conn.prepare_cached(
+                "SELECT subscription, requested_at FROM requests ORDER BY requested_at",
+            )?;
+            stmt.query_map([], |r| {
+                Ok(PendingAsk {
+                    name: r.get(0)?,
+                    retire: None,
+                    stamp: r.get(1)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?
+        };
+        let mut stmt = conn.prepare_cached(
+            "SELECT subscription, decision, requested_at FROM operator_decisions
+             ORDER BY requested_at",
+        )?;
+        let decisions = stmt.query_map([], |r| {
+            Ok(PendingAsk {
+                name: r.get(0)?,
+                retire: Some(r.get::<_, String>(1)? == "retire"),
+                stamp: r.get(2)?,
+            })
+        })?;
+        for d in decisions {
+            asks.push(d?);
+        }
+        Ok(asks)
+    }
+
+    pub fn clear_ask(&self, ask: &PendingAsk) -> Result<(), StateError> {
+        let table = if ask.retire.is_some() {
+            "operator_decisions"
+        } else {
+            "requests"
+        };
+        self.conn().execute(
+            &format!("DELETE FROM {table} WHERE subscription = ?1 AND requested_at = ?2"),
+            rusqlite::params![ask.name, ask.stamp],
+        )?;
+        Ok(())
     }
 
     /// Records what an operator asks of the running rekey and, before committing,
@@ -1309,6 +1352,16 @@ impl SqliteDb {
         tx.commit()?;
         Ok(asks)
     }
+}
+
+/// An operator's request (`retire: None`) or decision waiting in the state, with
+/// the stamp it was recorded at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingAsk {
+    pub name: String,
+    /// `Some(true)` for `rekey retire`, `Some(false)` for `rekey resume`.
+    pub retire: Option<bool>,
+    pub stamp: String,
 }
 
 /// What an operator asks of the rekey holding the state directory.
@@ -1462,17 +1515,6 @@ impl SqliteDb {
                 })
             })
             .collect()
-    }
-}
-
-impl SqliteDb {
-    /// Takes every recorded decision: `(subscription, retire)`, oldest first.
-    pub fn take_decisions(&self) -> Result<Vec<(String, bool)>, StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let rows = drain_decisions(&tx)?;
-        tx.commit()?;
-        Ok(rows)
     }
 }
 
@@ -1910,33 +1952,7 @@ mod tests {
         drop(conn);
         let db = StateDb::open(dir.path()).unwrap();
         assert!(db.discovered().unwrap().is_empty());
-        assert!(db.take_decisions().unwrap().is_empty());
-    }
-
-    #[test]
-    fn operator_decisions_are_taken_once_and_the_latest_wins() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = StateDb::open(dir.path()).unwrap();
-        db.add_decision("fintoro/801", false, now()).unwrap();
-        db.add_decision("fintoro/801", true, now()).unwrap();
-        db.add_decision("fintoro/802", false, now()).unwrap();
-        let mut got = db.take_decisions().unwrap();
-        got.sort();
-        assert_eq!(
-            got,
-            vec![("fintoro/801".into(), true), ("fintoro/802".into(), false)]
-        );
-        assert!(db.take_decisions().unwrap().is_empty());
-    }
-
-    #[test]
-    fn requests_are_taken_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = StateDb::open(dir.path()).unwrap();
-        db.add_request("fintoro/801", now()).unwrap();
-        db.add_request("fintoro/802", now()).unwrap();
-        assert_eq!(db.take_requests().unwrap().len(), 2);
-        assert!(db.take_requests().unwrap().is_empty());
+        assert!(db.pending_asks().unwrap().is_empty());
     }
 
     /// The hand-over between a CLI and a one-shot run, from two processes' worth of

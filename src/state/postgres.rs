@@ -24,8 +24,9 @@ use super::lease::{
     Keeper, Leader, Leadership, LeaseTable, idle_in_transaction, unacknowledged_limit,
 };
 use super::{
-    Ask, Asks, Discovered, HistoryFilter, HistoryRow, RECORD_COLUMNS, RawHistoryRow, RawRow,
-    Record, SECRET_COLUMN, SaveCounts, StateError, forget_secret, parse_ts, record_values, ts, ts1,
+    Ask, Asks, Discovered, HistoryFilter, HistoryRow, PendingAsk, RECORD_COLUMNS, RawHistoryRow,
+    RawRow, Record, SECRET_COLUMN, SaveCounts, StateError, forget_secret, parse_ts, record_values,
+    ts, ts1,
 };
 use crate::rotation::Transition;
 use crate::secret::{ExposeSecret, SecretString};
@@ -843,33 +844,51 @@ impl PgDb {
         })
     }
 
-    pub fn take_requests(&self) -> Result<Vec<String>, StateError> {
+    pub fn pending_asks(&self) -> Result<Vec<PendingAsk>, StateError> {
         let sql = self.sql();
-        let rows = self.fenced_write(async |tx| {
-            tx.query(
-                "DELETE FROM requests RETURNING subscription, requested_at",
-                &[],
-            )
-            .await
-            .map_err(&sql)
+        let (requests, decisions) = self.run(async |c| {
+            let r = c
+                .query("SELECT subscription, requested_at FROM requests", &[])
+                .await
+                .map_err(&sql)?;
+            let d = c
+                .query(
+                    "SELECT subscription, decision, requested_at FROM operator_decisions",
+                    &[],
+                )
+                .await
+                .map_err(&sql)?;
+            Ok((r, d))
         })?;
-        Ok(oldest_first(&rows, 1).iter().map(|r| r.get(0)).collect())
+        let mut asks: Vec<PendingAsk> = (oldest_first(&requests, 1).iter())
+            .map(|r| PendingAsk {
+                name: r.get(0),
+                retire: None,
+                stamp: r.get(1),
+            })
+            .collect();
+        asks.extend(oldest_first(&decisions, 2).iter().map(|r| PendingAsk {
+            name: r.get(0),
+            retire: Some(r.get::<_, String>(1) == "retire"),
+            stamp: r.get(2),
+        }));
+        Ok(asks)
     }
 
-    pub fn take_decisions(&self) -> Result<Vec<(String, bool)>, StateError> {
+    pub fn clear_ask(&self, ask: &PendingAsk) -> Result<(), StateError> {
         let sql = self.sql();
-        let rows = self.fenced_write(async |tx| {
-            tx.query(
-                "DELETE FROM operator_decisions RETURNING subscription, decision, requested_at",
-                &[],
-            )
-            .await
-            .map_err(&sql)
-        })?;
-        Ok(oldest_first(&rows, 2)
-            .iter()
-            .map(|r| (r.get(0), r.get::<_, String>(1) == "retire"))
-            .collect())
+        let table = if ask.retire.is_some() {
+            "operator_decisions"
+        } else {
+            "requests"
+        };
+        let delete = format!("DELETE FROM {table} WHERE subscription = $1 AND requested_at = $2");
+        self.fenced_write(async |tx| {
+            tx.execute(&delete, &[&ask.name, &ask.stamp])
+                .await
+                .map_err(&sql)
+                .map(|_| ())
+        })
     }
 
     /// Whether an operator's request or decision waits: the leader looks every few

@@ -130,23 +130,42 @@ on_both!(
 );
 
 on_both!(
-    requests_and_decisions_are_taken_once_and_the_latest_decision_wins,
+    requests_and_decisions_stay_until_done_and_the_latest_decision_wins,
     |db: &StateDb| {
         db.add_request("fintoro/801", now()).unwrap();
         db.add_request("fintoro/802", now() + chrono::Duration::seconds(1))
             .unwrap();
         db.add_decision("fintoro/801", false, now()).unwrap();
         db.add_decision("fintoro/801", true, now()).unwrap();
+        let pending = db.pending_asks().unwrap();
+        let view: Vec<(&str, Option<bool>)> = (pending.iter())
+            .map(|a| (a.name.as_str(), a.retire))
+            .collect();
         assert_eq!(
-            db.take_requests().unwrap(),
-            vec!["fintoro/801", "fintoro/802"]
+            view,
+            vec![
+                ("fintoro/801", None),
+                ("fintoro/802", None),
+                ("fintoro/801", Some(true))
+            ]
         );
-        assert!(db.take_requests().unwrap().is_empty());
+        // Read, they stay until done: a crash or a failover before that leaves
+        // them for the next instance.
+        assert_eq!(db.pending_asks().unwrap(), pending);
+        // One asked again after it was read is not cleared by the older one's done.
+        db.add_request("fintoro/802", now() + chrono::Duration::seconds(2))
+            .unwrap();
+        for ask in &pending {
+            db.clear_ask(ask).unwrap();
+        }
+        let left = db.pending_asks().unwrap();
+        assert_eq!(left.len(), 1, "{left:?}");
         assert_eq!(
-            db.take_decisions().unwrap(),
-            vec![("fintoro/801".to_string(), true)]
+            (left[0].name.as_str(), left[0].retire),
+            ("fintoro/802", None)
         );
-        assert!(db.take_decisions().unwrap().is_empty());
+        db.clear_ask(&left[0]).unwrap();
+        assert!(db.pending_asks().unwrap().is_empty());
         let names = vec!["fintoro/803".to_string()];
         let seen = db.ask(Ask::Rotate(&names), now(), || 7).unwrap();
         assert_eq!(seen, 7, "`then` ran inside the ask");
