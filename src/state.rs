@@ -593,8 +593,6 @@ impl StateDb {
         self.ask(Ask::Decide { name, retire }, now, || ())
     }
 
-    /// Takes every recorded decision: `(subscription, retire)`, oldest first.
-
     #[cfg(test)]
     fn sqlite(&self) -> &SqliteDb {
         match &self.backend {
