@@ -37,8 +37,56 @@ pub fn notify(states: &[Notify<'_>]) {
             Notify::Status(s) => out.push(NotifyState::Status(s)),
         }
     }
-    if let Err(e) = sd_notify::notify(&out) {
-        tracing::debug!(error = %e, "cannot notify systemd");
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let mut msg = String::new();
+    for s in &out {
+        msg.push_str(&s.to_string());
+        msg.push('\n');
+    }
+    match send(&socket, &msg) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            tracing::warn!(
+                "systemd is not reading its notification socket; a notification was dropped"
+            )
+        }
+        Err(e) => tracing::debug!(error = %e, "cannot notify systemd"),
+    }
+}
+
+/// How often, and how far apart, a notification is tried again while the socket's
+/// queue is full: at most a tenth of a second on the thread that sends it.
+const FULL_RETRIES: u32 = 10;
+const FULL_PAUSE: Duration = Duration::from_millis(10);
+
+/// Sends `msg` to the notification socket without ever blocking on it: a socket
+/// whose reader stalls (its queue full) gets a few tries, then the message is
+/// dropped ([`std::io::ErrorKind::WouldBlock`]). A blocking send would hold the
+/// caller, the scheduler loop or an async worker, for as long as systemd stalls.
+pub fn send(socket: &std::ffi::OsStr, msg: &str) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    use std::os::unix::net::UnixDatagram;
+    let sock = UnixDatagram::unbound()?;
+    sock.set_nonblocking(true)?;
+    let to = match socket.as_bytes().strip_prefix(b"@") {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt as _;
+            std::os::unix::net::SocketAddr::from_abstract_name(name)?
+        }
+        None => std::os::unix::net::SocketAddr::from_pathname(socket)?,
+    };
+    let mut tries = 0;
+    loop {
+        match sock.send_to_addr(msg.as_bytes(), &to) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && tries < FULL_RETRIES => {
+                tries += 1;
+                std::thread::sleep(FULL_PAUSE);
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -46,4 +94,37 @@ pub fn notify(states: &[Notify<'_>]) {
 /// (`WatchdogSec=`).
 pub fn watchdog_interval() -> Option<Duration> {
     sd_notify::watchdog_enabled()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_socket_nobody_reads_costs_a_bounded_wait_then_the_message_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let listener = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        let started = std::time::Instant::now();
+        let mut dropped = 0;
+        // Far more than a datagram queue holds (about a dozen on Linux by default).
+        for i in 0..500 {
+            match send(path.as_os_str(), &format!("STATUS=message {i}\n")) {
+                Ok(()) => {}
+                Err(e) => {
+                    assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}");
+                    dropped += 1;
+                }
+            }
+            if dropped == 3 {
+                break;
+            }
+        }
+        assert_eq!(dropped, 3, "the queue never filled");
+        // Three drops of ten 10 ms tries each, not a hang.
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let mut buf = [0u8; 64];
+        let n = listener.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"STATUS=message 0\n");
+    }
 }

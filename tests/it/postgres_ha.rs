@@ -29,8 +29,7 @@ const STANDBY_LOOK: Duration = Duration::from_millis(500);
 const SLACK: Duration = Duration::from_millis(1500);
 
 /// For daemons whose sd-notify messages no test reads: a datagram socket nobody
-/// reads fills after a few messages and then blocks the sender, as systemd never
-/// would.
+/// reads fills after a few messages, and rekey then warns at each one it drops.
 const UNWATCHED: (&str, &str) = ("NOTIFY_SOCKET", "/nonexistent/rekey-test-notify");
 
 /// Points `rekey` at `pg`, with [`LEASE`] and [`RENEW`].
