@@ -6,7 +6,7 @@ use rekey::sandbox::monite::{MoniteSim, MoniteSimOptions};
 use rekey::sandbox::storno::{StornoSim, StornoSimOptions};
 use serde_json::json;
 
-use crate::support::rekey::{LONGEST_DELIVERY, ProviderConf, Rekey, Setup, Store, assert_exit};
+use crate::support::rekey::{LONGEST_DELIVERY, ProviderConf, Rekey, assert_exit};
 use crate::support::rvault::RustyVault;
 use crate::support::util::s;
 use crate::support::world::{FINTORO_TOKEN, Sim, evidence_counts_for, receiver_for};
@@ -58,14 +58,7 @@ async fn fintoro_monite_and_storno_accounts_rotate_side_by_side_in_one_config() 
     let m = adopt(&monite, &vault, &receiver, "m").await;
     let st = adopt(&storno, &vault, &receiver, "s").await;
 
-    let rekey = Rekey::new(&Setup::new(
-        Store::Vault {
-            addr: vault.addr(),
-            token: vault.root_token().to_string(),
-        },
-        "http://127.0.0.1:9/unused",
-        FINTORO_TOKEN,
-    ));
+    let rekey = Rekey::for_vault(&vault.addr(), vault.root_token());
     let mut toml = format!(
         "version = 1\nstate_dir = \"state\"\n\n[vault]\naddress = \"{}\"\ntoken_file = \"vault.token\"\n\
          mount = \"secret\"\nkv_version = 1\ntimeout = \"5s\"\n\n[[policies]]\nname = \"p\"\n\

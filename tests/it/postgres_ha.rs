@@ -507,9 +507,9 @@ async fn two_daemons_rotate_a_fleet_with_either_one_killed_mid_fleet() {
     use rekey::sandbox::faults::FaultKind;
     use rekey::sandbox::storno::{Fault, Route, StornoSim, StornoSimOptions};
 
-    use crate::support::rekey::{ProviderConf, Setup, Store};
+    use crate::support::rekey::ProviderConf;
     use crate::support::rvault::RustyVault;
-    use crate::support::world::{FINTORO_TOKEN, Sim, receiver_for};
+    use crate::support::world::{Sim, receiver_for};
 
     const FLEET: usize = 9;
     let vault = RustyVault::start().await;
@@ -517,14 +517,7 @@ async fn two_daemons_rotate_a_fleet_with_either_one_killed_mid_fleet() {
     let storno = StornoSim::start(StornoSimOptions::default())
         .await
         .expect("storno");
-    let rekey = Rekey::new(&Setup::new(
-        Store::Vault {
-            addr: vault.addr(),
-            token: vault.root_token().to_string(),
-        },
-        "http://127.0.0.1:9/unused",
-        FINTORO_TOKEN,
-    ));
+    let rekey = Rekey::for_vault(&vault.addr(), vault.root_token());
     let conf: ProviderConf = storno.provider_conf();
     for (file, content) in &conf.files {
         std::fs::write(rekey.path().join(file), content).unwrap();

@@ -159,6 +159,19 @@ impl Db {
         self.txs.values().any(|t| t.locked)
     }
 
+    /// Whether an `UPDATE` of the row must wait for the writes holding its lock;
+    /// `queued` says whether this one already counts among those waiting.
+    fn update_waits(&mut self, queued: &mut bool) -> bool {
+        let locked = self.row_locked(Instant::now());
+        match (locked, *queued) {
+            (true, false) => self.updates_waiting += 1,
+            (false, true) => self.updates_waiting -= 1,
+            _ => {}
+        }
+        *queued = locked;
+        locked
+    }
+
     fn epoch(&self) -> i64 {
         self.row.as_ref().map_or(0, |r| r.epoch)
     }
@@ -379,15 +392,8 @@ impl LeaseTable for Table {
             .request(self.i, move |db, now| {
                 // `INSERT … ON CONFLICT DO UPDATE` locks the row: it waits for
                 // the writes holding it, then judges expiry by its start time.
-                if db.row_locked(Instant::now()) {
-                    if !queued {
-                        db.updates_waiting += 1;
-                        queued = true;
-                    }
+                if db.update_waits(&mut queued) {
                     return None;
-                }
-                if queued {
-                    db.updates_waiting -= 1;
                 }
                 let free = db.row.as_ref().is_none_or(|r| r.expires_at <= now);
                 if !free {
@@ -410,15 +416,8 @@ impl LeaseTable for Table {
         let mut queued = false;
         self.world
             .request(self.i, move |db, now| {
-                if db.row_locked(Instant::now()) {
-                    if !queued {
-                        db.updates_waiting += 1;
-                        queued = true;
-                    }
+                if db.update_waits(&mut queued) {
                     return None;
-                }
-                if queued {
-                    db.updates_waiting -= 1;
                 }
                 match db.row.as_mut() {
                     Some(r) if r.epoch == epoch => {

@@ -143,6 +143,19 @@ pub struct Rekey {
 pub const PROVIDER: &str = "acme";
 
 impl Rekey {
+    /// A rekey directory whose config the test writes itself, with the token files
+    /// for `vault` (at `addr`) in place.
+    pub fn for_vault(addr: &str, token: &str) -> Rekey {
+        Rekey::new(&Setup::new(
+            Store::Vault {
+                addr: addr.to_string(),
+                token: token.to_string(),
+            },
+            "http://127.0.0.1:9/unused",
+            crate::support::world::FINTORO_TOKEN,
+        ))
+    }
+
     pub fn new(setup: &Setup) -> Rekey {
         let dir = tempfile::tempdir().expect("temp dir");
         let d = dir.path();
