@@ -122,6 +122,13 @@ const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// stall the rotation for the sake of a cleanup the next save retries anyway.
 const CHECKPOINT_PATIENCE: std::time::Duration = std::time::Duration::from_millis(250);
 
+/// How much zeroed space the WAL keeps after a truncation (see
+/// [`SqliteDb::reserve_wal`]): what the log held before it, so one rotation's
+/// commits fit again, within these bounds. 256 KiB is two rotations' worth of
+/// commits; more than 1 MiB would make each truncation a large write for little.
+const WAL_RESERVE_MIN: u64 = 256 * 1024;
+const WAL_RESERVE_MAX: u64 = 1024 * 1024;
+
 /// Those of `names` not among the `existing` records' names: the records a fleet's
 /// adoption creates (either backend).
 fn absent<'a>(names: &[&'a str], existing: Vec<String>) -> Vec<&'a str> {
@@ -1115,6 +1122,7 @@ impl SqliteDb {
     /// says so and owes it to the next save. Never fails the save: the state is
     /// committed, only the cleanup is late.
     fn truncate_wal(&self, conn: &Connection, subscription: &str) {
+        let used = std::fs::metadata(self.wal_path()).map_or(0, |m| m.len());
         let attempt = || -> Result<bool, rusqlite::Error> {
             conn.busy_timeout(CHECKPOINT_PATIENCE)?;
             // (busy, frames in the log, frames checkpointed)
@@ -1125,6 +1133,9 @@ impl SqliteDb {
             Ok(busy? == 0)
         };
         let result = attempt();
+        if matches!(result, Ok(true)) {
+            self.reserve_wal(conn, used.clamp(WAL_RESERVE_MIN, WAL_RESERVE_MAX));
+        }
         let was_owed = self
             .checkpoint_owed
             .swap(!matches!(result, Ok(true)), Ordering::Relaxed);
@@ -1150,6 +1161,56 @@ impl SqliteDb {
                 "cannot truncate the state database WAL: the page that held the minted secret \
                  may remain in it until the next checkpoint; retried at the next save"
             ),
+        }
+    }
+
+    fn wal_path(&self) -> PathBuf {
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        PathBuf::from(wal)
+    }
+
+    /// Gives the WAL just truncated `len` bytes of zeros back, on disk. SQLite writes
+    /// its log from the start again after a truncation; into an empty file, each
+    /// commit extends it, and its fsync then waits for the file system to allocate
+    /// the blocks and journal the new size (on ext4, a commit of a few pages cost
+    /// twice a bare fsync). Into zeros already on disk, a commit is an overwrite in
+    /// place and costs one fsync, like any other. This matters most for the mint
+    /// commit, which the exposure window waits for. Zeros past SQLite's last frame
+    /// are what stale frames always are to it: they fail the frame checksum and end
+    /// the log. Done under the write lock, and only while the log is still empty,
+    /// so no frame another process wrote since the truncation is overwritten. A
+    /// failure only costs speed: logged, never the save's.
+    fn reserve_wal(&self, conn: &Connection, len: u64) {
+        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+        let zero_fill = || -> Result<(), String> {
+            let _write_lock =
+                rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)
+                    .map_err(|e| e.to_string())?;
+            let mut wal = std::fs::OpenOptions::new()
+                .write(true)
+                .open(self.wal_path())
+                .map_err(|e| e.to_string())?;
+            if wal.metadata().map_err(|e| e.to_string())?.len() != 0 {
+                return Ok(());
+            }
+            let mut left = len;
+            while left > 0 {
+                let n = left.min(ZEROS.len() as u64) as usize;
+                std::io::Write::write_all(&mut wal, &ZEROS[..n]).map_err(|e| e.to_string())?;
+                left -= n as u64;
+            }
+            wal.sync_data().map_err(|e| e.to_string())
+        };
+        // Another process holding the write lock longer than this is not worth
+        // waiting for: the space is only an optimisation.
+        let result = conn
+            .busy_timeout(CHECKPOINT_PATIENCE)
+            .map_err(|e| e.to_string())
+            .and_then(|()| zero_fill());
+        let restored = conn.busy_timeout(BUSY_TIMEOUT);
+        if let Err(e) = result.and(restored.map_err(|e| e.to_string())) {
+            tracing::debug!(error = %e, "cannot reserve space for the state database WAL");
         }
     }
 
@@ -2068,5 +2129,47 @@ mod tests {
             files_holding(dir.path(), b"LINGERS_IN_WAL"),
             Vec::<PathBuf>::new()
         );
+    }
+
+    #[test]
+    fn the_wal_keeps_zeroed_space_after_its_truncation_and_commits_fill_it_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).unwrap();
+        let wal = dir.path().join(format!("{DB_FILE}-wal"));
+        let mut r = db.load_or_create("fintoro/801", now()).unwrap();
+        r.state.phase = Phase::Minted;
+        r.state.pending_secret = Some(secret("whsec_ZEROED_AWAY_0123456789"));
+        db.save(&r, None, now()).unwrap();
+        r.state.phase = Phase::Published;
+        r.state.pending_secret = None;
+        db.save(&r, None, now()).unwrap();
+        let reserved = std::fs::read(&wal).unwrap();
+        assert!(
+            reserved.len() as u64 >= WAL_RESERVE_MIN,
+            "the truncated WAL kept {} bytes",
+            reserved.len()
+        );
+        assert!(reserved.iter().all(|b| *b == 0), "the reserve is zeros only");
+
+        // The next mint commits into that space: the file does not grow.
+        let mut next = db.load_or_create("fintoro/802", now()).unwrap();
+        next.state.phase = Phase::Minted;
+        next.state.pending_secret = Some(secret("whsec_after_the_reserve"));
+        let t = Transition::note(Phase::Rotating, "rotate-succeeded", "minted".into());
+        db.save(&next, Some(&t), now()).unwrap();
+        assert_eq!(std::fs::metadata(&wal).unwrap().len(), reserved.len() as u64);
+
+        // A crash now: the log (frames, then zeros) is all another process finds.
+        let copy = tempfile::tempdir().unwrap();
+        for f in [DB_FILE.to_string(), format!("{DB_FILE}-wal")] {
+            std::fs::copy(dir.path().join(&f), copy.path().join(&f)).unwrap();
+        }
+        let after = StateDb::open(copy.path()).unwrap();
+        let back = after.load("fintoro/802").unwrap().unwrap();
+        assert_eq!(
+            back.state.pending_secret.unwrap().expose_secret(),
+            "whsec_after_the_reserve"
+        );
+        assert_eq!(after.history(Some("fintoro/802")).unwrap().len(), 1);
     }
 }
