@@ -1055,65 +1055,39 @@ impl SqliteDb {
         now: DateTime<Utc>,
     ) -> Result<Option<bool>, StateError> {
         let tx = conn.transaction()?;
-        let mut stored = tx
-            .prepare_cached(&format!(
-                "SELECT {RECORD_COLUMNS} FROM subscriptions WHERE name = ?1"
-            ))?
-            .query_row([&record.name], |r| {
-                (0..values.len())
-                    .map(|i| r.get::<_, rusqlite::types::Value>(i))
-                    .collect::<rusqlite::Result<Vec<_>>>()
-            })
-            .optional()?;
-        let unchanged = stored.as_deref() == Some(values);
-        let wiped_secret = stored.as_ref().is_some_and(|row| {
-            row[SECRET_COLUMN] != rusqlite::types::Value::Null
-                && values[SECRET_COLUMN] == rusqlite::types::Value::Null
-        });
-        if let Some(row) = &mut stored {
-            forget_secret(row);
-        }
-        if unchanged && transition.is_none() {
-            return Ok(None);
-        }
-        if !unchanged {
-            tx.prepare_cached(
-                "INSERT INTO subscriptions (name, phase, rotation_id, intent_at, rotated_at,
-                    published_at, confirm_deadline, pending_secret, new_fingerprint,
-                    previous_fingerprint, rotate_in_flight, lost_responses, failures, not_before,
-                    last_error, last_rotated_at, last_outcome, first_seen_at, next_due_at,
-                    phase_since, target, delivery_failures)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                    ?17, ?18, ?19, ?20, ?21, ?22)
-                 ON CONFLICT (name) DO UPDATE SET phase = ?2, rotation_id = ?3, intent_at = ?4,
-                    rotated_at = ?5, published_at = ?6, confirm_deadline = ?7,
-                    pending_secret = ?8, new_fingerprint = ?9, previous_fingerprint = ?10,
-                    rotate_in_flight = ?11, lost_responses = ?12, failures = ?13,
-                    not_before = ?14, last_error = ?15, last_rotated_at = ?16,
-                    last_outcome = ?17, first_seen_at = ?18, next_due_at = ?19,
-                    phase_since = ?20, target = ?21, delivery_failures = ?22",
-            )?
-            .execute(rusqlite::params_from_iter(values))?;
-        }
-        if let Some(t) = transition {
-            tx.prepare_cached(
-                "INSERT INTO history (subscription, at, rotation_id, from_phase, to_phase, event,
-                    detail, evidence)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )?
-            .execute(params![
-                record.name,
-                ts1(now),
-                record.state.rotation_id,
-                t.from.as_str(),
-                t.to.as_str(),
-                t.event,
-                t.detail,
-                t.evidence
-                    .as_ref()
-                    .and_then(|e| serde_json::to_string(e).ok()),
-            ])?;
-        }
+        let Some(t) = transition else {
+            return write_routine(tx, values, &record.name);
+        };
+        // A step writes its history row whatever the record, so the stored row is
+        // not read to compare (the mint commit, which the exposure window waits for,
+        // reads nothing): SQLite itself leaves a row rewritten unchanged, and its
+        // page, as they were. Only a save without a secret asks whether one was stored.
+        let wiped_secret = values[SECRET_COLUMN] == rusqlite::types::Value::Null
+            && tx
+                .prepare_cached(
+                    "SELECT pending_secret IS NOT NULL FROM subscriptions WHERE name = ?1",
+                )?
+                .query_row([&record.name], |r| r.get::<_, bool>(0))
+                .optional()?
+                .unwrap_or(false);
+        upsert(&tx, values)?;
+        tx.prepare_cached(
+            "INSERT INTO history (subscription, at, rotation_id, from_phase, to_phase, event,
+                detail, evidence)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?
+        .execute(params![
+            record.name,
+            ts1(now),
+            record.state.rotation_id,
+            t.from.as_str(),
+            t.to.as_str(),
+            t.event,
+            t.detail,
+            t.evidence
+                .as_ref()
+                .and_then(|e| serde_json::to_string(e).ok()),
+        ])?;
         tx.commit()?;
         Ok(Some(wiped_secret))
     }
@@ -1379,6 +1353,61 @@ impl Asks {
     pub fn is_empty(&self) -> bool {
         self.rotate.is_empty() && self.decide.is_empty()
     }
+}
+
+/// A save without a history row, in `tx`: the record's row (`values`) written only if
+/// it changed (`None` if not); otherwise whether it wiped a stored secret.
+fn write_routine(
+    tx: Transaction<'_>,
+    values: &[rusqlite::types::Value],
+    name: &str,
+) -> Result<Option<bool>, StateError> {
+    let mut stored = tx
+        .prepare_cached(&format!(
+            "SELECT {RECORD_COLUMNS} FROM subscriptions WHERE name = ?1"
+        ))?
+        .query_row([name], |r| {
+            (0..values.len())
+                .map(|i| r.get::<_, rusqlite::types::Value>(i))
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .optional()?;
+    if stored.as_deref() == Some(values) {
+        return Ok(None);
+    }
+    let wiped_secret = stored.as_ref().is_some_and(|row| {
+        row[SECRET_COLUMN] != rusqlite::types::Value::Null
+            && values[SECRET_COLUMN] == rusqlite::types::Value::Null
+    });
+    if let Some(row) = &mut stored {
+        forget_secret(row);
+    }
+    upsert(&tx, values)?;
+    tx.commit()?;
+    Ok(Some(wiped_secret))
+}
+
+/// Writes a record's row (`values`, in [`RECORD_COLUMNS`] order), inserting or
+/// replacing it.
+fn upsert(tx: &Transaction<'_>, values: &[rusqlite::types::Value]) -> Result<(), StateError> {
+    tx.prepare_cached(
+        "INSERT INTO subscriptions (name, phase, rotation_id, intent_at, rotated_at,
+            published_at, confirm_deadline, pending_secret, new_fingerprint,
+            previous_fingerprint, rotate_in_flight, lost_responses, failures, not_before,
+            last_error, last_rotated_at, last_outcome, first_seen_at, next_due_at,
+            phase_since, target, delivery_failures)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
+            ?17, ?18, ?19, ?20, ?21, ?22)
+         ON CONFLICT (name) DO UPDATE SET phase = ?2, rotation_id = ?3, intent_at = ?4,
+            rotated_at = ?5, published_at = ?6, confirm_deadline = ?7,
+            pending_secret = ?8, new_fingerprint = ?9, previous_fingerprint = ?10,
+            rotate_in_flight = ?11, lost_responses = ?12, failures = ?13,
+            not_before = ?14, last_error = ?15, last_rotated_at = ?16,
+            last_outcome = ?17, first_seen_at = ?18, next_due_at = ?19,
+            phase_since = ?20, target = ?21, delivery_failures = ?22",
+    )?
+    .execute(rusqlite::params_from_iter(values))?;
+    Ok(())
 }
 
 fn insert_request(conn: &Connection, name: &str, now: DateTime<Utc>) -> Result<(), StateError> {
@@ -2149,7 +2178,10 @@ mod tests {
             "the truncated WAL kept {} bytes",
             reserved.len()
         );
-        assert!(reserved.iter().all(|b| *b == 0), "the reserve is zeros only");
+        assert!(
+            reserved.iter().all(|b| *b == 0),
+            "the reserve is zeros only"
+        );
 
         // The next mint commits into that space: the file does not grow.
         let mut next = db.load_or_create("fintoro/802", now()).unwrap();
@@ -2157,7 +2189,10 @@ mod tests {
         next.state.pending_secret = Some(secret("whsec_after_the_reserve"));
         let t = Transition::note(Phase::Rotating, "rotate-succeeded", "minted".into());
         db.save(&next, Some(&t), now()).unwrap();
-        assert_eq!(std::fs::metadata(&wal).unwrap().len(), reserved.len() as u64);
+        assert_eq!(
+            std::fs::metadata(&wal).unwrap().len(),
+            reserved.len() as u64
+        );
 
         // A crash now: the log (frames, then zeros) is all another process finds.
         let copy = tempfile::tempdir().unwrap();
