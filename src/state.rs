@@ -1904,24 +1904,31 @@ mod tests {
 
     #[test]
     fn published_secret_leaves_no_trace_in_the_database_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = StateDb::open(dir.path()).unwrap();
-        let mut r = db.load_or_create("fintoro/801", now()).unwrap();
-        r.state.phase = Phase::Minted;
-        r.state.pending_secret = Some(secret("whsec_SHOULD_VANISH_0123456789"));
-        db.save(&r, None, now()).unwrap();
-        r.state.phase = Phase::Published;
-        r.state.pending_secret = None;
-        db.save(&r, None, now()).unwrap();
-        for entry in std::fs::read_dir(dir.path()).unwrap() {
-            let p = entry.unwrap().path();
-            let bytes = std::fs::read(&p).unwrap();
-            let needle = b"SHOULD_VANISH";
-            assert!(
-                !bytes.windows(needle.len()).any(|w| w == needle),
-                "secret still in {}",
-                p.display()
-            );
+        // Saved as a routine step and as a step with its history row: the two find
+        // out differently whether the save took a secret away.
+        for with_history in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let db = StateDb::open(dir.path()).unwrap();
+            let mut r = db.load_or_create("fintoro/801", now()).unwrap();
+            r.state.phase = Phase::Minted;
+            r.state.pending_secret = Some(secret("whsec_SHOULD_VANISH_0123456789"));
+            let minted = Transition::note(Phase::Rotating, "rotate-succeeded", "minted".into());
+            db.save(&r, with_history.then_some(&minted), now()).unwrap();
+            r.state.phase = Phase::Published;
+            r.state.pending_secret = None;
+            let published = Transition::note(Phase::Minted, "published", "published".into());
+            db.save(&r, with_history.then_some(&published), now())
+                .unwrap();
+            for entry in std::fs::read_dir(dir.path()).unwrap() {
+                let p = entry.unwrap().path();
+                let bytes = std::fs::read(&p).unwrap();
+                let needle = b"SHOULD_VANISH";
+                assert!(
+                    !bytes.windows(needle.len()).any(|w| w == needle),
+                    "secret still in {} (with history: {with_history})",
+                    p.display()
+                );
+            }
         }
     }
 
