@@ -136,6 +136,7 @@ pub enum Command {
 }
 
 pub fn main() -> ExitCode {
+    crate::memory::limit_arenas();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -22,3 +22,25 @@ pub fn release_freed() -> bool {
 pub fn release_freed() -> bool {
     false
 }
+
+/// How many malloc arenas glibc may keep. By default it opens up to eight per core,
+/// one for each thread that allocates while another holds an arena, and each keeps
+/// its own freed pages; a daemon whose work is a few async workers and short
+/// blocking calls gains nothing from more than two, and keeps every other arena's
+/// free pages resident for its whole life.
+const ARENAS: i32 = 2;
+
+/// Caps glibc's malloc arenas at [`ARENAS`]; call first thing in `main`, before any
+/// thread starts. Elsewhere nothing.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+pub fn limit_arenas() {
+    // SAFETY: mallopt takes two integers and only sets an allocator parameter;
+    // called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, ARENAS);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn limit_arenas() {}

@@ -328,6 +328,7 @@ impl Scheduler {
         self.take_requests();
         let mut next = self.pass();
         // Loading the config and the records was the burst of the daemon's life.
+        self.engine.db().release_memory();
         crate::memory::release_freed();
         notify(&[Notify::Ready]);
         tracing::info!(subscriptions = self.fleet.len(), "scheduler ready");
@@ -512,6 +513,7 @@ impl Scheduler {
             "config reloaded"
         );
         // The old config and the new one's parse are freed by now.
+        self.engine.db().release_memory();
         crate::memory::release_freed();
         notify(&[Notify::Ready]);
     }
