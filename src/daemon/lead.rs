@@ -43,8 +43,9 @@ pub trait Cluster: Clone + Send + Sync + 'static {
     /// How often the leader renews; `None` when the state is not shared.
     fn renew_every(&self) -> Option<Duration>;
 
-    /// Whether an operator's ask waits in the shared state.
-    fn has_asks(&self) -> impl Future<Output = bool> + Send;
+    /// What the operator's asks waiting in the shared state look like (`None`:
+    /// none), to tell when they changed.
+    fn asks_mark(&self) -> impl Future<Output = Option<String>> + Send;
 
     /// Gives the lease up.
     fn release(&self) -> impl Future<Output = Result<(), StateError>> + Send;
@@ -82,8 +83,8 @@ impl Cluster for Arc<StateDb> {
         self.shared().map(|pg| pg.settings().renew_every)
     }
 
-    async fn has_asks(&self) -> bool {
-        matches!(blocking(self, |pg| pg.has_asks()).await, Some(Ok(true)))
+    async fn asks_mark(&self) -> Option<String> {
+        blocking(self, |pg| pg.asks_mark()).await?.ok().flatten()
     }
 
     async fn release(&self) -> Result<(), StateError> {
@@ -169,6 +170,9 @@ async fn renew_while_trusted(
     scheduler: &mpsc::Sender<Control>,
 ) {
     let mut last = Instant::now();
+    // Asks stay in the database until their job ran: the scheduler is woken when
+    // they change, not at every look while one waits.
+    let mut seen_asks = None;
     loop {
         tokio::time::sleep(TICK).await;
         if cluster.is_deposed() {
@@ -188,12 +192,14 @@ async fn renew_while_trusted(
                 continue;
             }
         }
-        match while_trusted(cluster, cluster.has_asks()).await {
-            None => return,
+        let Some(mark) = while_trusted(cluster, cluster.asks_mark()).await else {
+            return;
+        };
+        if mark.is_some() && mark != seen_asks {
             // A wake already queued does as well.
-            Some(true) => drop(scheduler.try_send(Control::Wake)),
-            Some(false) => {}
+            drop(scheduler.try_send(Control::Wake));
         }
+        seen_asks = mark;
     }
 }
 

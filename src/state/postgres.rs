@@ -891,13 +891,18 @@ impl PgDb {
         })
     }
 
-    /// Whether an operator's request or decision waits: the leader looks every few
-    /// seconds, since a CLI on another host cannot signal it.
-    pub fn has_asks(&self) -> Result<bool, StateError> {
+    /// How many operator's requests and decisions wait, and the newest one's stamp
+    /// (`None`: none waits). The leader looks every few seconds, since a CLI on
+    /// another host cannot signal it, and wakes its scheduler when this changes:
+    /// asks stay until their job ran, so "any waiting" would wake it at every look.
+    pub fn asks_mark(&self) -> Result<Option<String>, StateError> {
         let sql = self.sql();
         self.run(async |c| {
             Ok(c.query_one(
-                "SELECT EXISTS (SELECT 1 FROM requests) OR EXISTS (SELECT 1 FROM operator_decisions)",
+                "SELECT CASE WHEN count(*) = 0 THEN NULL
+                        ELSE count(*)::text || ' ' || max(at) END
+                   FROM (SELECT requested_at AS at FROM requests
+                         UNION ALL SELECT requested_at FROM operator_decisions) AS asks",
                 &[],
             )
             .await

@@ -603,3 +603,26 @@ async fn postgres_tls_is_verified_against_the_given_ca_and_refused_without_it() 
         .to_string();
     assert!(err.to_lowercase().contains("certificate"), "{err}");
 }
+
+/// The leader wakes its scheduler when the asks waiting change, not at every look
+/// while one waits (asks stay until their job ran): the mark it compares.
+#[tokio::test]
+async fn postgres_asks_mark_changes_when_asks_come_and_go_and_only_then() {
+    let pg = database().await;
+    let db = StateDb::open_at(Location::Postgres(&pg.settings())).unwrap();
+    let pgdb = db.shared().unwrap();
+    assert_eq!(pgdb.asks_mark().unwrap(), None);
+    db.add_request("fintoro/801", now()).unwrap();
+    let one = pgdb.asks_mark().unwrap();
+    assert!(one.is_some());
+    assert_eq!(pgdb.asks_mark().unwrap(), one, "nothing changed");
+    // An ask stamped earlier (another host's clock behind) still changes it.
+    db.add_decision("fintoro/802", true, now() - chrono::Duration::hours(1))
+        .unwrap();
+    let two = pgdb.asks_mark().unwrap();
+    assert!(two.is_some() && two != one, "{two:?} vs {one:?}");
+    for ask in db.pending_asks().unwrap() {
+        db.clear_ask(&ask).unwrap();
+    }
+    assert_eq!(pgdb.asks_mark().unwrap(), None);
+}

@@ -580,14 +580,14 @@ impl Cluster for SimCluster {
         Some(self.world.plan.renew)
     }
 
-    async fn has_asks(&self) -> bool {
+    async fn asks_mark(&self) -> Option<String> {
         // A query like any other (nothing in the simulation asks).
         let world = self.world.clone();
         let i = self.i;
         let asked = self
-            .on_connection(async |_| world.request(i, |_, _| Some(false)).await)
+            .on_connection(async |_| world.request(i, |_, _| Some(None)).await)
             .await;
-        asked.unwrap_or(false)
+        asked.ok().flatten()
     }
 
     async fn release(&self) -> Result<(), StateError> {
