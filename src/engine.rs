@@ -1394,21 +1394,29 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_discovered_subscription_never_takes_a_path_another_one_holds() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("token"), "t").unwrap();
-        let toml = "version = 1\nstate_dir = \"state\"\n[file_store]\ndir = \"published\"\n\
-            [[providers]]\nname = \"b\"\nkind = \"fintoro\"\nbase_url = \"http://127.0.0.1:9\"\n\
-            token_file = \"token\"\n[[policies]]\nname = \"p\"\nevery = \"30d\"\n\
-            [[subscriptions]]\nprovider = \"b\"\nid = \"*\"\npolicy = \"p\"\nvault_path = \"w/{id}\"\n";
-        std::fs::write(dir.path().join("rekey.toml"), toml).unwrap();
-        let config = Config::load_with(
-            &dir.path().join("rekey.toml"),
+    /// A config in `dir` with a file store, one Fintoro account `b`, policy `p` and
+    /// one `[[subscriptions]]` entry of `b` whose other lines are `lines`.
+    fn one_account_config(dir: &std::path::Path, lines: &str) -> Config {
+        std::fs::write(dir.join("token"), "t").unwrap();
+        let toml = format!(
+            "version = 1\nstate_dir = \"state\"\n[file_store]\ndir = \"published\"\n\
+             [[providers]]\nname = \"b\"\nkind = \"fintoro\"\nbase_url = \"http://127.0.0.1:9\"\n\
+             token_file = \"token\"\n[[policies]]\nname = \"p\"\nevery = \"30d\"\n\
+             [[subscriptions]]\nprovider = \"b\"\npolicy = \"p\"\n{lines}\n"
+        );
+        std::fs::write(dir.join("rekey.toml"), toml).unwrap();
+        Config::load_with(
+            &dir.join("rekey.toml"),
             &std::collections::BTreeMap::new(),
             false,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_discovered_subscription_never_takes_a_path_another_one_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = one_account_config(dir.path(), "id = \"*\"\nvault_path = \"w/{id}\"");
         let db = Arc::new(StateDb::open(&config.state_dir).unwrap());
         // Account `a`, discovered under an earlier config, still holds `w/1`.
         db.saw_discovered("a/1", "a", "1", "w/1", Utc::now())
@@ -1508,18 +1516,7 @@ mod tests {
     #[tokio::test]
     async fn the_publication_after_a_rotate_call_writes_without_reading_first() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("token"), "t").unwrap();
-        let toml = "version = 1\nstate_dir = \"state\"\n[file_store]\ndir = \"published\"\n\
-            [[providers]]\nname = \"b\"\nkind = \"fintoro\"\nbase_url = \"http://127.0.0.1:9\"\n\
-            token_file = \"token\"\n[[policies]]\nname = \"p\"\nevery = \"30d\"\n\
-            [[subscriptions]]\nprovider = \"b\"\nid = \"1\"\npolicy = \"p\"\nvault_path = \"w/1\"\n";
-        std::fs::write(dir.path().join("rekey.toml"), toml).unwrap();
-        let config = Config::load_with(
-            &dir.path().join("rekey.toml"),
-            &std::collections::BTreeMap::new(),
-            false,
-        )
-        .unwrap();
+        let config = one_account_config(dir.path(), "id = \"1\"\nvault_path = \"w/1\"");
         let sub = config.subscriptions[0].clone();
         let db = Arc::new(StateDb::open(&config.state_dir).unwrap());
         let log: Log = Default::default();
